@@ -1,0 +1,10 @@
+"""lightning-lora: LoRA and its family for PyTorch Lightning.
+
+``lightning_lora.core`` is pure PyTorch; ``lightning_lora.lightning`` is the thin Lightning layer on top.
+"""
+
+from lightning_lora.core import *  # noqa: F401,F403
+from lightning_lora.core import __all__ as _core_all
+
+__version__ = "0.1.0"
+__all__ = list(_core_all)

@@ -1,0 +1,43 @@
+"""The pure-PyTorch core of lightning_lora: no Lightning import anywhere below this package.
+
+Every function here works on a plain ``nn.Module`` in a plain training loop.
+"""
+
+from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.inject import (
+    adapter_names,
+    apply_lora,
+    delete_adapter,
+    disable_adapters,
+    get_lora_config,
+    initialize_pending_adapters,
+    mark_only_adapters_trainable,
+    set_active_adapters,
+    unload_lora,
+)
+from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
+from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
+from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
+
+__all__ = [
+    "LoraConfig",
+    "LoraLayer",
+    "TrainableSummary",
+    "adapter_names",
+    "adapter_state_dict",
+    "apply_lora",
+    "delete_adapter",
+    "disable_adapters",
+    "get_lora_config",
+    "initialize_pending_adapters",
+    "load_adapter_state_dict",
+    "lora_layers",
+    "mark_only_adapters_trainable",
+    "merge_and_unload",
+    "merge_lora",
+    "set_active_adapters",
+    "trainable_parameters_summary",
+    "unload_lora",
+    "unmerge_lora",
+]

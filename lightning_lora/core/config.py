@@ -1,0 +1,163 @@
+"""``LoraConfig``: what to adapt and how, validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter.
+
+    Every field is checked when the config is built, so a mistake fails before any model is touched.
+
+    Args:
+        r: Rank of the update ``B @ A``. Must be at least 1 and at most ``min(in_features, out_features)`` of every
+            adapted layer (checked at injection).
+        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)`` with
+            ``use_rslora``). Must be > 0.
+        dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+        target_modules: Which layers get adapters. A list of names: a module matches when its full name equals an
+            entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``). A string: a regular expression that must
+            match the full module name (``r".*\\.attn\\.(q|v)_proj"``). The string ``"all-linear"``: every linear
+            layer (``nn.Linear``, Hugging Face ``Conv1D``) except the output head.
+        exclude_modules: Layers never adapted, with the same list/regex rules as ``target_modules``.
+        rank_pattern: Per-layer rank overrides, ``{pattern: r}``; a pattern matches a module name or a dotted suffix
+            of it (regex allowed, e.g. ``{"layers\\.0\\..*": 4}``). First matching entry wins.
+        alpha_pattern: Per-layer alpha overrides, same rules as ``rank_pattern``.
+        layers_to_transform: Adapt only these layer indices (the number in ``...layers.3.q_proj``).
+        layers_pattern: Name of the container holding the numbered layers (``"layers"``, ``"h"``); default: the
+            last ``<name>.<number>.`` part of the module path.
+        bias: Which biases train with the adapter: ``"none"``, ``"all"`` (every bias of the model) or
+            ``"lora_only"`` (biases of adapted layers). Trained biases are saved with the adapter.
+        modules_to_save: Modules trained in full beside the adapters (a new classification head, say); same name
+            rules as a ``target_modules`` list. Their weights are saved with the adapter.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: Weight-decomposed LoRA: a trainable magnitude per output unit rescales ``W + scaling * B @ A``.
+        init: How adapters start. ``"kaiming"`` (A Kaiming-uniform, B zero; for embeddings A zero, B normal),
+            ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"orthogonal"`` (A and B from orthogonal halves, so
+            ``B @ A = 0``; needs an even rank), or an SVD method registered in ``lightning_lora.core.initializers``
+            (``"pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``). Every method leaves the model's
+            outputs unchanged at init.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Union[list[str], str] = ALL_LINEAR
+    exclude_modules: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: Optional[list[int]] = None
+    layers_pattern: Optional[str] = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: Optional[list[str]] = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}; use 0.0 to switch dropout off.")
+        self.dropout = float(self.dropout)
+        self.alpha = float(self.alpha)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules is empty; name the layers to adapt, e.g. ['q_proj', 'v_proj'].")
+        _check_patterns("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_patterns("exclude_modules", self.exclude_modules)
+        for key, value in self.rank_pattern.items():
+            _check_regex("rank_pattern", key)
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_regex("alpha_pattern", key)
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, int):
+                self.layers_to_transform = [self.layers_to_transform]
+            if not self.layers_to_transform or any(
+                not isinstance(i, int) or i < 0 for i in self.layers_to_transform
+            ):
+                raise ValueError(
+                    f"layers_to_transform must be a non-empty list of layer indices >= 0, "
+                    f"got {self.layers_to_transform!r}."
+                )
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        from lightning_lora.core.initializers import check_init_name
+
+        check_init_name(self.init)
+        if self.init == "orthogonal" and any(r % 2 for r in [self.r, *self.rank_pattern.values()]):
+            raise ValueError("init='orthogonal' needs an even rank; choose an even r (and rank_pattern values).")
+
+    @property
+    def variant(self) -> str:
+        """Name of the adapter variant in ``lightning_lora.core.variants``: ``"dora"`` or ``"lora"``."""
+        return "dora" if self.use_dora else "lora"
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
+        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
+        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of the fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LoraConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown LoraConfig fields {unknown}; valid fields are {sorted(known)}.")
+        return cls(**values)
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:
+    # Same rule as PEFT's rank_pattern: the key must match a dotted suffix of the module name.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}; a common choice is alpha = 2 * r.")
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {err}.") from err
+
+
+def _check_patterns(name: str, patterns: Union[list[str], str]) -> None:
+    if isinstance(patterns, str):
+        if patterns != ALL_LINEAR:
+            _check_regex(name, patterns)
+        return
+    if not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{name} must be a list of non-empty module names or one regex string, got {patterns!r}.")

@@ -1,0 +1,131 @@
+"""Adapter initialisation methods, by the name used in ``LoraConfig.init``.
+
+Each method fills ``layer.lora_A[name]`` and ``layer.lora_B[name]`` in place so that the layer's output is unchanged
+at init; a method may also rewrite the base weight (SVD methods keep the residual there). Register a new method
+with :func:`register_initializer`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
+
+Initializer = Callable[[LoraLayer, str], None]
+_INITIALIZERS: dict[str, Initializer] = {}
+_PREFIXED: dict[str, Initializer] = {}  # e.g. "pissa_niter_" handles "pissa_niter_4"
+_LAYER_KINDS: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
+
+
+def register_initializer(
+    name: str,
+    function: Initializer,
+    *,
+    numbered: bool = False,
+    layer_kinds: Optional[tuple[type[LoraLayer], ...]] = None,
+) -> None:
+    """Make ``function`` available as ``LoraConfig(init=name)``.
+
+    Args:
+        name: The init name. With ``numbered=True`` it is a prefix followed by an integer (``"pissa_niter_"``
+            accepts ``"pissa_niter_4"``); the function parses the number from ``layer.lora_settings[...].init``.
+        function: ``function(layer, adapter_name)``, filling the adapter tensors in place under ``torch.no_grad``.
+        numbered: Whether ``name`` is a prefix for numbered variants.
+        layer_kinds: Layer-kind mixins the method is defined for (None: all kinds).
+    """
+    (_PREFIXED if numbered else _INITIALIZERS)[name] = function
+    _LAYER_KINDS[function] = layer_kinds
+
+
+def resolve_initializer(init: str) -> Initializer:
+    """The function registered for ``init``; a ValueError listing the valid names otherwise."""
+    if init in _INITIALIZERS:
+        return _INITIALIZERS[init]
+    for prefix, function in _PREFIXED.items():
+        if re.fullmatch(re.escape(prefix) + r"\d+", init):
+            return function
+    valid = sorted(_INITIALIZERS) + [f"{prefix}<K>" for prefix in sorted(_PREFIXED)]
+    raise ValueError(f"Unknown init {init!r}; choose one of {valid}.")
+
+
+def initializer_supports(init: str, kind: type[LoraLayer]) -> bool:
+    """Whether the method ``init`` is defined for layers of the given kind mixin."""
+    kinds = _LAYER_KINDS[resolve_initializer(init)]
+    return kinds is None or issubclass(kind, kinds)
+
+
+def check_init_name(init: str) -> None:
+    """Raise a ValueError naming the valid choices when ``init`` is not registered."""
+    resolve_initializer(init)
+
+
+def weight_dependent_init(init: str) -> bool:
+    """True when the method reads the base weight (so it must run after real base weights are loaded)."""
+    return init not in ("kaiming", "gaussian", "orthogonal")
+
+
+@torch.no_grad()
+def initialize_adapter(layer: LoraLayer, adapter_name: str) -> bool:
+    """Run the configured init and the variant's init for one adapter of one layer.
+
+    Returns False (and leaves the adapter marked uninitialised) while the layer's weights are on the meta device.
+    """
+    from lightning_lora.core.variants import VARIANTS
+
+    settings = layer.lora_settings[adapter_name]
+    if layer.weight.is_meta or layer.lora_A[adapter_name].is_meta:
+        settings.initialized = False
+        return False
+    resolve_initializer(settings.init)(layer, adapter_name)
+    VARIANTS[settings.variant].init(layer, adapter_name)
+    settings.initialized = True
+    return True
+
+
+def _zero_embedding_A(layer: LoraLayer, adapter_name: str) -> bool:
+    # Embeddings start the other way round (A zero, B normal), as in loralib and PEFT, whatever the method.
+    if isinstance(layer, EmbeddingAdapters):
+        nn.init.zeros_(layer.lora_A[adapter_name])
+        nn.init.normal_(layer.lora_B[adapter_name])
+        return True
+    return False
+
+
+def kaiming_init(layer: LoraLayer, adapter_name: str) -> None:
+    """A Kaiming-uniform like ``nn.Linear``'s default (loralib's choice), B zero."""
+    if not _zero_embedding_A(layer, adapter_name):
+        nn.init.kaiming_uniform_(layer.lora_A[adapter_name], a=math.sqrt(5))
+        nn.init.zeros_(layer.lora_B[adapter_name])
+
+
+def gaussian_init(layer: LoraLayer, adapter_name: str) -> None:
+    """A normal with std ``1/r``, B zero (PEFT's ``"gaussian"``)."""
+    if not _zero_embedding_A(layer, adapter_name):
+        nn.init.normal_(layer.lora_A[adapter_name], std=1.0 / layer.lora_settings[adapter_name].r)
+        nn.init.zeros_(layer.lora_B[adapter_name])
+
+
+def orthogonal_init(layer: LoraLayer, adapter_name: str) -> None:
+    """A and B built from the odd and even rows of one random orthogonal matrix, so ``B @ A = 0`` while neither is
+    zero (https://datta0.github.io/posts/rethink-lora-init/#orthogonal-initialisation, as in PEFT)."""
+    if _zero_embedding_A(layer, adapter_name):
+        return
+    lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    r = lora_A.shape[0]
+    q, _ = torch.linalg.qr(torch.randn(r, r))
+    q_odd, q_even = q[0::2, :], q[1::2, :]
+    fan_in, fan_out = lora_A[0].numel(), lora_B.shape[0]
+    a = (torch.randn(fan_in, r // 2) @ q_odd).t() / 10.0
+    b = (torch.randn(r // 2, fan_out).t() @ q_even) / 10.0
+    lora_A.copy_(a.reshape(lora_A.shape))
+    lora_B.copy_(b.reshape(lora_B.shape))
+
+
+register_initializer("kaiming", kaiming_init)
+register_initializer("gaussian", gaussian_init)
+register_initializer("orthogonal", orthogonal_init)

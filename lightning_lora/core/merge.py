@@ -1,0 +1,95 @@
+"""Folding adapters into the base weights and back out."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
+from lightning_lora.core.inject import strip_adapters
+from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.variants import VARIANTS
+
+
+def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tuple[str, LoraLayer, list[str]]]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("The model has no LoRA adapters to merge; add them with apply_lora(model, config).")
+    plan = []
+    for name, layer in layers:
+        wanted = layer.active_adapters if adapter_names is None else adapter_names
+        pending = [a for a in wanted if a in layer.lora_settings and a not in layer.merged_adapters]
+        uses_dora = any(layer.lora_settings[a].variant == "dora" for a in pending + layer.merged_adapters)
+        if uses_dora and len(pending) + len(layer.merged_adapters) > 1:
+            raise ValueError(
+                f"{name}: a DoRA adapter can only be merged alone (its norm is taken over the unmerged base weight); "
+                "merge one adapter at a time with merge_lora(model, adapter_names=[name]) after unmerge_lora(model)."
+            )
+        if pending:
+            plan.append((name, layer, pending))
+    return plan
+
+
+def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = True) -> nn.Module:
+    """Fold adapters into the base weights, in place; forward then costs what the base model costs.
+
+    Args:
+        model: A model with LoRA adapters.
+        adapter_names: Adapters to merge; default: the active ones.
+        safe: First compute every merged weight and check it is finite; on NaN/Inf raise before any weight is
+            written. With ``safe=False`` weights are written as they are computed (half the compute).
+
+    Raises:
+        ValueError: No adapters, a merged weight that is not finite (nothing is changed), or DoRA adapters that
+            cannot be merged together.
+    """
+    plan = _merge_plan(model, adapter_names)
+    if safe:
+        for name, layer, pending in plan:
+            weight = dense_weight(layer)
+            for adapter in pending:
+                weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight)
+                layer.merge_state.pop(adapter, None)
+                if not torch.isfinite(weight).all():
+                    raise ValueError(
+                        f"Merging adapter {adapter!r} into {name or 'the model'} gives NaN/Inf weights; nothing was "
+                        "merged. The adapter is broken (diverged training?): check its tensors and learning rate."
+                    )
+    for _, layer, pending in plan:
+        weight = dense_weight(layer)
+        for adapter in pending:
+            weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight)
+            layer.merged_adapters.append(adapter)
+        assign_dense_weight(layer, weight)
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Take merged adapters back out of the base weights (exact up to floating-point rounding)."""
+    for _, layer in lora_layers(model):
+        if not layer.merged_adapters:
+            continue
+        weight = dense_weight(layer)
+        for adapter in reversed(layer.merged_adapters):
+            weight = VARIANTS[layer.lora_settings[adapter].variant].unmerged_weight(layer, adapter, weight)
+        assign_dense_weight(layer, weight)
+        layer.merged_adapters.clear()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = True) -> nn.Module:
+    """Merge adapters, then drop all adapter machinery: every LoRA layer becomes its plain base class again
+    (``nn.Linear``, ``nn.Embedding``, ...), in place.
+
+    Args:
+        model: A model with LoRA adapters.
+        adapter_names: Adapters to merge; default: the active ones. Others are discarded.
+        safe: See :func:`merge_lora`.
+
+    Returns:
+        The same ``model``, now free of adapters.
+    """
+    merge_lora(model, adapter_names=adapter_names, safe=safe)
+    return strip_adapters(model)

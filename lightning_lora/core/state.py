@@ -1,0 +1,100 @@
+"""Adapter state dicts: exactly the tensors one adapter trains, with the model's own keys."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from lightning_lora.core.inject import adapter_names, adapter_parameters, saved_module_state
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, keyed as in ``model.state_dict()``.
+
+    Holds ``<layer>.lora_A.<adapter>``, ``<layer>.lora_B.<adapter>`` (DoRA: ``<layer>.lora_magnitude.<adapter>``),
+    the full state of ``modules_to_save`` and the biases trained with the adapter. Values are detached references
+    (no copies), like ``state_dict()``.
+
+    Args:
+        model: A model with LoRA adapters (or any module containing one, such as a LightningModule).
+        adapter_name: Which adapter.
+
+    Raises:
+        ValueError: The model has no adapter of that name.
+    """
+    if adapter_name not in adapter_names(model):
+        raise ValueError(
+            f"The model has no adapter {adapter_name!r} (it has {adapter_names(model)}); "
+            "add one with apply_lora(model, config, adapter_name)."
+        )
+    state = {key: parameter.detach() for key, parameter in adapter_parameters(model, adapter_name)}
+    for key, value in saved_module_state(model, adapter_name):
+        state[key] = value.detach()
+    return state
+
+
+def check_adapter_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Check that ``state_dict`` has exactly the keys and shapes of the model's adapter; return the targets.
+
+    Raises:
+        ValueError: Missing keys, unexpected keys or shape mismatches, listed with the likely fix.
+    """
+    expected = adapter_state_dict(model, adapter_name)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
+    if problems:
+        raise ValueError(
+            f"The adapter state does not fit adapter {adapter_name!r} of this model: " + "; ".join(problems) + ". "
+            "It was made with another LoraConfig (r, target_modules, use_dora, modules_to_save) or another model: "
+            "build the model with the config the adapter was trained with."
+        )
+    return expected
+
+
+@torch.no_grad()
+def load_adapter_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> nn.Module:
+    """Copy an adapter state dict into the model's existing adapter, all or nothing.
+
+    Every key and shape is checked before the first tensor is written, so a bad state dict leaves the model as it
+    was. Tensors are copied in place (optimizers keep their references); sharded (DTensor) targets receive their
+    shard of a full tensor.
+
+    Args:
+        model: The model, with the adapter already added (``apply_lora`` with the same config).
+        state_dict: As produced by :func:`adapter_state_dict`.
+        adapter_name: The adapter to fill.
+
+    Raises:
+        ValueError: See :func:`check_adapter_state_dict`.
+    """
+    targets = check_adapter_state_dict(model, state_dict, adapter_name)
+    for key, target in targets.items():
+        copy_into(target, state_dict[key])
+    return model
+
+
+def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``, distributing a full ``value`` when ``target`` is a DTensor shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(value, DTensor):
+        value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
+    target.copy_(value)

@@ -1,0 +1,135 @@
+"""Which modules of a model a ``LoraConfig`` selects, with errors that show what the model does contain."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Optional, Union
+
+from torch import nn
+
+from lightning_lora.core.config import ALL_LINEAR, LoraConfig
+from lightning_lora.core.layers import SUPPORTED_LAYERS, LoraLayer, _is_hf_conv1d, adapter_kind
+
+# Leaf names of output heads that "all-linear" leaves alone when the model does not say which is its head.
+OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer", "embed_out")
+_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_magnitude")
+
+
+def name_matches(name: str, patterns: Union[list[str], str]) -> bool:
+    """True when ``name`` is selected by a list of names/dotted suffixes or by a full-match regex."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: Optional[str]) -> Optional[int]:
+    """The block number in a module path (``model.layers.3.self_attn.q_proj`` -> 3), as PEFT reads it."""
+    container = re.escape(layers_pattern) if layers_pattern else r"[^.]*"
+    match = re.match(rf"(?:.*\.)?{container}\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output head(s): ``get_output_embeddings()`` when the model has it, else the last
+    linear layer whose leaf name is a usual head name."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None:
+        return {name for name, module in model.named_modules() if module is head}
+    heads = [name for name, m in model.named_modules() if is_linear(m) and name.split(".")[-1] in OUTPUT_HEAD_NAMES]
+    return set(heads[-1:])
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # Skip the adapters' own containers so a second adapter never targets them.
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and not any(part in _ADAPTER_CONTAINERS for part in name.split("."))
+    ]
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` that ``config`` adapts, in model order.
+
+    Raises:
+        ValueError: Nothing matches (the message lists close module names), or a matched module has a type that
+            cannot carry an adapter.
+    """
+    candidates = _candidate_modules(model)
+    saved = set(find_modules_to_save(model, config))
+    if config.target_modules == ALL_LINEAR:
+        heads = output_head_names(model)
+        selected = [(n, m) for n, m in candidates if is_linear(m) and n not in heads]
+    else:
+        selected = [(n, m) for n, m in candidates if name_matches(n, config.target_modules)]
+    selected = [(n, m) for n, m in selected if n not in saved and not any(n.startswith(s + ".") for s in saved)]
+    if config.exclude_modules is not None:
+        selected = [(n, m) for n, m in selected if not name_matches(n, config.exclude_modules)]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)
+        selected = [(n, m) for n, m in selected if layer_index(n, config.layers_pattern) in wanted]
+    if not selected:
+        raise ValueError(_no_match_message(candidates, config))
+
+    unsupported = [(n, m) for n, m in selected if adapter_kind(m) is None]
+    if unsupported:
+        listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:5])
+        raise ValueError(
+            f"target_modules selects layers that cannot carry a LoRA adapter: {listed}"
+            f"{' ...' if len(unsupported) > 5 else ''}. Supported: {SUPPORTED_LAYERS}. Narrow target_modules "
+            "(or add exclude_modules), or list such modules in modules_to_save to train them in full."
+        )
+    return selected
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """Modules named by ``config.modules_to_save`` (outermost matches only), keyed by name.
+
+    Raises:
+        ValueError: An entry matches no module.
+    """
+    if not config.modules_to_save:
+        return {}
+    candidates = _candidate_modules(model)
+    found: dict[str, nn.Module] = {}
+    for entry in config.modules_to_save:
+        matches = [(n, m) for n, m in candidates if name_matches(n, [entry])]
+        if not matches:
+            close = _close_names([n for n, _ in candidates], entry)
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model{close}.")
+        for name, module in matches:
+            if isinstance(module, LoraLayer):
+                raise ValueError(f"{name} carries a LoRA adapter and cannot also be in modules_to_save.")
+            found[name] = module
+    # Keep the outermost module when both a module and one of its children were named.
+    return {n: m for n, m in found.items() if not any(n.startswith(o + ".") for o in found if o != n)}
+
+
+def _close_names(names: list[str], wanted: str) -> str:
+    leaves = sorted({n.split(".")[-1] for n in names})
+    close = difflib.get_close_matches(wanted.split(".")[-1], leaves, n=6, cutoff=0.4)
+    close += [n for n in difflib.get_close_matches(wanted, names, n=3, cutoff=0.6) if n not in close]
+    return f"; close names: {close}" if close else f"; module names look like: {leaves[:12]}"
+
+
+def _no_match_message(candidates: list[tuple[str, nn.Module]], config: LoraConfig) -> str:
+    names = [n for n, _ in candidates]
+    linear_leaves = sorted({n.split(".")[-1] for n, m in candidates if adapter_kind(m) is not None})
+    message = f"target_modules={config.target_modules!r} matches no layer of the model"
+    if config.exclude_modules is not None or config.layers_to_transform is not None:
+        message += " (after exclude_modules / layers_to_transform)"
+    if isinstance(config.target_modules, list):
+        hints = []
+        for wanted in config.target_modules:
+            hints += [c for c in difflib.get_close_matches(wanted, linear_leaves, n=4, cutoff=0.4) if c not in hints]
+        if hints:
+            message += f". Close names: {hints}"
+    elif config.target_modules != ALL_LINEAR:
+        message += f". Example full names: {names[:6]}"
+    return message + f". Layers that can take an adapter here: {linear_leaves[:20]}."

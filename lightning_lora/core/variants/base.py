@@ -1,0 +1,36 @@
+"""The interface every adapter variant implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from lightning_lora.core.layers import LoraLayer
+
+
+class AdapterVariant:
+    """How one adapter of a :class:`~lightning_lora.core.layers.LoraLayer` computes and merges.
+
+    Attributes:
+        parameter_dicts: Names of extra ``nn.ParameterDict`` attributes the variant keeps on the layer (keyed by
+            adapter name), saved with the adapter.
+    """
+
+    parameter_dicts: tuple[str, ...] = ()
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        """Create or reset the variant's own tensors once ``lora_A``/``lora_B`` hold their initial values."""
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Return ``result`` (the output so far) with this adapter's contribution for input ``x``."""
+        raise NotImplementedError
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The dense base ``weight`` (the layer's own layout) with this adapter folded in; ``weight`` is not changed."""
+        raise NotImplementedError
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`."""
+        raise NotImplementedError

@@ -1,0 +1,86 @@
+"""DoRA: weight-decomposed LoRA (Liu et al. 2024, https://arxiv.org/abs/2402.09353).
+
+The adapted weight is ``m * (W + s B A) / ||W + s B A||``, one norm and one trainable magnitude ``m`` per output
+unit. As in section 4.3 of the paper (and PEFT), the norm is treated as a constant: it gets no gradient. With the
+base output ``Wx = result - bias`` the layer output becomes ``(m / n) * (Wx + s B A x) + bias``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lightning_lora.core.variants.base import AdapterVariant
+
+if TYPE_CHECKING:
+    from lightning_lora.core.layers import LoraLayer
+
+
+class DoraVariant(AdapterVariant):
+    """Magnitudes live in ``layer.lora_magnitude[adapter]``, shape ``[out]``."""
+
+    parameter_dicts = ("lora_magnitude",)
+
+    @torch.no_grad()
+    def weight_norm(self, layer: LoraLayer, adapter_name: str, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """``||W + s B A||`` per output unit for a dense ``[out, in, *kernel]`` weight, in float32 or wider."""
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        dtype = torch.promote_types(weight_out_in.dtype, torch.float32)
+        combined = torch.addmm(
+            weight_out_in.flatten(1).to(dtype),
+            lora_B.flatten(1).to(dtype),
+            lora_A.flatten(1).to(dtype),
+            alpha=layer.scaling(adapter_name),
+        )
+        return torch.linalg.vector_norm(combined, dim=1)
+
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        if "lora_magnitude" not in layer._modules:
+            layer.lora_magnitude = nn.ParameterDict()
+        lora_A = layer.lora_A[adapter_name]
+        magnitude = self.weight_norm(layer, adapter_name, layer.base_weight_out_in()).to(lora_A.dtype)
+        if adapter_name in layer.lora_magnitude:
+            layer.lora_magnitude[adapter_name].data.copy_(magnitude)
+        else:
+            layer.lora_magnitude[adapter_name] = nn.Parameter(magnitude, requires_grad=lora_A.requires_grad)
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        settings = layer.lora_settings[adapter_name]
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        magnitude = layer.lora_magnitude[adapter_name]
+        norm = self.weight_norm(layer, adapter_name, layer.base_weight_out_in())
+        scale = layer.channel_view(magnitude / norm.to(magnitude.dtype)).to(result.dtype)
+        h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
+        update = layer.lora_output(h, lora_A, lora_B)
+        bias = layer.channel_view(layer.bias) if getattr(layer, "bias", None) is not None else None
+        if not (layer.training and settings.dropout > 0.0):
+            # The base output for this input is already in ``result``: rescale it instead of a second matmul.
+            combined = layer.add_scaled(result if bias is None else result - bias, update, settings.scaling)
+            return combined * scale if bias is None else combined * scale + bias
+        # With dropout the adapter sees another input than the base did, so W(dropout(x)) is computed (as PEFT).
+        base_on_h = layer.base_class.forward(layer, h.to(result.dtype))
+        if bias is not None:
+            base_on_h = base_on_h - bias
+        return result + (scale - 1) * base_on_h + scale * (update * settings.scaling).to(result.dtype)
+
+    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        weight_out_in = layer.weight_out_in(weight)
+        norm = self.weight_norm(layer, adapter_name, weight_out_in)
+        layer.merge_state[adapter_name] = norm  # the unmerge needs the norm of the weight before the merge
+        scale = self._per_row(layer, adapter_name, norm, weight_out_in)
+        merged = scale * (weight_out_in + layer.weight_out_in(layer.delta_weight(adapter_name)))
+        return layer.weight_out_in(merged.to(weight.dtype))
+
+    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        weight_out_in = layer.weight_out_in(weight)
+        norm = layer.merge_state.pop(adapter_name)
+        scale = self._per_row(layer, adapter_name, norm, weight_out_in)
+        unmerged = weight_out_in / scale - layer.weight_out_in(layer.delta_weight(adapter_name))
+        return layer.weight_out_in(unmerged.to(weight.dtype))
+
+    @staticmethod
+    def _per_row(layer: LoraLayer, adapter_name: str, norm: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        scale = layer.lora_magnitude[adapter_name].detach().to(norm.dtype) / norm
+        return scale.view(-1, *([1] * (weight_out_in.dim() - 1))).to(weight_out_in.dtype)
