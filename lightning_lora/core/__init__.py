@@ -19,6 +19,7 @@ from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
+from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight
 
 __all__ = [
     "LoraConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "TrainableSummary",
     "adapter_names",
     "adapter_state_dict",
+    "apply_init_residual",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
@@ -34,6 +36,7 @@ __all__ = [
     "load_adapter_state_dict",
     "lora_layers",
     "mark_only_adapters_trainable",
+    "restore_base_weight",
     "merge_and_unload",
     "merge_lora",
     "set_active_adapters",

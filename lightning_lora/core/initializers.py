@@ -14,12 +14,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from lightning_lora.core.distributed import gathered_parameters, is_materialized
 from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
 
 Initializer = Callable[[LoraLayer, str], None]
 _INITIALIZERS: dict[str, Initializer] = {}
 _PREFIXED: dict[str, Initializer] = {}  # e.g. "pissa_niter_" handles "pissa_niter_4"
 _LAYER_KINDS: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
+_KEEPS_INIT_FACTORS: set[Initializer] = set()
 
 
 def register_initializer(
@@ -28,6 +30,7 @@ def register_initializer(
     *,
     numbered: bool = False,
     layer_kinds: Optional[tuple[type[LoraLayer], ...]] = None,
+    keeps_init_factors: bool = False,
 ) -> None:
     """Make ``function`` available as ``LoraConfig(init=name)``.
 
@@ -37,9 +40,14 @@ def register_initializer(
         function: ``function(layer, adapter_name)``, filling the adapter tensors in place under ``torch.no_grad``.
         numbered: Whether ``name`` is a prefix for numbered variants.
         layer_kinds: Layer-kind mixins the method is defined for (None: all kinds).
+        keeps_init_factors: The method moves ``scaling * B0 @ A0`` out of the base weight. The adapter then gets
+            frozen ``lora_init_A``/``lora_init_B`` tensors (saved with it) that the function must fill with ``A0``
+            and ``B0``; see :mod:`lightning_lora.core.svd_init`.
     """
     (_PREFIXED if numbered else _INITIALIZERS)[name] = function
     _LAYER_KINDS[function] = layer_kinds
+    if keeps_init_factors:
+        _KEEPS_INIT_FACTORS.add(function)
 
 
 def resolve_initializer(init: str) -> Initializer:
@@ -59,6 +67,11 @@ def initializer_supports(init: str, kind: type[LoraLayer]) -> bool:
     return kinds is None or issubclass(kind, kinds)
 
 
+def initializer_keeps_factors(init: str) -> bool:
+    """Whether the method ``init`` leaves a residual in the base weight and keeps its initial factors."""
+    return resolve_initializer(init) in _KEEPS_INIT_FACTORS
+
+
 def check_init_name(init: str) -> None:
     """Raise a ValueError naming the valid choices when ``init`` is not registered."""
     resolve_initializer(init)
@@ -74,15 +87,17 @@ def initialize_adapter(layer: LoraLayer, adapter_name: str) -> bool:
     """Run the configured init and the variant's init for one adapter of one layer.
 
     Returns False (and leaves the adapter marked uninitialised) while the layer's weights are on the meta device.
+    DeepSpeed ZeRO-3 partitions are gathered for the duration (rank 0's result is kept).
     """
     from lightning_lora.core.variants import VARIANTS
 
     settings = layer.lora_settings[adapter_name]
-    if layer.weight.is_meta or layer.lora_A[adapter_name].is_meta:
-        settings.initialized = False
-        return False
-    resolve_initializer(settings.init)(layer, adapter_name)
-    VARIANTS[settings.variant].init(layer, adapter_name)
+    with gathered_parameters(layer):
+        if not (is_materialized(layer.weight) and is_materialized(layer.lora_A[adapter_name])):
+            settings.initialized = False
+            return False
+        resolve_initializer(settings.init)(layer, adapter_name)
+        VARIANTS[settings.variant].init(layer, adapter_name)
     settings.initialized = True
     return True
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.initializers import initialize_adapter, initializer_supports
+from lightning_lora.core.distributed import full_parameters, is_rank_zero
+from lightning_lora.core.initializers import initialize_adapter, initializer_keeps_factors, initializer_supports
 from lightning_lora.core.layers import (
+    INIT_FACTOR_DICTS,
     AdapterSettings,
     LoraLayer,
     adapter_kind,
@@ -18,7 +22,10 @@ from lightning_lora.core.layers import (
     lora_layers,
 )
 from lightning_lora.core.targeting import find_modules_to_save, find_targets
+from lightning_lora.core.svd_init import restore_base_weight
 from lightning_lora.core.variants import VARIANTS
+
+logger = logging.getLogger(__name__)
 
 # Marks modules whose own state trains and is saved with an adapter: {adapter: ("bias",)} for a trained bias,
 # {adapter: ()} for a whole module in modules_to_save.
@@ -26,7 +33,9 @@ SAVED_WITH = "_lora_saved_with"
 WHOLE_MODULE: tuple[str, ...] = ()
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def apply_lora(
+    model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True
+) -> nn.Module:
     """Add a LoRA adapter to every layer that ``config`` targets, in place, and freeze everything else.
 
     Trainable afterwards: the new adapter's tensors, ``config.modules_to_save`` and the biases chosen by
@@ -38,6 +47,10 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
         model: Any ``nn.Module`` (a Hugging Face model, a torchvision model, a LightningModule, a single layer).
         config: What to adapt and how.
         adapter_name: Name of the new adapter; several adapters can live side by side.
+        initialize: Run ``config.init`` now (deferred anyway while weights are on the meta device). ``False``
+            leaves the adapter pending, for when its tensors will be loaded next (resuming, loading a saved
+            adapter onto an original base model: no SVD is computed for nothing) or the real base weights come
+            later; then load the adapter, or call :func:`initialize_pending_adapters`, before the first forward.
 
     Returns:
         The same ``model``.
@@ -62,6 +75,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
+        if initialize:
+            initialize_pending_adapters(model, adapter_name)
         _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
         mark_only_adapters_trainable(model, adapter_name)
     except BaseException:
@@ -124,24 +139,43 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     options = {"device": layer.weight.device, "dtype": adapter_dtype(layer.weight)}
     layer.lora_A[adapter_name] = nn.Parameter(torch.zeros(shape_A, **options))
     layer.lora_B[adapter_name] = nn.Parameter(torch.zeros(shape_B, **options))
+    if initializer_keeps_factors(settings.init):
+        for dict_name, shape in zip(INIT_FACTOR_DICTS, (shape_A, shape_B)):
+            if dict_name not in layer._modules:
+                setattr(layer, dict_name, nn.ParameterDict())
+            getattr(layer, dict_name)[adapter_name] = nn.Parameter(torch.zeros(shape, **options), requires_grad=False)
     layer.lora_settings[adapter_name] = settings
     layer.active_adapters.append(adapter_name)
-    initialize_adapter(layer, adapter_name)  # deferred while the weights are on the meta device
+    settings.initialized = False  # apply_lora initialises all new adapters together afterwards
 
 
 def adapter_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:
-    """Names of the layer's ParameterDicts that hold tensors of ``adapter_name`` (``lora_A``, ``lora_B``, ...)."""
+    """Names of the layer's ParameterDicts that hold tensors of ``adapter_name``: ``lora_A``, ``lora_B``, the
+    variant's (DoRA: ``lora_magnitude``) and the frozen initial factors ``lora_init_A``/``lora_init_B`` of
+    SVD-initialised adapters."""
     variant = VARIANTS[layer.lora_settings[adapter_name].variant]
-    return ["lora_A", "lora_B", *variant.parameter_dicts]
+    # Variant tensors appear when the adapter is initialised (not yet on the meta device).
+    extra = [d for d in (*variant.parameter_dicts, *INIT_FACTOR_DICTS) if adapter_name in getattr(layer, d, ())]
+    return ["lora_A", "lora_B", *extra]
 
 
-def adapter_parameters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(state-dict key, parameter)`` of every tensor of one adapter in the LoRA layers of ``model``."""
+def adapter_parameters(
+    model: nn.Module, adapter_name: str, include_frozen: bool = True
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(state-dict key, parameter)`` of every tensor of one adapter in the LoRA layers of ``model``.
+
+    Args:
+        model: A model with LoRA adapters.
+        adapter_name: Which adapter.
+        include_frozen: Also the tensors saved with the adapter that never train (initial factors
+            ``lora_init_A``/``lora_init_B``).
+    """
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
             prefix = f"{name}." if name else ""
             for dict_name in adapter_tensor_dicts(layer, adapter_name):
-                yield f"{prefix}{dict_name}.{adapter_name}", getattr(layer, dict_name)[adapter_name]
+                if include_frozen or dict_name not in INIT_FACTOR_DICTS:
+                    yield f"{prefix}{dict_name}.{adapter_name}", getattr(layer, dict_name)[adapter_name]
 
 
 def _mark_saved_modules(
@@ -192,7 +226,7 @@ def mark_only_adapters_trainable(model: nn.Module, adapter_name: str) -> nn.Modu
     """
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for _, parameter in adapter_parameters(model, adapter_name):
+    for _, parameter in adapter_parameters(model, adapter_name, include_frozen=False):
         parameter.requires_grad_(True)
     for module in model.modules():
         local = getattr(module, SAVED_WITH, {}).get(adapter_name)
@@ -213,6 +247,8 @@ def _rollback(
 ) -> None:
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings or adapter_name in layer.lora_A:
+            if adapter_name in layer.lora_settings:
+                restore_base_weight(layer, adapter_name)
             _remove_layer_adapter(layer, adapter_name)
     for module in converted:
         if isinstance(module, LoraLayer):
@@ -226,8 +262,13 @@ def _rollback(
         parameter.requires_grad_(flag)
 
 
+def _all_adapter_dicts() -> tuple[str, ...]:
+    variant_dicts = sorted({d for v in VARIANTS.values() for d in v.parameter_dicts})
+    return ("lora_A", "lora_B", *variant_dicts, *INIT_FACTOR_DICTS)
+
+
 def _remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> None:
-    for dict_name in ("lora_A", "lora_B", *{d for v in VARIANTS.values() for d in v.parameter_dicts}):
+    for dict_name in _all_adapter_dicts():
         container = getattr(layer, dict_name, None)
         if container is not None and adapter_name in container:
             del container[adapter_name]
@@ -248,7 +289,7 @@ _LORA_ATTRIBUTES = (
 
 def _restore_base_class(layer: LoraLayer) -> nn.Module:
     """Turn a LoRA layer back into its plain base class (adapters dropped, weights as they are)."""
-    for dict_name in ("lora_A", "lora_B", *{d for v in VARIANTS.values() for d in v.parameter_dicts}):
+    for dict_name in _all_adapter_dicts():
         layer._modules.pop(dict_name, None)
     for attribute in _LORA_ATTRIBUTES:
         layer.__dict__.pop(attribute, None)
@@ -300,6 +341,8 @@ def set_active_adapters(model: nn.Module, names: Union[str, list[str]]) -> nn.Mo
 def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     """Remove one adapter; layers left without adapters become plain modules again.
 
+    A base weight that holds the residual of an SVD init (PiSSA, OLoRA, ...) gets the adapter's initial part back.
+
     Raises:
         ValueError: Unknown adapter, or the adapter is merged (call ``unmerge_lora`` first).
     """
@@ -309,6 +352,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"Adapter {adapter_name!r} is merged into {merged[:3]}...; call unmerge_lora(model) first.")
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
+            restore_base_weight(layer, adapter_name)
             _remove_layer_adapter(layer, adapter_name)
             if not layer.lora_settings:
                 _restore_base_class(layer)
@@ -344,26 +388,68 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             merge_lora(layer, adapter_names=names)
 
 
-def initialize_pending_adapters(model: nn.Module) -> int:
-    """Initialise adapters created while the model was on the meta device, now that real weights exist.
+def initialize_pending_adapters(
+    model: nn.Module,
+    adapter_name: Optional[str] = None,
+    progress: Optional[Callable[[str], None]] = None,
+    progress_after_s: float = 5.0,
+) -> int:
+    """Initialise adapters that are still pending, now that the real base weights are in place.
+
+    Pending are adapters added on the meta device, re-created by ``reset_parameters()`` when a meta model is
+    materialised, or added with ``apply_lora(..., initialize=False)`` and not loaded since. Restored adapters
+    (loaded with ``load_state_dict`` or :func:`~lightning_lora.core.state.load_adapter_state_dict`) are never
+    pending, so a resumed run does not re-run the init. Works on FSDP1 models (inside ``summon_full_params``),
+    FSDP2 DTensor shards and DeepSpeed ZeRO-3 partitions; a collective then, so every rank must call it.
+
+    Args:
+        model: A model with LoRA adapters.
+        adapter_name: Only this adapter (default: all).
+        progress: Receives a progress line on rank 0 while the init takes longer than ``progress_after_s``
+            (default: ``logging.getLogger("lightning_lora.core.inject").info``).
+        progress_after_s: Seconds after which (and then every this many seconds) a progress line is sent.
 
     Returns:
         How many (layer, adapter) pairs were initialised.
     """
+    pending = [
+        (layer, name)
+        for _, layer in lora_layers(model)
+        for name, settings in layer.lora_settings.items()
+        if not settings.initialized and adapter_name in (None, name)
+    ]
+    if not pending:
+        return 0
+    report = (progress or logger.info) if is_rank_zero() else (lambda line: None)
+    start = last_report = time.perf_counter()
     count = 0
-    for _, layer in lora_layers(model):
-        for adapter_name, settings in layer.lora_settings.items():
-            if not settings.initialized and initialize_adapter(layer, adapter_name):
-                count += 1
+    with full_parameters(model):
+        for done, (layer, name) in enumerate(pending, 1):
+            count += initialize_adapter(layer, name)
+            now = time.perf_counter()
+            if now - last_report >= progress_after_s and done < len(pending):
+                left = (now - start) / done * (len(pending) - done)
+                report(f"lightning_lora: initialised {done}/{len(pending)} adapter layers in {now - start:.0f}s, "
+                       f"about {left:.0f}s left")
+                last_report = now
+    elapsed = time.perf_counter() - start
+    if elapsed >= progress_after_s:
+        report(f"lightning_lora: initialised {len(pending)} adapter layers in {elapsed:.0f}s")
     return count
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging (merged ones are unmerged first): the base model again, in place."""
+    """Remove every adapter without merging (merged ones are unmerged first): the base model again, in place.
+
+    Base weights that hold the residual of an SVD init get the adapter's initial part back.
+    """
     from lightning_lora.core.merge import unmerge_lora
 
     if any(layer.merged_adapters for _, layer in lora_layers(model)):
         unmerge_lora(model)
+    for _, layer in lora_layers(model):
+        for adapter_name in reversed(list(layer.lora_settings)):
+            restore_base_weight(layer, adapter_name)
     return strip_adapters(model)
 
 

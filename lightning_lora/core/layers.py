@@ -28,6 +28,11 @@ from lightning_lora.core.base_weights import dense_weight
 from lightning_lora.core.config import LoraConfig
 
 
+# Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``
+# out of the base weight (PiSSA, OLoRA, ...); saved with the adapter, see lightning_lora.core.svd_init.
+INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
+
+
 @dataclass
 class AdapterSettings:
     """What one adapter is on one layer: its resolved rank and scale, and the config it came from."""
@@ -138,18 +143,47 @@ class LoraLayer(nn.Module):
 
         for name in self.active_adapters:
             if name not in self.merged_adapters:
-                result = VARIANTS[self.lora_settings[name].variant].forward(self, name, x, result)
+                settings = self.lora_settings[name]
+                if not settings.initialized:
+                    self._raise_uninitialized(name)
+                result = VARIANTS[settings.variant].forward(self, name, x, result)
         return result
 
+    def _raise_uninitialized(self, adapter_name: str) -> None:
+        if self.weight.is_meta:
+            return
+        raise RuntimeError(
+            f"Adapter {adapter_name!r} (init={self.lora_settings[adapter_name].init!r}) is not initialised yet: it "
+            "was added on the meta device, re-created by reset_parameters(), or added with initialize=False. Load "
+            "the real base weights, then call lightning_lora.initialize_pending_adapters(model) (or load the "
+            "adapter's saved state)."
+        )
+
     def reset_parameters(self) -> None:
-        """Re-initialise the base layer as its class does, then every adapter (used after meta-device init)."""
+        """Re-initialise the base layer as its class does, then the adapters (used to materialise a meta model).
+
+        Adapters whose init reads the base weight (PiSSA, OLoRA, ...) are left pending: the weight is still a
+        placeholder here. :func:`~lightning_lora.core.inject.initialize_pending_adapters` runs them once the real
+        weights are loaded.
+        """
         base_reset = getattr(super(), "reset_parameters", None)
         if base_reset is not None:
             base_reset()
-        from lightning_lora.core.initializers import initialize_adapter
+        from lightning_lora.core.initializers import initialize_adapter, weight_dependent_init
 
-        for name in self.lora_settings:
-            initialize_adapter(self, name)
+        for name, settings in self.lora_settings.items():
+            if weight_dependent_init(settings.init):
+                settings.initialized = False
+            else:
+                initialize_adapter(self, name)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Runs before the adapter tensors (child ParameterDicts) are loaded: restored adapters are marked
+        # initialised, and a residual base weight is rebuilt from restored initial factors (no SVD is re-run).
+        from lightning_lora.core.state import prepare_layer_load
+
+        prepare_layer_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()

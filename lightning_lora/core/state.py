@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
+from lightning_lora.core.distributed import copy_into
 from lightning_lora.core.inject import adapter_names, adapter_parameters, saved_module_state
+from lightning_lora.core.layers import INIT_FACTOR_DICTS, LoraLayer, lora_layers
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -75,7 +77,8 @@ def load_adapter_state_dict(
 
     Every key and shape is checked before the first tensor is written, so a bad state dict leaves the model as it
     was. Tensors are copied in place (optimizers keep their references); sharded (DTensor) targets receive their
-    shard of a full tensor.
+    shard of a full tensor. The adapter counts as initialised afterwards; for an SVD-initialised adapter the base
+    weight becomes the residual of the loaded initial factors (see :func:`prepare_layer_load`).
 
     Args:
         model: The model, with the adapter already added (``apply_lora`` with the same config).
@@ -86,15 +89,50 @@ def load_adapter_state_dict(
         ValueError: See :func:`check_adapter_state_dict`.
     """
     targets = check_adapter_state_dict(model, state_dict, adapter_name)
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_settings:
+            prepare_layer_load(layer, state_dict, f"{name}." if name else "", adapter_names=[adapter_name])
     for key, target in targets.items():
         copy_into(target, state_dict[key])
     return model
 
 
-def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
-    """``target.copy_(value)``, distributing a full ``value`` when ``target`` is a DTensor shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def prepare_layer_load(
+    layer: LoraLayer, state_dict: Mapping[str, torch.Tensor], prefix: str, adapter_names: Optional[list[str]] = None
+) -> None:
+    """Get a layer ready for adapter tensors that a state dict is about to restore (before they are copied).
 
-    if isinstance(target, DTensor) and not isinstance(value, DTensor):
-        value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh, target.placements)
-    target.copy_(value)
+    An adapter whose ``lora_A`` is in ``state_dict`` counts as initialised from then on, so
+    ``initialize_pending_adapters`` never re-runs its init over the restored values (its variant tensors, such
+    as DoRA magnitudes, are created if missing so the load fills them). When the state dict also holds the
+    adapter's initial factors, the base weight becomes their residual (see
+    :func:`~lightning_lora.core.svd_init.adopt_init_factors`), unless it restores the base weight too.
+
+    Args:
+        layer: The LoRA layer about to be loaded.
+        state_dict: The incoming state, keyed like the model's (``<prefix>lora_A.<adapter>``).
+        prefix: The layer's key prefix in ``state_dict`` (``"model.layers.0.q_proj."``).
+        adapter_names: Only these adapters (default: every adapter of the layer).
+    """
+    from lightning_lora.core.svd_init import adopt_init_factors, has_init_factors
+    from lightning_lora.core.variants import VARIANTS
+
+    for adapter_name, settings in layer.lora_settings.items():
+        if adapter_names is not None and adapter_name not in adapter_names:
+            continue
+        if f"{prefix}lora_A.{adapter_name}" not in state_dict:
+            continue
+        if has_init_factors(layer, adapter_name):
+            keys = [f"{prefix}{dict_name}.{adapter_name}" for dict_name in INIT_FACTOR_DICTS]
+            if not _fits(layer, adapter_name, state_dict, keys):
+                continue  # no factors to rebuild the residual from (or the load itself reports a shape error)
+            init_A, init_B = (state_dict[key] for key in keys)
+            adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=f"{prefix}weight" in state_dict)
+        if not settings.initialized:
+            VARIANTS[settings.variant].init(layer, adapter_name)
+            settings.initialized = True
+
+
+def _fits(layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> bool:
+    targets = [getattr(layer, dict_name)[adapter_name] for dict_name in INIT_FACTOR_DICTS]
+    return all(key in state_dict and state_dict[key].shape == t.shape for key, t in zip(keys, targets))
