@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.distributed import full_parameters, is_rank_zero
+from lightning_lora.core.full_weights import full_parameters, is_rank_zero
 from lightning_lora.core.initializers import initialize_adapter, initializer_keeps_factors, initializer_supports
 from lightning_lora.core.layers import (
     INIT_FACTOR_DICTS,

@@ -7,7 +7,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.distributed import copy_into
+from lightning_lora.core.full_weights import copy_into
 from lightning_lora.core.inject import adapter_names, adapter_parameters, saved_module_state
 from lightning_lora.core.layers import INIT_FACTOR_DICTS, LoraLayer, lora_layers
 
