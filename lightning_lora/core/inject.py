@@ -139,6 +139,7 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     options = {"device": layer.weight.device, "dtype": adapter_dtype(layer.weight)}
     layer.lora_A[adapter_name] = nn.Parameter(torch.zeros(shape_A, **options))
     layer.lora_B[adapter_name] = nn.Parameter(torch.zeros(shape_B, **options))
+    VARIANTS[settings.variant].add_parameters(layer, adapter_name, **options)
     if initializer_keeps_factors(settings.init):
         for dict_name, shape in zip(INIT_FACTOR_DICTS, (shape_A, shape_B)):
             if dict_name not in layer._modules:
@@ -154,9 +155,8 @@ def adapter_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:
     variant's (DoRA: ``lora_magnitude``) and the frozen initial factors ``lora_init_A``/``lora_init_B`` of
     SVD-initialised adapters."""
     variant = VARIANTS[layer.lora_settings[adapter_name].variant]
-    # Variant tensors appear when the adapter is initialised (not yet on the meta device).
-    extra = [d for d in (*variant.parameter_dicts, *INIT_FACTOR_DICTS) if adapter_name in getattr(layer, d, ())]
-    return ["lora_A", "lora_B", *extra]
+    init_factors = [d for d in INIT_FACTOR_DICTS if adapter_name in getattr(layer, d, ())]
+    return ["lora_A", "lora_B", *variant.parameter_dicts, *init_factors]
 
 
 def adapter_parameters(

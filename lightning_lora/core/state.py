@@ -103,9 +103,8 @@ def prepare_layer_load(
     """Get a layer ready for adapter tensors that a state dict is about to restore (before they are copied).
 
     An adapter whose ``lora_A`` is in ``state_dict`` counts as initialised from then on, so
-    ``initialize_pending_adapters`` never re-runs its init over the restored values (its variant tensors, such
-    as DoRA magnitudes, are created if missing so the load fills them). When the state dict also holds the
-    adapter's initial factors, the base weight becomes their residual (see
+    ``initialize_pending_adapters`` never re-runs its init over the restored values. When the state dict also
+    holds the adapter's initial factors, the base weight becomes their residual (see
     :func:`~lightning_lora.core.svd_init.adopt_init_factors`), unless it restores the base weight too.
 
     Args:
@@ -115,7 +114,6 @@ def prepare_layer_load(
         adapter_names: Only these adapters (default: every adapter of the layer).
     """
     from lightning_lora.core.svd_init import adopt_init_factors, has_init_factors
-    from lightning_lora.core.variants import VARIANTS
 
     for adapter_name, settings in layer.lora_settings.items():
         if adapter_names is not None and adapter_name not in adapter_names:
@@ -128,9 +126,7 @@ def prepare_layer_load(
                 continue  # no factors to rebuild the residual from (or the load itself reports a shape error)
             init_A, init_B = (state_dict[key] for key in keys)
             adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=f"{prefix}weight" in state_dict)
-        if not settings.initialized:
-            VARIANTS[settings.variant].init(layer, adapter_name)
-            settings.initialized = True
+        settings.initialized = True
 
 
 def _fits(layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> bool:
