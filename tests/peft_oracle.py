@@ -10,8 +10,9 @@ from torch import nn
 from lightning_lora import LoraConfig, adapter_state_dict
 
 
-def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """A PEFT LoRA model over a deep copy of ``base`` configured like ``config``."""
+def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default", init_lora_weights=True) -> nn.Module:
+    """A PEFT LoRA model over a deep copy of ``base`` configured like ``config`` (``init_lora_weights``: PEFT's
+    init, e.g. ``"pissa"``)."""
     import peft
 
     peft_config = peft.LoraConfig(
@@ -26,6 +27,7 @@ def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default"
         use_dora=config.use_dora,
         modules_to_save=config.modules_to_save,
         bias=config.bias,
+        init_lora_weights=init_lora_weights,
     )
     return peft.get_peft_model(copy.deepcopy(base), peft_config, adapter_name=adapter_name)
 

@@ -125,7 +125,8 @@ def prepare_layer_load(
             if not _fits(layer, adapter_name, state_dict, keys):
                 continue  # no factors to rebuild the residual from (or the load itself reports a shape error)
             init_A, init_B = (state_dict[key] for key in keys)
-            adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=f"{prefix}weight" in state_dict)
+            weight_restored = f"{prefix}weight" in state_dict  # a full checkpoint: its weight is the residual
+            adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=weight_restored)
         settings.initialized = True
 
 
