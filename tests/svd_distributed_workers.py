@@ -74,12 +74,16 @@ def _rank_slice(tensor: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def ddp_worker(rank: int, out_dir: str, init: str) -> None:
-    """Every rank starts from another global RNG state; inject, save the initial state, train under DDP."""
+    """Every rank starts from another global RNG state; inject, initialise (recording progress lines), save the
+    initial state, train under DDP."""
     from torch.nn.parallel import DistributedDataParallel
 
     model = tiny_mlp()
     torch.manual_seed(1000 + rank)  # the init must not depend on the caller's RNG
-    apply_lora(model, svd_config(init))
+    apply_lora(model, svd_config(init), initialize=False)
+    progress: list[str] = []
+    initialize_pending_adapters(model, progress=progress.append, progress_after_s=0.0)
+    torch.save(progress, os.path.join(out_dir, f"progress_rank{rank}.pt"))
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"init_rank{rank}.pt"))
     ddp = DistributedDataParallel(model)
     inputs, targets = batch()
@@ -136,11 +140,3 @@ def fsdp1_meta_worker(rank: int, out_dir: str, init: str) -> None:
     if rank == 0:
         torch.save({"initialized": initialized, "init": init_state}, os.path.join(out_dir, "fsdp1.pt"))
 
-
-def progress_worker(rank: int, out_dir: str) -> None:
-    """Record the progress lines each rank would print."""
-    lines: list[str] = []
-    model = tiny_mlp()
-    apply_lora(model, svd_config("pissa"), initialize=False)
-    initialize_pending_adapters(model, progress=lines.append, progress_after_s=0.0)
-    torch.save(lines, os.path.join(out_dir, f"progress_rank{rank}.pt"))

@@ -16,6 +16,7 @@ from lightning_lora.core.initializers import initialize_adapter, initializer_kee
 from lightning_lora.core.layers import (
     INIT_FACTOR_DICTS,
     AdapterSettings,
+    AdapterTensors,
     LoraLayer,
     adapter_kind,
     lora_class,
@@ -143,7 +144,7 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     if initializer_keeps_factors(settings.init):
         for dict_name, shape in zip(INIT_FACTOR_DICTS, (shape_A, shape_B)):
             if dict_name not in layer._modules:
-                setattr(layer, dict_name, nn.ParameterDict())
+                setattr(layer, dict_name, AdapterTensors())
             getattr(layer, dict_name)[adapter_name] = nn.Parameter(torch.zeros(shape, **options), requires_grad=False)
     layer.lora_settings[adapter_name] = settings
     layer.active_adapters.append(adapter_name)

@@ -33,6 +33,18 @@ from lightning_lora.core.config import LoraConfig
 INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
 
 
+class AdapterTensors(nn.ParameterDict):
+    """``{adapter name: tensor}`` held by a LoRA layer (``lora_A``, ``lora_B``, ...).
+
+    Materialising a meta-device model (FSDP1, Lightning) calls ``reset_parameters()`` on every module that holds
+    parameters. The owning LoRA layer initialises its adapters (:meth:`LoraLayer.reset_parameters`), so this does
+    nothing.
+    """
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 @dataclass
 class AdapterSettings:
     """What one adapter is on one layer: its resolved rank and scale, and the config it came from."""
@@ -71,8 +83,8 @@ class LoraLayer(nn.Module):
     kind_mixin: type[LoraLayer]
 
     def _init_lora_state(self) -> None:
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A = AdapterTensors()
+        self.lora_B = AdapterTensors()
         self.lora_settings: dict[str, AdapterSettings] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

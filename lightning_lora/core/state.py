@@ -102,7 +102,7 @@ def prepare_layer_load(
 ) -> None:
     """Get a layer ready for adapter tensors that a state dict is about to restore (before they are copied).
 
-    An adapter whose ``lora_A`` is in ``state_dict`` counts as initialised from then on, so
+    An adapter whose ``lora_A`` the state dict restores counts as initialised from then on, so
     ``initialize_pending_adapters`` never re-runs its init over the restored values. When the state dict also
     holds the adapter's initial factors, the base weight becomes their residual (see
     :func:`~lightning_lora.core.svd_init.adopt_init_factors`), unless it restores the base weight too.
@@ -118,16 +118,22 @@ def prepare_layer_load(
     for adapter_name, settings in layer.lora_settings.items():
         if adapter_names is not None and adapter_name not in adapter_names:
             continue
-        if f"{prefix}lora_A.{adapter_name}" not in state_dict:
+        if not _restores(state_dict, f"{prefix}lora_A.{adapter_name}", layer.lora_A[adapter_name]):
             continue
         if has_init_factors(layer, adapter_name):
             keys = [f"{prefix}{dict_name}.{adapter_name}" for dict_name in INIT_FACTOR_DICTS]
             if not _fits(layer, adapter_name, state_dict, keys):
                 continue  # no factors to rebuild the residual from (or the load itself reports a shape error)
             init_A, init_B = (state_dict[key] for key in keys)
-            weight_restored = f"{prefix}weight" in state_dict  # a full checkpoint: its weight is the residual
+            weight_restored = _restores(state_dict, f"{prefix}weight", layer.weight)  # a full checkpoint's residual
             adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=weight_restored)
         settings.initialized = True
+
+
+def _restores(state_dict: Mapping[str, torch.Tensor], key: str, parameter: torch.Tensor) -> bool:
+    # torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True) passes the module's own parameter
+    # objects for the keys its caller did not provide: those carry nothing new.
+    return key in state_dict and state_dict[key] is not parameter
 
 
 def _fits(layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> bool:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_lora.core.layers import AdapterTensors
 from lightning_lora.core.variants.base import AdapterVariant
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class DoraVariant(AdapterVariant):
 
     def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
         if "lora_magnitude" not in layer._modules:
-            layer.lora_magnitude = nn.ParameterDict()
+            layer.lora_magnitude = AdapterTensors()
         out_features = layer.lora_dims()[1]
         layer.lora_magnitude[adapter_name] = nn.Parameter(torch.zeros(out_features, **tensor_options))
 
