@@ -112,7 +112,10 @@ def _write_weight(layer: LoraLayer, weight_out_in: torch.Tensor) -> None:
 def _fixed_seed(device: torch.device) -> Iterator[None]:
     devices = [device] if device.type not in ("cpu", "meta") else []
     with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.manual_seed(SVD_SEED)
+        if devices:
+            torch.manual_seed(SVD_SEED)
+        else:
+            torch.default_generator.manual_seed(SVD_SEED)  # without waking up every accelerator backend
         yield
 
 
