@@ -38,6 +38,7 @@ from lightning_lora.core.inject import (
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.peft_format import (
     PEFT_CONFIG_NAME,
+    PEFT_PREFIX,
     PEFT_WEIGHTS_NAME,
     adapter_state_from_peft,
     full_tensor,
@@ -297,6 +298,12 @@ class _LoadPlan:
             plan = cls(*_native_state(model, adapter_name, tensors))
         else:
             plan = cls(*adapter_state_from_peft(model, adapter_name, tensors), init_factors={})
+            if plan.state and all(key.startswith(PEFT_PREFIX) for key in plan.state):
+                raise ValueError(
+                    f"None of the PEFT tensor names fit this model (e.g. {next(iter(plan.state))!r}). PEFT names are "
+                    "relative to the model PEFT wrapped: pass that module (for a LightningModule holding the Hugging "
+                    "Face model as self.model, load_adapter(module.model, ...))."
+                )
         check_adapter_state_dict(model, plan.state, adapter_name)
         not_float = [k for k, v in plan.state.items() if not v.is_floating_point()]
         if not_float:
@@ -311,7 +318,8 @@ class _LoadPlan:
             factors = self.init_factors.get(name)
             in_model = svd_init_factors(layer, adapter_name) is not None
             if not injected and in_model != (factors is not None):
-                problems.append(f"{name}: initial SVD factors {'only in the model' if in_model else 'only in the file'}")
+                where = "only in the model" if in_model else "only in the file"
+                problems.append(f"{name}: initial SVD factors {where}")
             if factors is None:
                 continue
             expected = dict(zip(INIT_FACTORS, layer.adapter_shapes(layer.lora_settings[adapter_name].r)))

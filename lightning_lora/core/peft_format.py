@@ -270,7 +270,7 @@ def _peft_config(
         "target_modules": targets,
         "exclude_modules": None,
         "rank_pattern": _patterns({e.name: e.r for e in exported}, rank),
-        "alpha_pattern": {k: _plain_number(v) for k, v in _patterns({e.name: e.alpha for e in exported}, alpha).items()},
+        "alpha_pattern": _patterns({e.name: _plain_number(e.alpha) for e in exported}, _plain_number(alpha)),
         "layers_to_transform": None,
         "layers_pattern": None,
         "bias": "none" if vllm else config.bias,
@@ -295,7 +295,8 @@ def _plain_number(value: float) -> float | int:
 def base_module_names(model: nn.Module) -> list[str]:
     """Names of the model's modules as PEFT sees the base model: adapter containers inside LoRA layers left out."""
     inside_lora = tuple(f"{name}." for name, _ in lora_layers(model) if name)
-    return [name for name, _ in model.named_modules(remove_duplicate=False) if name and not name.startswith(inside_lora)]
+    names = (name for name, _ in model.named_modules(remove_duplicate=False))
+    return [name for name in names if name and not name.startswith(inside_lora)]
 
 
 def _is_dotted_suffix(name: str, entry: str) -> bool:

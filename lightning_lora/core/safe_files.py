@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Optional, Union
@@ -44,7 +44,9 @@ def staging_directory(directory: PathLike) -> Iterator[Path]:
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a directory; choose a directory path to save into.")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    # Not tempfile.mkdtemp: its 0o700 mode would stay on a new directory published by renaming the staging folder.
+    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         yield staging
     finally:
