@@ -43,7 +43,6 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB
                "GIB": 2**30, "TIB": 2**40}
 
 
-
 @dataclass
 class _Source:
     """Where one written tensor comes from: ``produce()`` gives its value; ``reference`` has its shape and dtype."""
@@ -180,10 +179,14 @@ def _merged_weight_source(name: str, layer: LoraLayer, pending: list[str], safe:
 
 
 def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Keys whose tensors are the same memory (tied parameters), in state-dict order."""
+    from torch.distributed.tensor import DTensor
+
     groups: dict[tuple, list[str]] = {}
     for key, value in state.items():
-        if value.numel() and not value.is_meta:
-            identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if local.numel() and not local.is_meta:
+            identity = (local.device, local.data_ptr(), local.dtype, tuple(local.shape), local.stride())
             groups.setdefault(identity, []).append(key)
     return [keys for keys in groups.values() if len(keys) > 1]
 

@@ -312,7 +312,9 @@ def _pattern_matches(name: str, key: str) -> bool:
         return False
 
 
-def _shortest_names(selected: list[str], universe: list[str], matches: Callable[[str, str], bool]) -> Optional[list]:
+def _shortest_names(
+    selected: list[str], universe: list[str], matches: Callable[[str, str], bool]
+) -> Optional[list[str]]:
     """For each selected name its shortest dotted suffix that matches no name outside ``selected``; None when even a
     full name matches another module."""
     wanted, chosen, selects_only_wanted = set(selected), [], {}
