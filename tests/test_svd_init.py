@@ -8,6 +8,7 @@ import copy
 import functools
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
@@ -18,9 +19,11 @@ from lightning_lora import (
     apply_lora,
     delete_adapter,
     initialize_pending_adapters,
+    load_adapter,
     load_adapter_state_dict,
     lora_layers,
     merge_and_unload,
+    save_adapter,
     unload_lora,
 )
 from models import small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
@@ -356,3 +359,50 @@ def test_no_progress_line_for_a_quick_init() -> None:
     model = apply_lora(fresh(), _config("pissa"), initialize=False)
     initialize_pending_adapters(model, progress=lines.append)
     assert lines == []
+
+
+# ----- adapter files -----
+
+
+@pytest.mark.parametrize(
+    "builder, targets, init",
+    [*((tiny_llama, "all-linear", init) for init in SVD_INITS), (tiny_gpt2, GPT2_TARGETS, "pissa")],
+    ids=[*SVD_INITS, "gpt2-conv1d-pissa"],
+)
+def test_exported_svd_adapter_loads_in_peft_on_the_original_base(builder, targets, init: str, tmp_path) -> None:
+    import peft
+
+    base = fresh(builder)
+    model = apply_lora(copy.deepcopy(base), _config(init, target_modules=targets))
+    _train(model)
+    save_adapter(model, tmp_path, format="peft")
+    saved_keys = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert {key.rsplit(".", 2)[1] for key in saved_keys} == {"lora_A", "lora_B"}  # a plain LoRA delta
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for name, _ in lora_layers(model):
+        assert torch.equal(theirs.base_model.model.get_submodule(name).get_base_layer().weight,
+                           base.get_submodule(name).weight)
+    tokens = token_batch()
+    torch.testing.assert_close(_logits(theirs, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_adapter_file_rebuilds_the_residual_bit_for_bit(dtype: torch.dtype, tmp_path, monkeypatch) -> None:
+    base, trained = _original_run(dtype=dtype)
+    save_adapter(trained, tmp_path, format="lightning_lora")
+    _forbid_decompositions(monkeypatch)
+    model = load_adapter(copy.deepcopy(base), tmp_path)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.state_dict().items())
+
+
+def test_peft_pissa_adapter_file_loads_like_peft(tmp_path) -> None:
+    base = fresh()
+    theirs = peft_twin(base, _config("pissa"), init_lora_weights="pissa")
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if ".lora_" in name:
+                parameter.mul_(1.1)  # "trained"
+    theirs.save_pretrained(tmp_path)  # init_lora_weights="pissa": the base weights are the loader's to rewrite
+    ours = load_adapter(copy.deepcopy(base), tmp_path)
+    tokens = token_batch()
+    torch.testing.assert_close(_logits(ours, tokens), _logits(theirs, tokens), atol=1e-5, rtol=1e-5)

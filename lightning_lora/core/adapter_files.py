@@ -24,18 +24,18 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.initializers import initialize_adapter, weight_dependent_init
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
+    add_init_factor_tensors,
     adapter_names,
     adapter_parameters,
     apply_lora,
     get_lora_config,
 )
-from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.layers import INIT_FACTOR_DICTS, lora_layers
 from lightning_lora.core.peft_format import (
     PEFT_CONFIG_NAME,
     PEFT_PREFIX,
@@ -55,6 +55,7 @@ from lightning_lora.core.safe_files import (
     write_safetensors,
 )
 from lightning_lora.core.state import adapter_state_dict, check_adapter_state_dict, copy_into, load_adapter_state_dict
+from lightning_lora.core.svd_init import has_init_factors
 
 AdapterFormat = Literal["peft", "vllm", "lightning_lora"]
 FORMATS: tuple[str, ...] = ("peft", "vllm", "lightning_lora")
@@ -62,7 +63,6 @@ CONFIG_NAME = PEFT_CONFIG_NAME
 WEIGHTS_NAME = PEFT_WEIGHTS_NAME
 NATIVE_FORMAT_KEY = "lightning_lora_format"
 NATIVE_FORMAT_VERSION = 1
-INIT_FACTORS = ("lora_init_A", "lora_init_B")
 
 
 def save_adapter(
@@ -117,7 +117,7 @@ def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tup
     tensors = {(k.removesuffix(suffix) if k in adapter_keys else k): full_tensor(v) for k, v in state.items()}
     for name, layer in lora_layers(model):
         factors = svd_init_factors(layer, adapter_name) if adapter_name in layer.lora_settings else None
-        for dict_name, value in zip(INIT_FACTORS, factors or ()):
+        for dict_name, value in zip(INIT_FACTOR_DICTS, factors or ()):
             tensors[f"{name}.{dict_name}" if name else dict_name] = full_tensor(value.detach())
     config = {
         NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
@@ -177,7 +177,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
 
     A PEFT adapter whose config asks for an SVD init (``init_lora_weights="pissa"``) re-runs that init on the base
     weights before the trained values are loaded, as PEFT does. A lightning_lora file of an SVD-initialised adapter
-    carries its initial factors, and the load turns the original base weights into the same residual.
+    carries its initial factors, and the load turns the original base weights into the same residual, bit for bit,
+    without an SVD.
 
     Args:
         model: The base model (or a model that already has the adapter).
@@ -245,14 +246,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> Callable
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     before = {id(layer) for _, layer in lora_layers(model)}
-    apply_lora(model, dataclasses.replace(config, init="kaiming"), adapter_name)
-    converted = []
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_settings:
-            settings = layer.lora_settings[adapter_name]
-            settings.config, settings.init = config, config.init
-        if id(layer) not in before:
-            converted.append(layer)
+    apply_lora(model, config, adapter_name, initialize=False)
+    converted = [layer for _, layer in lora_layers(model) if id(layer) not in before]
     return lambda: _rollback(model, adapter_name, converted, previous_flags, previous_marks)
 
 
@@ -304,12 +299,32 @@ class _LoadPlan:
                     "relative to the model PEFT wrapped: pass that module (for a LightningModule holding the Hugging "
                     "Face model as self.model, load_adapter(module.model, ...))."
                 )
-        check_adapter_state_dict(model, plan.state, adapter_name)
+        plan.check_init_factors(model, adapter_name, injected)
+        for name, layer in lora_layers(model):
+            if name in plan.init_factors and not has_init_factors(layer, adapter_name):
+                add_init_factor_tensors(layer, adapter_name)  # (injected only) factors of an init the config lacks
+        check_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
         not_float = [k for k, v in plan.state.items() if not v.is_floating_point()]
         if not_float:
             raise ValueError(f"Tensors {not_float[:3]} are not floating point; the file is not a LoRA adapter.")
-        plan.check_init_factors(model, adapter_name, injected)
         return plan
+
+    def load_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The state for ``load_adapter_state_dict``: the file's tensors and initial factors under the model's keys.
+        Layers whose factors the file lacks (a PEFT file asking for an SVD init) get the model's own tensors, which
+        carry nothing new: their init runs on the base weights instead."""
+        state = dict(self.state)
+        for name, layer in lora_layers(model):
+            if adapter_name not in layer.lora_settings:
+                continue
+            factors = self.init_factors.get(name, {})
+            for dict_name in INIT_FACTOR_DICTS:
+                key = f"{name}.{dict_name}.{adapter_name}" if name else f"{dict_name}.{adapter_name}"
+                if dict_name in factors:
+                    state[key] = factors[dict_name]
+                elif has_init_factors(layer, adapter_name):
+                    state[key] = getattr(layer, dict_name)[adapter_name]
+        return state
 
     def check_init_factors(self, model: nn.Module, adapter_name: str, injected: bool) -> None:
         layers = {name: layer for name, layer in lora_layers(model) if adapter_name in layer.lora_settings}
@@ -322,7 +337,7 @@ class _LoadPlan:
                 problems.append(f"{name}: initial SVD factors {where}")
             if factors is None:
                 continue
-            expected = dict(zip(INIT_FACTORS, layer.adapter_shapes(layer.lora_settings[adapter_name].r)))
+            expected = dict(zip(INIT_FACTOR_DICTS, layer.adapter_shapes(layer.lora_settings[adapter_name].r)))
             for dict_name, shape in expected.items():
                 value = factors.get(dict_name)
                 if value is None or tuple(value.shape) != shape:
@@ -343,7 +358,7 @@ def _native_state(
     init_factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer_name, _, leaf = key.rpartition(".")
-        if leaf in INIT_FACTORS:
+        if leaf in INIT_FACTOR_DICTS:
             init_factors.setdefault(layer_name, {})[leaf] = value
         else:
             state[model_key.get(key, key)] = value
@@ -353,47 +368,12 @@ def _native_state(
 @torch.no_grad()
 def _apply(model: nn.Module, config: LoraConfig, adapter_name: str, plan: _LoadPlan, injected: bool) -> None:
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
-    if injected and weight_dependent_init(config.init):
-        for name, layer in layers:
-            if name not in plan.init_factors:
-                initialize_adapter(layer, adapter_name)  # the method's own init on these base weights, as PEFT does
-    load_adapter_state_dict(model, plan.state, adapter_name)
+    for name, layer in layers:
+        if injected and weight_dependent_init(config.init) and name not in plan.init_factors:
+            initialize_adapter(layer, adapter_name)  # the method's own init on these base weights, as PEFT does
+    # Rebuilds residual base weights from the file's initial factors (see state.prepare_layer_load).
+    load_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
     if plan.base:
         model_state = model.state_dict()
         for key, value in plan.base.items():
             copy_into(model_state[key], value)
-    for name, layer in layers:
-        if name in plan.init_factors:
-            _install_init_factors(layer, adapter_name, plan.init_factors[name])
-        layer.lora_settings[adapter_name].initialized = True
-
-
-def _install_init_factors(layer: LoraLayer, adapter_name: str, factors: dict[str, torch.Tensor]) -> None:
-    """Make the base weight the residual ``W_orig - scaling * B0 @ A0`` of the file's factors and keep them."""
-    new_A, new_B = factors["lora_init_A"], factors["lora_init_B"]
-    current = svd_init_factors(layer, adapter_name)
-    if current is None or not (torch.equal(current[0].cpu(), new_A) and torch.equal(current[1].cpu(), new_B)):
-        weight = dense_weight(layer)
-        if current is not None:
-            weight = weight + _factor_product(layer, adapter_name, *current)  # back to the original weight
-        assign_dense_weight(layer, weight - _factor_product(layer, adapter_name, new_A, new_B))
-    lora_A = layer.lora_A[adapter_name]
-    for dict_name, value in zip(INIT_FACTORS, (new_A, new_B)):
-        if dict_name not in layer._modules:
-            setattr(layer, dict_name, nn.ParameterDict())
-        container = getattr(layer, dict_name)
-        if adapter_name in container:
-            copy_into(container[adapter_name], value)
-        else:
-            container[adapter_name] = nn.Parameter(value.to(lora_A.device, lora_A.dtype), requires_grad=False)
-
-
-def _factor_product(layer: LoraLayer, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``scaling * B @ A`` in the base weight's layout and dtype."""
-    weight = dense_weight(layer)
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    product = B.flatten(1).to(weight.device, dtype) @ A.flatten(1).to(weight.device, dtype)
-    in_features, out_features, kernel = layer.lora_dims()
-    product = (product * layer.scaling(adapter_name)).reshape(out_features, in_features, *kernel)
-    return layer.weight_out_in(product).to(weight.dtype)
-

@@ -141,14 +141,24 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     layer.lora_A[adapter_name] = nn.Parameter(torch.zeros(shape_A, **options))
     layer.lora_B[adapter_name] = nn.Parameter(torch.zeros(shape_B, **options))
     VARIANTS[settings.variant].add_parameters(layer, adapter_name, **options)
-    if initializer_keeps_factors(settings.init):
-        for dict_name, shape in zip(INIT_FACTOR_DICTS, (shape_A, shape_B)):
-            if dict_name not in layer._modules:
-                setattr(layer, dict_name, AdapterTensors())
-            getattr(layer, dict_name)[adapter_name] = nn.Parameter(torch.zeros(shape, **options), requires_grad=False)
     layer.lora_settings[adapter_name] = settings
+    if initializer_keeps_factors(settings.init):
+        add_init_factor_tensors(layer, adapter_name)
     layer.active_adapters.append(adapter_name)
     settings.initialized = False  # apply_lora initialises all new adapters together afterwards
+
+
+def add_init_factor_tensors(layer: LoraLayer, adapter_name: str) -> None:
+    """Give an adapter frozen, zero ``lora_init_A`` ([r, in]) and ``lora_init_B`` ([out, r]) tensors: the initial
+    factors of an init that moves ``scaling * B0 @ A0`` out of the base weight (see
+    :mod:`lightning_lora.core.svd_init`)."""
+    lora_A = layer.lora_A[adapter_name]
+    shapes = layer.adapter_shapes(layer.lora_settings[adapter_name].r)
+    for dict_name, shape in zip(INIT_FACTOR_DICTS, shapes):
+        if dict_name not in layer._modules:
+            setattr(layer, dict_name, AdapterTensors())
+        zeros = torch.zeros(shape, device=lora_A.device, dtype=lora_A.dtype)
+        getattr(layer, dict_name)[adapter_name] = nn.Parameter(zeros, requires_grad=False)
 
 
 def adapter_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_lora.core.layers import AdapterTensors
 from lightning_lora.core.variants.base import AdapterVariant
 
 if TYPE_CHECKING:
@@ -38,6 +37,8 @@ class DoraVariant(AdapterVariant):
         return torch.linalg.vector_norm(combined, dim=1)
 
     def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
+        from lightning_lora.core.layers import AdapterTensors  # layers imports the variants
+
         if "lora_magnitude" not in layer._modules:
             layer.lora_magnitude = AdapterTensors()
         out_features = layer.lora_dims()[1]
