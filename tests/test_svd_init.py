@@ -406,3 +406,16 @@ def test_peft_pissa_adapter_file_loads_like_peft(tmp_path) -> None:
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     tokens = token_batch()
     torch.testing.assert_close(_logits(ours, tokens), _logits(theirs, tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_pissa_on_cuda_neither_depends_on_nor_advances_the_cuda_rng() -> None:
+    factors = []
+    for seed in (1, 2):
+        model = fresh().cuda()
+        torch.cuda.manual_seed(seed)
+        state = torch.cuda.get_rng_state()
+        apply_lora(model, _config("pissa_niter_2"))
+        assert torch.equal(torch.cuda.get_rng_state(), state)
+        factors.append(adapter_state_dict(model))
+    assert all(torch.equal(factors[0][key], factors[1][key]) for key in factors[0])

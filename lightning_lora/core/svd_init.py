@@ -110,12 +110,20 @@ def _write_weight(layer: LoraLayer, weight_out_in: torch.Tensor) -> None:
 
 @contextmanager
 def _fixed_seed(device: torch.device) -> Iterator[None]:
-    devices = [device] if device.type not in ("cpu", "meta") else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        if devices:
-            torch.manual_seed(SVD_SEED)
-        else:
+    """Random numbers drawn on ``device`` inside come from ``SVD_SEED``; every RNG is as before afterwards."""
+    if device.type in ("cpu", "meta"):
+        with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(SVD_SEED)  # without waking up every accelerator backend
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        generators = getattr(module, "default_generators", ())
+        if generators:
+            generators[index].manual_seed(SVD_SEED)
+        else:
+            module.manual_seed(SVD_SEED)
         yield
 
 
