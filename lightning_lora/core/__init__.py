@@ -17,6 +17,7 @@ from lightning_lora.core.inject import (
 )
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
+from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 
@@ -28,11 +29,13 @@ __all__ = [
     "adapter_state_dict",
     "apply_lora",
     "delete_adapter",
+    "freeze_lora_A",
     "disable_adapters",
     "get_lora_config",
     "initialize_pending_adapters",
     "load_adapter_state_dict",
     "lora_layers",
+    "lora_param_groups",
     "mark_only_adapters_trainable",
     "merge_and_unload",
     "merge_lora",
