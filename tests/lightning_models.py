@@ -56,6 +56,10 @@ class RegressionSteps:
         x, y = batch
         self.log("val_loss", nn.functional.mse_loss(self.model(x), y))
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", nn.functional.mse_loss(self.model(x), y))
+
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.model(batch[0])
 
@@ -141,6 +145,7 @@ def trainer_arguments(**overrides: Any) -> dict[str, Any]:
         "accelerator": "cpu",
         "devices": 1,
         "logger": False,
+        "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "num_sanity_val_steps": 0,
