@@ -118,8 +118,9 @@ class ShardedBuiltInInit(BuiltInInit):
             fully_shard_model(self)
 
 
-class ShardedMixinBuiltInConfigureModel(LoraMixin, RegressionSteps, L.LightningModule):
-    """LoraMixin; the model is built and sharded in ``configure_model`` with the adapters injected in between."""
+class ShardedMixinBuiltOnMeta(LoraMixin, RegressionSteps, L.LightningModule):
+    """LoraMixin; the model is built on the meta device and sharded in ``configure_model``, with the adapters
+    injected in between. The strategy materialises it (``to_empty`` and ``reset_parameters``)."""
 
     def __init__(self, **lora_arguments: Any) -> None:
         super().__init__(**lora_arguments)
@@ -128,7 +129,8 @@ class ShardedMixinBuiltInConfigureModel(LoraMixin, RegressionSteps, L.LightningM
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = TinyNet()
+        with torch.device("meta"):
+            self.model = TinyNet()
         inject_adapters(self)
         fully_shard_model(self)
 

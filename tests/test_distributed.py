@@ -52,6 +52,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
                 [sys.executable, str(SCRIPT), kind, str(out)],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
             )
+            (out / "log.txt").write_text(result.stdout + result.stderr)
             if result.returncode != 0:
                 pytest.fail(f"{kind} run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
             outputs[kind] = out
@@ -86,8 +87,10 @@ def test_checkpoint_holds_only_the_adapter(launched: Callable[[str], Path], kind
 
 def test_fsdp2_adapters_added_before_fully_shard_are_sharded(launched: Callable[[str], Path]) -> None:
     out = launched("fsdp2")
-    assert torch.load(out / "fsdp2-full-resumed.pt")["sharded"]  # the mixin module calls inject_adapters(self)
     assert torch.load(out / "fsdp2-sharded-resumed.pt")["sharded"]  # built in __init__, injected at setup
+    # Built on the meta device in configure_model, inject_adapters(self) before fully_shard:
+    assert torch.load(out / "fsdp2-full-resumed.pt")["sharded"]
+    assert "uninitialized memory" not in (out / "log.txt").read_text()  # materialised by the layers' reset
 
 
 @pytest.mark.parametrize("kind", KIND_CASES)

@@ -107,7 +107,9 @@ def test_lightning_cli_builds_the_mixin_from_a_config() -> None:
         },
         "trainer": trainer_arguments(max_steps=1),
     }
-    cli = LightningCLI(MixinModule, run=False, args=config, auto_configure_optimizers=False)
+    cli = LightningCLI(
+        MixinModule, run=False, args=config, auto_configure_optimizers=False, save_config_callback=None
+    )
     cli.trainer.fit(cli.model, dataloader())
     groups = {g["name"]: g["lr"] for g in cli.trainer.optimizers[0].param_groups}
     assert groups == {"lora_A": 0.05, "lora_B": 0.2}

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import (
     BuiltInInit,
     ShardedBuiltInInit,
-    ShardedMixinBuiltInConfigureModel,
+    ShardedMixinBuiltOnMeta,
     dataloader,
     lora_config,
     trainer_arguments,
@@ -110,9 +110,9 @@ def with_callback(module_class: type) -> Make:
     return lambda: (module_class(), [LoraCallback(lora_config())])
 
 
-def mixin_injecting_in_configure_model() -> tuple[L.LightningModule, list]:
+def mixin_on_meta_device() -> tuple[L.LightningModule, list]:
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # noqa: E731
-    return ShardedMixinBuiltInConfigureModel(lora_config=lora_config(), optimizer=optimizer), []
+    return ShardedMixinBuiltOnMeta(lora_config=lora_config(), optimizer=optimizer), []
 
 
 def main() -> None:
@@ -132,7 +132,7 @@ def main() -> None:
         merge_on_fit_end(out, ShardedBuiltInInit, fsdp2(), "cpu")
         uninterrupted_and_resumed(out, "fsdp2-sharded", with_callback(ShardedBuiltInInit), fsdp2, "cpu")
         uninterrupted_and_resumed(
-            out, "fsdp2-full", mixin_injecting_in_configure_model, lambda: fsdp2(False), "cpu"
+            out, "fsdp2-full", mixin_on_meta_device, lambda: fsdp2(False), "cpu"
         )
     elif kind == "fsdp1":
         from lightning.pytorch.strategies import FSDPStrategy
