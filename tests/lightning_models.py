@@ -127,12 +127,16 @@ class ShardedMixinBuiltOnMeta(LoraMixin, RegressionSteps, L.LightningModule):
         self.model: Optional[nn.Module] = None
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        with torch.device("meta"):
-            self.model = TinyNet()
-        inject_adapters(self)
-        fully_shard_model(self)
+        if self.model is None:
+            build_on_meta_device(self)
+            fully_shard_model(self)
+
+
+def build_on_meta_device(module: L.LightningModule) -> None:
+    """``module.model = TinyNet()`` on the meta device, with the adapters of the Trainer's LoRA callbacks."""
+    with torch.device("meta"):
+        module.model = TinyNet()
+    inject_adapters(module)
 
 
 def _is_sharded(model: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from lightning_models import (
     BuiltInConfigureModel,
     BuiltInInit,
     TinyNet,
+    build_on_meta_device,
     dataloader,
     lora_config,
     trainer_arguments,
@@ -154,9 +155,7 @@ class BuiltOnMetaDevice(BuiltInConfigureModel):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        with torch.device("meta"):
-            self.model = TinyNet()
-        inject_adapters(self)
+        build_on_meta_device(self)
         self.model.to_empty(device="cpu")
         self.model.load_state_dict(self.base_state, strict=False)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_lora.core.distributed import clean_name
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.state import adapter_state_dict
+from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems
 from lightning_lora.core.variants import VARIANTS
 
 ADAPTER_DICT_NAMES = frozenset(("lora_A", "lora_B", *(d for v in VARIANTS.values() for d in v.parameter_dicts)))
@@ -78,25 +78,13 @@ def check_checkpoint_fits(module: nn.Module, checkpoint_shapes: Mapping[str, tup
         source: How to name the checkpoint in the message (its path).
 
     Raises:
-        ValueError: Missing adapter tensors, adapter tensors of layers or adapters the model does not have, or
+        ValueError: Missing adapter tensors, unexpected ones (of layers or adapters the model does not have), or
             shape mismatches, listed with the likely fix.
     """
     expected = required_adapter_shapes(module)
     found = {clean_name(key): tuple(shape) for key, shape in checkpoint_shapes.items()}
-    missing = [key for key in expected if key not in found]
     unexpected = [key for key in found if is_adapter_key(key) and key not in expected]
-    wrong_shape = [
-        f"{key}: checkpoint {found[key]} vs model {expected[key]}"
-        for key in expected
-        if key in found and found[key] != expected[key]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} adapter tensor(s) missing, e.g. {missing[:3]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} adapter tensor(s) the model does not have, e.g. {unexpected[:3]}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
+    problems = key_and_shape_problems(expected, found, unexpected)
     if problems:
         raise ValueError(
             f"The checkpoint {source} does not fit the model's LoRA adapters {adapter_names(module)}: "
