@@ -8,7 +8,7 @@ down to the adapters, and can merge the adapters into the base weights when trai
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
 from typing import Any, Iterator, Optional, Union
@@ -43,21 +43,9 @@ from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.param_groups import freeze_lora_A
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
-from lightning_lora.lightning.checkpoint import (
-    adapter_checkpoint_keys,
-    check_checkpoint_fits,
-    check_saved_configs,
-    complete_with_model_state,
-    is_adapter_key,
-    keep_only,
-    read_checkpoint_header,
-    remember_adapter_shapes,
-    shapes_of,
-    state_dict_limited_to,
-)
+from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
 
 MERGED_WEIGHTS_FILE = "model.safetensors"
-_PATCHED = "_lightning_lora_patched"
 
 
 class LoraCallback(Callback):
@@ -238,7 +226,7 @@ class LoraCallback(Callback):
             self.inject(pl_module)
         else:
             self._inject_after_configure_model(pl_module)
-        _patch_strategy_checkpointing(trainer.strategy)
+        patch_strategy_checkpointing(trainer.strategy, lora_callbacks)
         if self.adapter_only_checkpoints and isinstance(trainer.strategy, DeepSpeedStrategy):
             trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own checkpoints
 
@@ -409,105 +397,5 @@ def _full_parameters(strategy: Any) -> Iterator[None]:
         yield
 
 
-# ----- checkpoint I/O of the strategy -----
-def _patch_strategy_checkpointing(strategy: Any) -> None:
-    """Make the strategy's checkpoints adapter-only and its checkpoint loading checked.
-
-    ``lightning_module_state_dict`` feeds every checkpoint (also ``save_weights_only`` ones, for which callback
-    ``on_save_checkpoint`` hooks do not run); ``load_checkpoint`` reads every checkpoint, before the model state is
-    loaded (single device, DDP) or while it is loaded (FSDP, ModelParallel, DeepSpeed).
-    """
-    if strategy.__dict__.get(_PATCHED):
-        return
-    original_state_dict = strategy.lightning_module_state_dict
-    original_load = strategy.load_checkpoint
-
-    def lightning_module_state_dict(self: Any) -> dict[str, Any]:
-        state = original_state_dict()
-        module = self.lightning_module
-        callbacks = lora_callbacks(module)
-        if not callbacks or not all(c.adapter_only_checkpoints for c in callbacks):
-            return state
-        return keep_only(state, adapter_checkpoint_keys(module))
-
-    def load_checkpoint(self: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        module = self.lightning_module
-        callbacks = lora_callbacks(module)
-        if not callbacks:
-            return original_load(checkpoint_path, *args, **kwargs)
-        return _load_checked(self, module, callbacks, original_load, checkpoint_path, *args, **kwargs)
-
-    strategy.lightning_module_state_dict = MethodType(lightning_module_state_dict, strategy)
-    strategy.load_checkpoint = MethodType(load_checkpoint, strategy)
-    strategy.__dict__[_PATCHED] = True
-
-
-def _load_checked(
-    strategy: Any,
-    module: pl.LightningModule,
-    callbacks: list[LoraCallback],
-    original_load: Any,
-    checkpoint_path: Any,
-    *args: Any,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    source = str(checkpoint_path)
-    if not strategy.restore_checkpoint_after_setup:
-        # Single device, DDP: the file is only read here; the model state is loaded later, strictly.
-        checkpoint = original_load(checkpoint_path, *args, **kwargs)
-        check_and_complete_checkpoint(module, checkpoint, callbacks, source)
-    else:
-        # FSDP, ModelParallel, DeepSpeed load the model state inside load_checkpoint: check the file first, then
-        # let torch.distributed.checkpoint see only the keys the files hold.
-        weights_only = kwargs.get("weights_only", args[0] if args else None)
-        header = read_checkpoint_header(Path(strategy.broadcast(checkpoint_path)), weights_only)
-        limit: Any = nullcontext()
-        if header is not None:
-            shapes, callback_states = header
-            check_checkpoint_fits(module, shapes, source)
-            check_saved_configs(_saved_configs(callback_states, callbacks), _configs(callbacks))
-            limit = state_dict_limited_to(strategy.model, {clean_name(key) for key in shapes})
-        previous = module._strict_loading
-        module.strict_loading = False
-        try:
-            with limit:
-                checkpoint = original_load(checkpoint_path, *args, **kwargs)
-        finally:
-            module._strict_loading = previous
-    for _, layer in lora_layers(module):
-        for settings in layer.lora_settings.values():
-            settings.initialized = True  # restored: never re-initialise
-    return checkpoint
-
-
-def check_and_complete_checkpoint(
-    module: pl.LightningModule, checkpoint: dict[str, Any], callbacks: list[LoraCallback], source: str
-) -> None:
-    """Check that a loaded checkpoint restores every adapter of ``module`` with the config the run uses, then fill
-    in the frozen tensors an adapter-only checkpoint leaves out, so the model state loads strictly.
-
-    Raises:
-        ValueError: See :func:`~lightning_lora.lightning.checkpoint.check_checkpoint_fits` and
-            :func:`~lightning_lora.lightning.checkpoint.check_saved_configs`.
-    """
-    state = checkpoint.get("state_dict", {})
-    check_checkpoint_fits(module, shapes_of(state), source)
-    check_saved_configs(_saved_configs(checkpoint.get("callbacks", {}), callbacks), _configs(callbacks))
-    complete_with_model_state(module, state)
-
-
-def _configs(callbacks: list[LoraCallback]) -> dict[str, dict[str, Any]]:
-    return {c.adapter_name: c.config.to_dict() for c in callbacks}
-
-
 def _is_zero3(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-
-
-def _saved_configs(callback_states: dict[str, Any], callbacks: list[LoraCallback]) -> dict[str, dict[str, Any]]:
-    saved = {}
-    for callback in callbacks:
-        state = callback_states.get(callback.state_key)
-        if isinstance(state, dict) and isinstance(state.get("config"), dict):
-            saved[callback.adapter_name] = state["config"]
-    return saved

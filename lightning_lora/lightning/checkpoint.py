@@ -5,19 +5,24 @@ saved with them (``modules_to_save``, trained biases) and any other trainable pa
 loop state. The frozen base comes from wherever the model was built from. Loading checks that every adapter tensor
 is in the checkpoint with the model's shape before anything is written, so a checkpoint from another config fails
 with a clear message instead of leaving an adapter silently untrained.
+
+:func:`patch_strategy_checkpointing` applies this to a Trainer's strategy, the one place every checkpoint of every
+strategy passes through when it is written and read.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from types import MethodType
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from lightning_lora.core.distributed import clean_name
 from lightning_lora.core.inject import adapter_names
+from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems
 from lightning_lora.core.variants import VARIANTS
 
@@ -27,6 +32,7 @@ Shapes = dict[str, tuple[int, ...]]
 _SHAPES_ATTRIBUTE = "_lora_checkpoint_shapes"
 # Torch distributed checkpoints (a directory) hold the model under this key, as Lightning writes them.
 _DCP_STATE_KEY = "state_dict."
+_PATCHED = "_lightning_lora_patched"
 
 
 def required_adapter_shapes(module: nn.Module) -> Shapes:
@@ -94,27 +100,45 @@ def check_checkpoint_fits(module: nn.Module, checkpoint_shapes: Mapping[str, tup
         )
 
 
-def check_saved_configs(saved: Mapping[str, Mapping[str, Any]], current: Mapping[str, Mapping[str, Any]]) -> None:
+def check_saved_configs(callback_states: Mapping[str, Any], callbacks: Sequence[Any]) -> None:
     """Raise when an adapter's ``LoraConfig`` in the checkpoint differs from the one the run uses.
 
     Args:
-        saved: ``{adapter name: LoraConfig.to_dict()}`` from the checkpoint.
-        current: The same for the running model.
+        callback_states: ``checkpoint["callbacks"]``, where each ``LoraCallback`` stored its adapter's config.
+        callbacks: The run's ``LoraCallback``s.
 
     Raises:
         ValueError: A field differs (``dropout`` may change between runs; nothing else may).
     """
-    for adapter, config in current.items():
-        before = saved.get(adapter)
-        if before is None:
-            continue
-        differing = sorted(k for k in set(config) | set(before) if k != "dropout" and config.get(k) != before.get(k))
+    for callback in callbacks:
+        saved = callback_states.get(callback.state_key)
+        before = saved.get("config") if isinstance(saved, dict) else None
+        if not isinstance(before, dict):
+            continue  # a weights-only checkpoint: the key and shape check stands alone
+        now = callback.config.to_dict()
+        differing = sorted(k for k in set(now) | set(before) if k != "dropout" and now.get(k) != before.get(k))
         if differing:
-            changes = ", ".join(f"{k}: checkpoint {before.get(k)!r} vs now {config.get(k)!r}" for k in differing)
+            changes = ", ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in differing)
             raise ValueError(
-                f"The checkpoint's adapter {adapter!r} was trained with another LoraConfig ({changes}). Resume with "
-                "the config it was trained with, or start a new run without ckpt_path. Nothing was loaded."
+                f"The checkpoint's adapter {callback.adapter_name!r} was trained with another LoraConfig ({changes}). "
+                "Resume with the config it was trained with, or start a new run without ckpt_path. Nothing was "
+                "loaded."
             )
+
+
+def check_and_complete_checkpoint(
+    module: nn.Module, checkpoint: dict[str, Any], callbacks: Sequence[Any], source: str
+) -> None:
+    """Check that a loaded checkpoint restores every adapter of ``module`` with the config the run uses, then fill
+    in the frozen tensors an adapter-only checkpoint leaves out, so the model state loads strictly.
+
+    Raises:
+        ValueError: See :func:`check_checkpoint_fits` and :func:`check_saved_configs`.
+    """
+    state = checkpoint.get("state_dict", {})
+    check_checkpoint_fits(module, shapes_of(state), source)
+    check_saved_configs(checkpoint.get("callbacks", {}), callbacks)
+    complete_with_model_state(module, state)
 
 
 def read_checkpoint_header(path: Path, weights_only: Optional[bool] = None) -> Optional[tuple[Shapes, dict]]:
@@ -165,3 +189,77 @@ def state_dict_limited_to(module: nn.Module, keys: set[str]) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def patch_strategy_checkpointing(strategy: Any, callbacks_of: Callable[[Any], Sequence[Any]]) -> None:
+    """Make the strategy's checkpoints adapter-only and its checkpoint loading checked.
+
+    ``lightning_module_state_dict`` feeds every checkpoint (also ``save_weights_only`` ones, for which callback
+    ``on_save_checkpoint`` hooks do not run); ``load_checkpoint`` reads every checkpoint, before the model state is
+    loaded (single device, DDP) or while it is loaded (FSDP, ModelParallel, DeepSpeed). Idempotent.
+
+    Args:
+        strategy: The Trainer's strategy.
+        callbacks_of: Returns the ``LoraCallback``s that apply to a LightningModule (at call time).
+    """
+    if strategy.__dict__.get(_PATCHED):
+        return
+    original_state_dict = strategy.lightning_module_state_dict
+    original_load = strategy.load_checkpoint
+
+    def lightning_module_state_dict(self: Any) -> dict[str, Any]:
+        state = original_state_dict()
+        module = self.lightning_module
+        callbacks = callbacks_of(module)
+        if not callbacks or not all(c.adapter_only_checkpoints for c in callbacks):
+            return state
+        return keep_only(state, adapter_checkpoint_keys(module))
+
+    def load_checkpoint(self: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        module = self.lightning_module
+        callbacks = callbacks_of(module)
+        if not callbacks:
+            return original_load(checkpoint_path, *args, **kwargs)
+        return _load_checked(self, module, callbacks, original_load, checkpoint_path, *args, **kwargs)
+
+    strategy.lightning_module_state_dict = MethodType(lightning_module_state_dict, strategy)
+    strategy.load_checkpoint = MethodType(load_checkpoint, strategy)
+    strategy.__dict__[_PATCHED] = True
+
+
+def _load_checked(
+    strategy: Any,
+    module: Any,
+    callbacks: Sequence[Any],
+    original_load: Any,
+    checkpoint_path: Any,
+    *args: Any,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    source = str(checkpoint_path)
+    if not strategy.restore_checkpoint_after_setup:
+        # Single device, DDP: the file is only read here; the model state is loaded later, strictly.
+        checkpoint = original_load(checkpoint_path, *args, **kwargs)
+        check_and_complete_checkpoint(module, checkpoint, callbacks, source)
+    else:
+        # FSDP, ModelParallel, DeepSpeed load the model state inside load_checkpoint: check the file first, then
+        # let torch.distributed.checkpoint see only the keys the files hold.
+        weights_only = kwargs.get("weights_only", args[0] if args else None)
+        header = read_checkpoint_header(Path(strategy.broadcast(checkpoint_path)), weights_only)
+        limit: Any = nullcontext()
+        if header is not None:
+            shapes, callback_states = header
+            check_checkpoint_fits(module, shapes, source)
+            check_saved_configs(callback_states, callbacks)
+            limit = state_dict_limited_to(strategy.model, {clean_name(key) for key in shapes})
+        previous = module._strict_loading
+        module.strict_loading = False
+        try:
+            with limit:
+                checkpoint = original_load(checkpoint_path, *args, **kwargs)
+        finally:
+            module._strict_loading = previous
+    for _, layer in lora_layers(module):
+        for settings in layer.lora_settings.values():
+            settings.initialized = True  # restored: never re-initialise
+    return checkpoint

@@ -20,7 +20,8 @@ from typing_extensions import override
 
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.param_groups import check_loraplus_arguments, lora_param_groups
-from lightning_lora.lightning.callback import LoraCallback, check_and_complete_checkpoint
+from lightning_lora.lightning.callback import LoraCallback
+from lightning_lora.lightning.checkpoint import check_and_complete_checkpoint
 
 
 class LoraMixin:
