@@ -206,3 +206,22 @@ def test_invalid_arguments_raise(arguments: dict, error: type, message: str) -> 
 def test_inject_adapters_without_a_lora_callback_explains_the_fix() -> None:
     with pytest.raises(ValueError, match="pass LoraCallback"):
         inject_adapters(BuiltInInit())
+
+
+class RecordsWeightAtTrainStart(BuiltInInit):
+    def on_train_start(self) -> None:
+        self.weight_at_train_start = self.model.fc1.weight.detach().clone()
+        self.merged_at_train_start = list(self.model.fc1.merged_adapters)
+
+
+def test_a_fit_after_merge_on_fit_end_trains_the_unmerged_adapter() -> None:
+    module = RecordsWeightAtTrainStart()
+    base_weight = module.model.fc1.weight.detach().clone()
+    callback = LoraCallback(lora_config(), merge_on_fit_end=True)
+    _fit(module, callback)
+    assert module.model.fc1.merged_adapters == ["default"]
+    assert not torch.allclose(module.model.fc1.weight, base_weight)
+    _fit(module, callback)
+    assert module.merged_at_train_start == []
+    torch.testing.assert_close(module.weight_at_train_start, base_weight)
+    assert module.model.fc1.merged_adapters == ["default"]

@@ -30,8 +30,8 @@ ADAPTER_DICT_NAMES = frozenset(("lora_A", "lora_B", *(d for v in VARIANTS.values
 Shapes = dict[str, tuple[int, ...]]
 # Where the shapes of a module's adapter tensors are kept once they are known unsharded (FSDP1 flattens them later).
 _SHAPES_ATTRIBUTE = "_lora_checkpoint_shapes"
-# Torch distributed checkpoints (a directory) hold the model under this key, as Lightning writes them.
-_DCP_STATE_KEY = "state_dict."
+# Where Lightning puts the model in a torch distributed checkpoint (a directory): ModelParallelStrategy, FSDPStrategy.
+_DCP_MODEL_PREFIXES = ("state_dict.", "model.")
 _PATCHED = "_lightning_lora_patched"
 
 
@@ -150,10 +150,11 @@ def read_checkpoint_header(path: Path, weights_only: Optional[bool] = None) -> O
         from torch.distributed.checkpoint import FileSystemReader
 
         metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        prefix = next((p for p in _DCP_MODEL_PREFIXES if any(key.startswith(p) for key in metadata)), "")
         shapes = {
-            key[len(_DCP_STATE_KEY) :]: tuple(entry.size)
+            key[len(prefix) :]: tuple(entry.size)
             for key, entry in metadata.items()
-            if key.startswith(_DCP_STATE_KEY) and hasattr(entry, "size")
+            if prefix and key.startswith(prefix) and hasattr(entry, "size")
         }
         extra_path = path / "meta.pt"
         extra = torch.load(extra_path, weights_only=weights_only) if extra_path.is_file() else {}
