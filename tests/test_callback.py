@@ -225,3 +225,14 @@ def test_a_fit_after_merge_on_fit_end_trains_the_unmerged_adapter() -> None:
     assert module.merged_at_train_start == []
     torch.testing.assert_close(module.weight_at_train_start, base_weight)
     assert module.model.fc1.merged_adapters == ["default"]
+
+
+@pytest.mark.parametrize("documented", ["LoraCallback", "LoraMixin", "lora_param_groups"])
+def test_docstring_example_runs(documented: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import textwrap
+
+    import lightning_lora
+
+    example = getattr(lightning_lora, documented).__doc__.split("Example::", 1)[1]
+    monkeypatch.chdir(tmp_path)  # the Trainer writes logs and checkpoints to the working directory
+    exec(compile(textwrap.dedent(example), f"<{documented} example>", "exec"), {"__name__": "example"})

@@ -88,8 +88,13 @@ def lora_param_groups(
 
     Example::
 
-        model = apply_lora(model, LoraConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
-        optimizer = torch.optim.AdamW(lora_param_groups(model, lr=2e-4, loraplus_lr_ratio=16), weight_decay=0.01)
+        import torch
+        from lightning_lora import LoraConfig, apply_lora, lora_param_groups
+
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["0", "2"]))
+        groups = lora_param_groups(model, lr=2e-4, loraplus_lr_ratio=16, weight_decay=0.01)
+        optimizer = torch.optim.AdamW(groups)  # B matrices at 3.2e-3, A matrices at 2e-4
     """
     _check_positive("lr", lr)
     check_loraplus_arguments(loraplus_lr_ratio, loraplus_lr_embedding)

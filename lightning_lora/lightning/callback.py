@@ -91,12 +91,27 @@ class LoraCallback(Callback):
 
     Example::
 
-        from lightning import Trainer
-        from lightning_lora import LoraCallback, LoraConfig
+        import lightning as L
+        import torch
+        from lightning_lora import LoraCallback, LoraConfig, lora_param_groups
 
-        lora = LoraCallback(LoraConfig(r=16, alpha=32, target_modules=["q_proj", "v_proj"]))
-        trainer = Trainer(callbacks=[lora], max_steps=100)
-        trainer.fit(model)  # adapters injected at setup, base frozen, adapter-only checkpoints
+        class Regression(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.mse_loss(self.model(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(lora_param_groups(self, lr=1e-3))
+
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8
+        )
+        lora = LoraCallback(LoraConfig(r=4, alpha=8, target_modules=["model.0"]))
+        L.Trainer(callbacks=[lora], max_epochs=1).fit(Regression(), data)  # trains the adapter on model.0 only
     """
 
     def __init__(

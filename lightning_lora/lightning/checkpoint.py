@@ -38,16 +38,18 @@ _PATCHED = "_lightning_lora_patched"
 def required_adapter_shapes(module: nn.Module) -> Shapes:
     """Keys and shapes a checkpoint must contain to restore every adapter of ``module``: adapter tensors, the
     ``modules_to_save`` state and trained biases (what :func:`~lightning_lora.core.state.adapter_state_dict` holds)."""
-    shapes = dict(module.__dict__.get(_SHAPES_ATTRIBUTE, {}))
+    remembered = module.__dict__.get(_SHAPES_ATTRIBUTE, {})
+    shapes = {}
     for name in adapter_names(module):
         for key, tensor in adapter_state_dict(module, name).items():
-            shapes.setdefault(clean_name(key), tuple(tensor.shape))
+            key = clean_name(key)
+            shapes[key] = remembered.get(key, tuple(tensor.shape))
     return shapes
 
 
 def remember_adapter_shapes(module: nn.Module) -> None:
     """Record the adapter shapes of an unwrapped ``module``, for checks after FSDP1 has flattened its parameters."""
-    module.__dict__[_SHAPES_ATTRIBUTE] = {}
+    module.__dict__.pop(_SHAPES_ATTRIBUTE, None)
     module.__dict__[_SHAPES_ATTRIBUTE] = required_adapter_shapes(module)
 
 

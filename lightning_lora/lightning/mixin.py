@@ -35,7 +35,8 @@ class LoraMixin:
     loading an adapter-only checkpoint.
 
     With LightningCLI use ``auto_configure_optimizers=False``: the CLI's automatic optimizer is built before the
-    adapters exist.
+    adapters exist. A ``LoraCallback`` given to the Trainer as well is replaced by the module's (Lightning's rule for
+    ``configure_callbacks``); a subclass that overrides ``configure_callbacks`` must include ``super()``'s.
 
     Args:
         lora_config: What to adapt and how; default ``LoraConfig()`` (r=8 on every linear layer but the head).
@@ -67,21 +68,24 @@ class LoraMixin:
         import torch
         from lightning_lora import LoraConfig, LoraMixin
 
-        class FineTune(LoraMixin, L.LightningModule):
+        class Regression(LoraMixin, L.LightningModule):
             def __init__(self, **lora_arguments):
                 super().__init__(**lora_arguments)
-                self.model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+                self.model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
 
             def training_step(self, batch, batch_idx):
                 x, y = batch
-                return torch.nn.functional.cross_entropy(self.model(x), y)
+                return torch.nn.functional.mse_loss(self.model(x), y)
 
-        module = FineTune(
-            lora_config=LoraConfig(r=4, target_modules=["0"]),
+        module = Regression(
+            lora_config=LoraConfig(r=4, alpha=8, target_modules=["model.0"]),
             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
             loraplus_lr_ratio=16,
         )
-        L.Trainer(max_steps=10).fit(module, train_dataloader)
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8
+        )
+        L.Trainer(max_epochs=1).fit(module, data)
     """
 
     def __init__(
