@@ -54,7 +54,8 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
             )
             (out / "log.txt").write_text(result.stdout + result.stderr)
             if result.returncode != 0:
-                pytest.fail(f"{kind} run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+                output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+                pytest.fail(f"{kind} run failed ({result.returncode}):\n{output}")
             outputs[kind] = out
         return outputs[kind]
 
@@ -91,6 +92,13 @@ def test_fsdp2_adapters_added_before_fully_shard_are_sharded(launched: Callable[
     # Built on the meta device in configure_model, inject_adapters(self) before fully_shard:
     assert torch.load(out / "fsdp2-full-resumed.pt")["sharded"]
     assert "uninitialized memory" not in (out / "log.txt").read_text()  # materialised by the layers' reset
+
+
+@pytest.mark.parametrize("name", ["fsdp2-sharded", "fsdp2-full"])
+def test_fsdp2_checkpoint_of_another_rank_is_refused_before_loading(launched: Callable[[str], Path], name: str) -> None:
+    message = (launched("fsdp2") / f"{name}-refused.txt").read_text()
+    assert "does not fit the model's LoRA adapters" in message
+    assert "fc1.lora_A.default: file (4, 8) vs model (2, 8)" in message
 
 
 @pytest.mark.parametrize("kind", KIND_CASES)

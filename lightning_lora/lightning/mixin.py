@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
-from typing_extensions import override
 
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.param_groups import check_loraplus_arguments, lora_param_groups
@@ -163,14 +162,16 @@ class LoraMixin:
         scheduler = {"scheduler": self.scheduler(optimizer), "interval": self.scheduler_interval}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}  # type: ignore[return-value]
 
-    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """For ``load_from_checkpoint``: add the adapter, check the checkpoint fits it, and complete an adapter-only
+        checkpoint with the model's frozen tensors so it loads strictly. (In a Trainer run the LoraCallback has done
+        this already.)"""
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         if self._trainer is not None:  # type: ignore[attr-defined]
-            return  # a Trainer run: the LoraCallback has checked and completed the checkpoint
-        # ``load_from_checkpoint``: add the adapter, check the file fits, complete the frozen part from the model.
-        self.lora_callback.inject(self)  # type: ignore[arg-type]
-        check_and_complete_checkpoint(self, checkpoint, [self.lora_callback], "given to load_from_checkpoint")  # type: ignore[arg-type]
+            return
+        module: pl.LightningModule = self  # type: ignore[assignment]
+        self.lora_callback.inject(module)
+        check_and_complete_checkpoint(module, checkpoint, [self.lora_callback], "given to load_from_checkpoint")
 
 
 def _optimizer_defaults(optimizer: OptimizerCallable) -> tuple[float, float]:

@@ -7,7 +7,8 @@ Lightning re-launches this script for rank 1.
 need two GPUs. For each resume flavour ``<name>`` it writes ``<name>-uninterrupted.pt`` (adapter after two epochs)
 and ``<name>-resumed.pt`` (one epoch, checkpoint, a new Trainer and module, one more epoch), both
 ``{"adapter": full tensors, "sharded": whether the live adapter tensors were sharded}``, and keeps the checkpoints
-under ``<name>-checkpoints/``. The merge run writes ``merged/model.safetensors`` and ``merge.pt``
+under ``<name>-checkpoints/``; ``<name>-refused.txt`` holds the error of resuming it with another rank (FSDP2).
+The merge run writes ``merged/model.safetensors`` and ``merge.pt``
 (``{"adapter": ..., "merged": whether the model was left merged}``).
 """
 
@@ -96,6 +97,20 @@ def uninterrupted_and_resumed(out: Path, name: str, make: Make, strategy: Callab
     save(full_adapter(module), out / f"{name}-resumed.pt")
 
 
+def refuses_another_rank(out: Path, name: str, make: Make, strategy: Callable[[], Any], accelerator: str) -> None:
+    """Resuming ``name``'s checkpoint with rank 2 instead of 4 must fail before training; the message is kept."""
+    module, callbacks = make()
+    checkpoint = out / f"{name}-checkpoints" / "epochepoch=0.ckpt"
+    try:
+        fit(module, strategy(), EPOCHS, callbacks, accelerator, ckpt_path=checkpoint)
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = "resumed without an error"
+    if global_rank() == 0:
+        (out / f"{name}-refused.txt").write_text(message)
+
+
 def merge_on_fit_end(out: Path, module_class: type, strategy: Any, accelerator: str) -> None:
     L.seed_everything(0)  # the test rebuilds the same base model from this seed
     module = module_class()
@@ -106,13 +121,13 @@ def merge_on_fit_end(out: Path, module_class: type, strategy: Any, accelerator: 
     save(payload, out / "merge.pt")
 
 
-def with_callback(module_class: type) -> Make:
-    return lambda: (module_class(), [LoraCallback(lora_config())])
+def with_callback(module_class: type, r: int = 4) -> Make:
+    return lambda: (module_class(), [LoraCallback(lora_config(r=r))])
 
 
-def mixin_on_meta_device() -> tuple[L.LightningModule, list]:
+def mixin_on_meta_device(r: int = 4) -> tuple[L.LightningModule, list]:
     optimizer = lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)  # noqa: E731
-    return ShardedMixinBuiltOnMeta(lora_config=lora_config(), optimizer=optimizer), []
+    return ShardedMixinBuiltOnMeta(lora_config=lora_config(r=r), optimizer=optimizer), []
 
 
 def main() -> None:
@@ -131,9 +146,9 @@ def main() -> None:
 
         merge_on_fit_end(out, ShardedBuiltInInit, fsdp2(), "cpu")
         uninterrupted_and_resumed(out, "fsdp2-sharded", with_callback(ShardedBuiltInInit), fsdp2, "cpu")
-        uninterrupted_and_resumed(
-            out, "fsdp2-full", mixin_on_meta_device, lambda: fsdp2(False), "cpu"
-        )
+        uninterrupted_and_resumed(out, "fsdp2-full", mixin_on_meta_device, lambda: fsdp2(False), "cpu")
+        refuses_another_rank(out, "fsdp2-sharded", with_callback(ShardedBuiltInInit, r=2), fsdp2, "cpu")
+        refuses_another_rank(out, "fsdp2-full", lambda: mixin_on_meta_device(r=2), lambda: fsdp2(False), "cpu")
     elif kind == "fsdp1":
         from lightning.pytorch.strategies import FSDPStrategy
 
