@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning_models import BuiltInInit, lora_config, probe_inputs
 
-from lightning_lora import apply_lora, load_adapter_state_dict
+from lightning_lora import apply_lora, load_adapter_state_dict, load_merged_state_dict
 from lightning_lora.core.distributed import clean_name, gather_full_state_dict
 from lightning_lora.lightning.checkpoint import read_checkpoint_header
 
@@ -105,8 +105,6 @@ def test_fsdp2_checkpoint_of_another_rank_is_refused_before_loading(launched: Ca
 def test_merge_on_fit_end_writes_weights_that_compute_what_the_adapter_did(
     launched: Callable[[str], Path], kind: str
 ) -> None:
-    from safetensors.torch import load_file
-
     out = launched(kind)
     result = torch.load(out / "merge.pt")
     assert result["merged"]
@@ -116,7 +114,7 @@ def test_merge_on_fit_end_writes_weights_that_compute_what_the_adapter_did(
     load_adapter_state_dict(unmerged, result["adapter"])
     L.seed_everything(0)
     merged = BuiltInInit().model
-    merged.load_state_dict(load_file(out / "merged" / "model.safetensors"))  # strict: plain keys, no adapter
+    merged.load_state_dict(load_merged_state_dict(out / "merged"))  # strict: the plain model's keys, no adapter
     x = probe_inputs()
     with torch.no_grad():
         expected, actual = unmerged.model(x), merged(x)

@@ -14,7 +14,6 @@ from types import MethodType
 from typing import Any, Iterator, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,8 +25,6 @@ from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import (
     barrier,
     clean_name,
-    gather_full_state_dict,
-    global_rank,
     is_sharded,
     register_zero3_external_parameters,
     reshard_fsdp2,
@@ -40,12 +37,13 @@ from lightning_lora.core.inject import (
 )
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
+from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A
+from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
 from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
 
-MERGED_WEIGHTS_FILE = "model.safetensors"
 
 
 class LoraCallback(Callback):
@@ -82,8 +80,10 @@ class LoraCallback(Callback):
         check_optimizer: Raise at fit start when the optimizer misses trainable tensors or holds frozen ones.
         merge_on_fit_end: When training ends, merge the adapter into the base weights (the model stays merged; a
             later ``fit`` unmerges it first).
-        merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights (without adapter tensors) to
-            ``<dir>/model.safetensors`` from rank 0, gathered when the model is sharded.
+        merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights to this directory as a merged
+            export (:func:`~lightning_lora.save_merged_model`: ``model.safetensors`` or shards, the ``submodule``'s
+            keys without adapter tensors, ``config.json`` for Hugging Face models), from rank 0, gathered when the
+            model is sharded.
 
     Raises:
         TypeError: ``config`` is not a ``LoraConfig``.
@@ -288,7 +288,7 @@ class LoraCallback(Callback):
             reshard_fsdp2(target)
         rank_zero_info(f"Merged LoRA adapter {self.adapter_name!r} into the base weights.")
         if self.merged_weights_dir is not None:
-            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir)
+            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir, self.adapter_name)
             rank_zero_info(f"Wrote the merged weights to {path}.")
 
     @override
@@ -367,37 +367,33 @@ def check_optimizer_holds_trainable_parameters(trainer: pl.Trainer, pl_module: p
 
 
 def write_merged_weights(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path
+    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path, adapter_name: str
 ) -> Path:
-    """Write ``target``'s state dict without adapter tensors to ``directory/model.safetensors`` from rank 0.
+    """Write ``target`` with ``adapter_name`` merged (already merged in place, or merged now from copies) to
+    ``directory`` as a merged export (``model.safetensors``, or shards with an index; ``config.json`` for Hugging
+    Face models), from rank 0. Sharded tensors are gathered first, so every rank takes part.
 
-    Sharded tensors are gathered first (every rank takes part). Returns the file's path.
+    Returns:
+        The directory.
     """
-    from safetensors.torch import save_file
-
-    state = _full_state_dict(trainer.strategy, pl_module, target)
-    state = {key: value for key, value in state.items() if not is_adapter_key(key)}
-    path = directory / MERGED_WEIGHTS_FILE
-    if global_rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata={"format": "pt"})
-    barrier()
-    return path
-
-
-def _full_state_dict(strategy: Any, pl_module: pl.LightningModule, target: nn.Module) -> dict[str, torch.Tensor]:
-    """``target``'s state dict with full CPU tensors on rank 0 (empty elsewhere), keys relative to ``target``."""
-    if not isinstance(strategy, FSDPStrategy):
-        return gather_full_state_dict(target.state_dict())
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        reshard_fsdp2(target)
+        return save_merged_model(target, directory, adapter_names=[adapter_name])
+    # FSDP1 flattens parameters: gather the full state dict on rank 0 through FSDP itself.
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-        state = strategy.model.state_dict()
+    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, config):
+        state = trainer.strategy.model.state_dict()
     name = next(clean_name(name) for name, module in pl_module.named_modules() if module is target)
     prefix = f"{name}." if name else ""
-    return {key[len(prefix) :]: value.clone() for key, value in state.items() if key.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not is_adapter_key(k)}
+    if is_writer():
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / SINGLE_FILE_NAME, state)
+    barrier()
+    return directory
 
 
 @contextmanager
