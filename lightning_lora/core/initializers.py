@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.full_weights import gathered_parameters, is_materialized
+from lightning_lora.core.distributed import gathered_parameters, is_materialized
 from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
 
 Initializer = Callable[[LoraLayer, str], None]

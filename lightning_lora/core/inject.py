@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.full_weights import full_parameters, is_rank_zero
+from lightning_lora.core.distributed import full_parameters, global_rank
 from lightning_lora.core.initializers import initialize_adapter, initializer_keeps_factors, initializer_supports
 from lightning_lora.core.layers import (
     INIT_FACTOR_DICTS,
     AdapterSettings,
-    AdapterTensors,
+    AdapterDict,
     LoraLayer,
     adapter_kind,
     lora_class,
@@ -156,7 +156,7 @@ def add_init_factor_tensors(layer: LoraLayer, adapter_name: str) -> None:
     shapes = layer.adapter_shapes(layer.lora_settings[adapter_name].r)
     for dict_name, shape in zip(INIT_FACTOR_DICTS, shapes):
         if dict_name not in layer._modules:
-            setattr(layer, dict_name, AdapterTensors())
+            setattr(layer, dict_name, AdapterDict())
         zeros = torch.zeros(shape, device=lora_A.device, dtype=lora_A.dtype)
         getattr(layer, dict_name)[adapter_name] = nn.Parameter(zeros, requires_grad=False)
 
@@ -431,7 +431,7 @@ def initialize_pending_adapters(
     ]
     if not pending:
         return 0
-    report = (progress or logger.info) if is_rank_zero() else (lambda line: None)
+    report = (progress or logger.info) if global_rank() == 0 else (lambda line: None)
     start = last_report = time.perf_counter()
     count = 0
     with full_parameters(model):

@@ -34,18 +34,6 @@ from lightning_lora.core.variants import VARIANTS
 INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
 
 
-class AdapterTensors(nn.ParameterDict):
-    """``{adapter name: tensor}`` held by a LoRA layer (``lora_A``, ``lora_B``, ...).
-
-    Materialising a meta-device model (FSDP1, Lightning) calls ``reset_parameters()`` on every module that holds
-    parameters. The owning LoRA layer initialises its adapters (:meth:`LoraLayer.reset_parameters`), so this does
-    nothing.
-    """
-
-    def reset_parameters(self) -> None:
-        pass
-
-
 @dataclass
 class AdapterSettings:
     """What one adapter is on one layer: its resolved rank and scale, and the config it came from."""
@@ -62,6 +50,17 @@ class AdapterSettings:
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+
+class AdapterDict(nn.ParameterDict):
+    """``{adapter name: tensor}`` for one kind of adapter tensor of a LoRA layer.
+
+    The owning layer initialises these tensors (``LoraLayer.reset_parameters``); the no-op ``reset_parameters``
+    here tells meta-device materialisers (Lightning's FSDP2 setup, torchtitan) that nothing is left uninitialised.
+    """
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class LoraLayer(nn.Module):
@@ -84,8 +83,8 @@ class LoraLayer(nn.Module):
     kind_mixin: type[LoraLayer]
 
     def _init_lora_state(self) -> None:
-        self.lora_A = AdapterTensors()
-        self.lora_B = AdapterTensors()
+        self.lora_A = AdapterDict()
+        self.lora_B = AdapterDict()
         self.lora_settings: dict[str, AdapterSettings] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

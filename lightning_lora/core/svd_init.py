@@ -22,7 +22,7 @@ the original base weight; and removing the adapter gives the original weight bac
 
 ``torch.svd_lowrank`` draws random numbers from a fixed seed in a forked RNG: every process computes the same
 factors whatever its RNG state, and the caller's random stream is left untouched. Sharded weights (FSDP2 DTensors)
-are gathered for the SVD and written back as shards; see :mod:`lightning_lora.core.full_weights`.
+are gathered for the SVD and written back as shards; see :mod:`lightning_lora.core.distributed`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
-from lightning_lora.core.full_weights import copy_into, full_tensor
+from lightning_lora.core.distributed import copy_into, full_tensor
 from lightning_lora.core.initializers import register_initializer
 from lightning_lora.core.layers import INIT_FACTOR_DICTS, LinearAdapters, LoraLayer
 
