@@ -33,6 +33,7 @@ from lightning_lora.core.inject import (
     saved_module_state,
 )
 from lightning_lora.core.layers import (
+    INIT_FACTOR_DICTS,
     ConvAdapters,
     EmbeddingAdapters,
     LoraLayer,
@@ -97,7 +98,7 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
     for name, layer in layers:
         if adapter_name not in layer.lora_settings:
             continue
-        for dict_name in adapter_tensor_dicts(layer, adapter_name):
+        for dict_name in peft_tensor_dicts(layer, adapter_name):
             tensor = getattr(layer, dict_name)[adapter_name]
             shape = _magnitude_shape(layer, tensor.shape[0]) if dict_name == "lora_magnitude" else tuple(tensor.shape)
             mapping[_join(name, dict_name, adapter_name)] = (peft_tensor_key(name, layer, dict_name), shape)
@@ -105,6 +106,11 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
     for key, value in saved_module_state(model, adapter_name):
         mapping[key] = (peft_base_key(key, lora_names), tuple(value.shape))
     return mapping
+
+
+def peft_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:
+    """The adapter's tensor dicts that PEFT stores; initial SVD factors are folded into ``lora_A``/``lora_B``."""
+    return [d for d in adapter_tensor_dicts(layer, adapter_name) if d not in INIT_FACTOR_DICTS]
 
 
 def svd_init_factors(layer: LoraLayer, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -188,7 +194,7 @@ def peft_adapter_state(
     key_map = peft_key_map(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     for entry in exported:
-        for dict_name in adapter_tensor_dicts(entry.layer, adapter_name):
+        for dict_name in peft_tensor_dicts(entry.layer, adapter_name):
             peft_key, peft_shape = key_map[_join(entry.name, dict_name, adapter_name)]
             value = {"lora_A": entry.A, "lora_B": entry.B}.get(dict_name)
             if value is None:  # DoRA magnitude: unchanged by the conversions above

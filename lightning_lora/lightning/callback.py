@@ -58,8 +58,12 @@ class LoraCallback(Callback):
       :func:`inject_adapters` inside it before ``fully_shard``.
 
     Adding is idempotent: ``fit``, ``validate``, ``test``, ``predict`` and repeated ``fit`` calls reuse the adapter.
-    Adapters created on the meta device are initialised at fit start, after the strategy has materialised the model
-    and before a checkpoint is restored (a restored adapter is never re-initialised).
+    The adapter's init (``LoraConfig.init``) runs at the start of the stage (fit, validate, test, predict), after the
+    strategy has set up (and materialised) the model, for the adapter tensors no checkpoint restored: resuming a
+    single-device or DDP run restores the adapter, and for SVD inits (PiSSA, OLoRA, ...) rebuilds the residual base
+    weights from the saved initial factors, without re-running the SVD. FSDP and DeepSpeed restore their
+    checkpoints after fit start, over the freshly initialised adapter (the SVD inits are deterministic, so the
+    residual base weights are the saved run's).
 
     At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
     every trainable tensor and no frozen one.
@@ -189,7 +193,9 @@ class LoraCallback(Callback):
                 "they would not be sharded with their layers. Call lightning_lora.inject_adapters(self) inside "
                 "configure_model after building the model and before fully_shard, or build the model in __init__."
             )
-        apply_lora(target, self.config, self.adapter_name)
+        # Added uninitialised: a resumed run restores the adapter (and an SVD init's residual base weights) from the
+        # checkpoint instead of computing an init it would overwrite; the rest is initialised at stage start.
+        apply_lora(target, self.config, self.adapter_name, initialize=False)
         if self.lora_fa:
             freeze_lora_A(target, self.adapter_name)
         trainer = pl_module._trainer
@@ -270,11 +276,31 @@ class LoraCallback(Callback):
             with _full_parameters(trainer.strategy):
                 reshard_fsdp2(target)
                 unmerge_lora(target)
-        initialize_pending_adapters(target)
+        self._initialize_pending(trainer, pl_module)
         if self.check_optimizer:
             check_optimizer_holds_trainable_parameters(trainer, pl_module)
         summary = self._summary or trainable_parameters_summary(pl_module)
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {summary}")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._initialize_pending(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._initialize_pending(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._initialize_pending(trainer, pl_module)
+
+    def _initialize_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the strategy's setup: real (materialised) weights on every rank. Single-device and DDP runs have
+        # restored their checkpoint by now, so only adapters no checkpoint restored are initialised; FSDP and
+        # DeepSpeed restore after on_fit_start, over the initialised adapters. The strategy's model is passed so
+        # that FSDP1 unshards every unit around the adapters.
+        model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+        initialize_pending_adapters(model, self.adapter_name, progress=rank_zero_info)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
