@@ -13,8 +13,10 @@ Errors, per layer (Frobenius norms; ``W_r`` is the best rank-``r`` approximation
 - ``principal_err = ||scaling * B @ A - W_r|| / ||W_r||``: 0 for the exact SVD; how far the fast SVD is from it.
 - ``split_err = ||W_res + scaling * B @ A - W|| / ||W||``: whether base + adapter still equals the original weight.
 
-Prints a table and writes JSON (``--out``). About 5 minutes on 2 idle CPU cores; ``--no-peft-full`` drops PEFT's
-full-SVD rows (the same LAPACK call as ours) for a shorter run.
+Fast inits run ``--repeats`` times and report the fastest (the machine's noise only ever adds time); the full
+SVD runs once. PEFT's full-SVD rows (the same ``torch.linalg.svd`` call as ours) double the longest part of the
+run and are left out unless ``--peft-full`` is given. Prints a table and writes JSON (``--out``); about 4 minutes
+on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -57,6 +59,15 @@ def peft(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, float]
     return timed(lambda: hf_peft.get_peft_model(model, config))
 
 
+def fastest(run: Callable, base: nn.Module, init: str, r: int, targets, repeats: int) -> tuple[nn.Module, list]:
+    """The model of the last run and the seconds of every run (``repeats`` runs for fast inits, one for full SVD)."""
+    samples = []
+    for _ in range(repeats if init != "pissa" else 1):
+        model, seconds = run(base, init, r, targets)
+        samples.append(seconds)
+    return model, samples
+
+
 def adapter_parts(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer name: (scaling * B @ A, residual base weight)}`` for our model or a PEFT model."""
     parts = {}
@@ -88,7 +99,7 @@ def errors(
     }
 
 
-def one_layer(size: int, r: int, spectrum: str, peft_full: bool) -> list[dict]:
+def one_layer(size: int, r: int, spectrum: str, peft_full: bool, repeats: int) -> list[dict]:
     """Rows for one ``size x size`` layer (Gaussian or decaying spectrum)."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(size, size, bias=False))
@@ -108,12 +119,12 @@ def one_layer(size: int, r: int, spectrum: str, peft_full: bool) -> list[dict]:
     originals = {"0": base[0].weight.detach().clone()}
     rows = []
     for library, init, run in runs:
-        model, seconds = run(base, init, r, ["0"])
+        model, samples = fastest(run, base, init, r, ["0"], repeats)
         parts = adapter_parts(model)
         if best is None:
             best = {name: delta for name, (delta, _) in parts.items()}
         rows.append({"case": f"{size}x{size} {spectrum}", "library": library, "init": init, "layers": 1,
-                     "seconds": seconds, **errors(parts, originals, best)})
+                     "seconds": min(samples), "samples": samples, **errors(parts, originals, best)})
         del model
     return rows
 
@@ -127,7 +138,7 @@ def llama_100m(layers: int) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def whole_model(layers: int, r: int, peft_full: bool) -> tuple[list[dict], int]:
+def whole_model(layers: int, r: int, peft_full: bool, repeats: int) -> tuple[list[dict], int]:
     base = llama_100m(layers)
     parameters = sum(p.numel() for p in base.parameters())
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -140,21 +151,22 @@ def whole_model(layers: int, r: int, peft_full: bool) -> tuple[list[dict], int]:
         runs.insert(1, ("peft", "pissa", peft))
     rows, best = [], None
     for library, init, run in runs:
-        model, seconds = run(base, init, r, targets)
+        model, samples = fastest(run, base, init, r, targets, repeats)
         parts = adapter_parts(model)
         if best is None:
             best = {name: delta for name, (delta, _) in parts.items()}
         with torch.no_grad():
             output_err = float((model(tokens).logits - reference_logits).abs().max())
         rows.append({"case": f"Llama {parameters / 1e6:.0f}M", "library": library, "init": init,
-                     "layers": len(parts), "seconds": seconds, **errors(parts, originals, best),
-                     "max_logit_change_at_init": output_err})
+                     "layers": len(parts), "seconds": min(samples), "samples": samples,
+                     **errors(parts, originals, best), "max_logit_change_at_init": output_err})
         del model
     return rows, parameters
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'case':<22}{'library':<16}{'init':<15}{'layers':>7}{'seconds':>10}{'principal_err':>15}{'split_err':>11}"
+    header = (f"{'case':<22}{'library':<16}{'init':<15}{'layers':>7}{'seconds':>10}{'principal_err':>15}"
+              f"{'split_err':>11}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -179,13 +191,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="Side of the single square layer.")
     parser.add_argument("--layers", type=int, default=12, help="Decoder layers of the Llama (12: ~98M parameters).")
     parser.add_argument("--rank", type=int, default=16, help="Adapter rank r (alpha = r, scaling 1).")
-    parser.add_argument("--no-peft-full", action="store_true", help="Skip PEFT's full-SVD rows (shorter run).")
+    parser.add_argument("--peft-full", action="store_true", help="Also time PEFT's full SVD (the same LAPACK call).")
+    parser.add_argument("--repeats", type=int, default=3, help="Runs of each fast init; the fastest is reported.")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "svd_init.json")
     args = parser.parse_args()
 
-    rows = one_layer(args.size, args.rank, "gaussian", not args.no_peft_full)
-    rows += one_layer(args.size, args.rank, "decaying", not args.no_peft_full)
-    model_rows, parameters = whole_model(args.layers, args.rank, not args.no_peft_full)
+    rows = one_layer(args.size, args.rank, "gaussian", args.peft_full, args.repeats)
+    rows += one_layer(args.size, args.rank, "decaying", args.peft_full, args.repeats)
+    model_rows, parameters = whole_model(args.layers, args.rank, args.peft_full, args.repeats)
     rows += model_rows
     print_table(rows)
     speedups = ratios(rows)

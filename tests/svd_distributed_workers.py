@@ -73,26 +73,9 @@ def _rank_slice(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     return tensor.chunk(WORLD_SIZE)[rank]
 
 
-def ddp_worker(rank: int, out_dir: str, init: str) -> None:
-    """Every rank starts from another global RNG state; inject, initialise (recording progress lines), save the
-    initial state, train under DDP."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = tiny_mlp()
-    torch.manual_seed(1000 + rank)  # the init must not depend on the caller's RNG
-    apply_lora(model, svd_config(init), initialize=False)
-    progress: list[str] = []
-    initialize_pending_adapters(model, progress=progress.append, progress_after_s=0.0)
-    torch.save(progress, os.path.join(out_dir, f"progress_rank{rank}.pt"))
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"init_rank{rank}.pt"))
-    ddp = DistributedDataParallel(model)
-    inputs, targets = batch()
-    train(ddp, _rank_slice(inputs, rank), _rank_slice(targets, rank))
-    torch.save(model.state_dict(), os.path.join(out_dir, f"trained_rank{rank}.pt"))
-
-
 def fsdp2_meta_worker(rank: int, out_dir: str, init: str) -> None:
-    """FSDP2 flow: build on meta, inject (init pending), shard, materialise, load base weights, initialise, train."""
+    """FSDP2 flow: build on meta, inject (init pending), shard, materialise, load base weights, initialise (recording
+    the progress lines of each rank), train."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
@@ -109,8 +92,10 @@ def fsdp2_meta_worker(rank: int, out_dir: str, init: str) -> None:
         if callable(getattr(module, "reset_parameters", None)):
             module.reset_parameters()  # what Lightning's materialisation does; SVD inits stay pending
     set_model_state_dict(model, base_state, options=StateDictOptions(full_state_dict=True, strict=False))
-    torch.manual_seed(1000 + rank)
-    initialized = initialize_pending_adapters(model)
+    torch.manual_seed(1000 + rank)  # the init must not depend on the caller's RNG
+    progress: list[str] = []
+    initialized = initialize_pending_adapters(model, progress=progress.append, progress_after_s=0.0)
+    torch.save(progress, os.path.join(out_dir, f"progress_rank{rank}.pt"))
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     init_state = get_model_state_dict(model, options=options)
     inputs, targets = batch()

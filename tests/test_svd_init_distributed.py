@@ -1,5 +1,7 @@
-"""SVD inits in two real processes (gloo, CPU): DDP, FSDP2 (fully_shard, DTensor) and FSDP1 end with the adapters
-and residuals of a single-process run, and train like it. DeepSpeed ZeRO-3 needs CUDA and is skipped without it.
+"""SVD inits on sharded models in two real processes (gloo, CPU), with plain torch.distributed: meta-device models
+under FSDP2 (fully_shard, DTensor) and FSDP1 initialise once their weights are loaded, to the single-process
+result, and FSDP2 trains like one process. DeepSpeed ZeRO-3 needs CUDA and is skipped without it. (DDP and FSDP2
+through Lightning: test_svd_init_lightning.py.)
 
 Each distributed run is spawned once per module; several tests read its results."""
 
@@ -34,17 +36,13 @@ def _spawned(worker, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> Path:
-    return _spawned(workers.ddp_worker, tmp_path_factory)
+def fsdp2_dir(tmp_path_factory) -> Path:
+    return _spawned(workers.fsdp2_meta_worker, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory) -> dict:
-    return torch.load(_spawned(workers.fsdp2_meta_worker, tmp_path_factory) / "fsdp2.pt")
-
-
-def _per_rank(out_dir: Path, name: str) -> list:
-    return [torch.load(out_dir / f"{name}_rank{rank}.pt") for rank in range(workers.WORLD_SIZE)]
+def fsdp2_run(fsdp2_dir) -> dict:
+    return torch.load(fsdp2_dir / "fsdp2.pt")
 
 
 def _assert_states_close(state: dict, reference: dict, atol: float = 1e-6) -> None:
@@ -53,22 +51,8 @@ def _assert_states_close(state: dict, reference: dict, atol: float = 1e-6) -> No
         torch.testing.assert_close(state[key], value, atol=atol, rtol=1e-5, msg=key)
 
 
-def test_ddp_ranks_hold_identical_adapters_and_residuals_equal_to_one_process(ddp_run, single_process):
-    initial = _per_rank(ddp_run, "init")
-    assert any(".lora_init_A." in key for key in initial[0])
-    for key, value in initial[0].items():
-        assert torch.equal(initial[1][key], value), key  # the same bits on every rank, without a broadcast
-    _assert_states_close(initial[0], single_process["init"])
-
-
-def test_ddp_training_equals_one_process_on_the_whole_batch(ddp_run, single_process):
-    trained = _per_rank(ddp_run, "trained")
-    _assert_states_close(trained[0], single_process["trained"])
-    _assert_states_close(trained[1], trained[0], atol=0)
-
-
-def test_progress_lines_come_from_rank_zero_only(ddp_run):
-    rank0, rank1 = _per_rank(ddp_run, "progress")
+def test_progress_lines_come_from_rank_zero_only(fsdp2_dir):
+    rank0, rank1 = (torch.load(fsdp2_dir / f"progress_rank{rank}.pt") for rank in (0, 1))
     assert rank0 and rank1 == []
 
 

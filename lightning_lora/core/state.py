@@ -148,9 +148,19 @@ def prepare_layer_load(
 
 
 def _restores(state_dict: Mapping[str, torch.Tensor], key: str, parameter: torch.Tensor) -> bool:
-    # torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True) passes the module's own parameter
-    # objects for the keys its caller did not provide: those carry nothing new.
-    return key in state_dict and state_dict[key] is not parameter
+    # A value that is the parameter's own storage carries nothing new: torch.distributed.checkpoint's
+    # set_model_state_dict passes the module's own parameters for keys its caller did not provide, and Lightning-
+    # layer loads fill what an adapter-only checkpoint leaves out with the model's own (detached) tensors.
+    if key not in state_dict:
+        return False
+    return _storage(state_dict[key]) != _storage(parameter)
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, str]:
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.data_ptr(), str(local.device)
 
 
 def _fits(layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> bool:

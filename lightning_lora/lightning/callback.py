@@ -35,6 +35,7 @@ from lightning_lora.core.inject import (
     get_lora_config,
     initialize_pending_adapters,
 )
+from lightning_lora.core.initializers import weight_dependent_init
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
@@ -58,12 +59,12 @@ class LoraCallback(Callback):
       :func:`inject_adapters` inside it before ``fully_shard``.
 
     Adding is idempotent: ``fit``, ``validate``, ``test``, ``predict`` and repeated ``fit`` calls reuse the adapter.
-    The adapter's init (``LoraConfig.init``) runs at the start of the stage (fit, validate, test, predict), after the
-    strategy has set up (and materialised) the model, for the adapter tensors no checkpoint restored: resuming a
-    single-device or DDP run restores the adapter, and for SVD inits (PiSSA, OLoRA, ...) rebuilds the residual base
-    weights from the saved initial factors, without re-running the SVD. FSDP and DeepSpeed restore their
-    checkpoints after fit start, over the freshly initialised adapter (the SVD inits are deterministic, so the
-    residual base weights are the saved run's).
+    Inits that read the base weights (``init="pissa"``, ``"olora"``, ...) run at the start of the stage (fit,
+    validate, test, predict), after the strategy has set up (and materialised) the model, for the adapters no
+    checkpoint restored: resuming a single-device or DDP run restores the adapter and rebuilds the residual base
+    weights from its saved initial factors, without re-running the SVD. FSDP and DeepSpeed restore their checkpoints
+    after fit start, over the freshly initialised adapter (SVD inits are deterministic, so the residual base weights
+    are the saved run's). Adapters created on the meta device are initialised at stage start too.
 
     At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
     every trainable tensor and no frozen one.
@@ -193,9 +194,10 @@ class LoraCallback(Callback):
                 "they would not be sharded with their layers. Call lightning_lora.inject_adapters(self) inside "
                 "configure_model after building the model and before fully_shard, or build the model in __init__."
             )
-        # Added uninitialised: a resumed run restores the adapter (and an SVD init's residual base weights) from the
-        # checkpoint instead of computing an init it would overwrite; the rest is initialised at stage start.
-        apply_lora(target, self.config, self.adapter_name, initialize=False)
+        # An init that reads the base weights (PiSSA, OLoRA, ...; deterministic) waits for stage start: a resumed run
+        # restores the adapter and its residual base weights instead of computing an SVD it would overwrite. Random
+        # inits run now, before DDP broadcasts rank 0's module state.
+        apply_lora(target, self.config, self.adapter_name, initialize=not weight_dependent_init(self.config.init))
         if self.lora_fa:
             freeze_lora_A(target, self.adapter_name)
         trainer = pl_module._trainer

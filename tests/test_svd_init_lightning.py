@@ -1,0 +1,104 @@
+"""SVD inits through the Lightning callback, for real with two processes (DDP and FSDP2 via ModelParallelStrategy
+on CPU/gloo, one launch of tests/distributed/svd_init_runs.py): every rank holds the same adapter and residual base
+weights, training equals one process on the whole batch, and resuming restores instead of re-initialising."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Sampler
+from lightning_models import BuiltInInit, dataloader, trainer_arguments
+
+from lightning_lora import LoraCallback, adapter_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed" / "svd_init_runs.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import svd_init_runs as runs  # noqa: E402
+
+KINDS = ["ddp", "fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("svd_init_runs")
+    python_path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
+    for variable in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"svd_init_runs.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return out
+
+
+class TwoRankOrder(Sampler):
+    """The batches that two data-parallel ranks train on together: Lightning gives each rank a
+    ``DistributedSampler(shuffle=True, seed=0)``; this yields both ranks' batches of one step as one batch."""
+
+    def __init__(self, samples: int, batch_per_rank: int) -> None:
+        self.samples, self.batch_per_rank, self.epoch = samples, batch_per_rank, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+        ranks = [order[rank::2] for rank in range(2)]
+        for start in range(0, len(ranks[0]), self.batch_per_rank):
+            yield [i for rank in ranks for i in rank[start : start + self.batch_per_rank]]
+
+    def __len__(self) -> int:
+        return self.samples // (2 * self.batch_per_rank)
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, dict[str, torch.Tensor]]:
+    """One process that sees, at every step, the samples both ranks saw."""
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    module = BuiltInInit()
+    trainer = L.Trainer(**trainer_arguments(max_epochs=runs.EPOCHS, callbacks=[LoraCallback(runs.svd_config())]))
+    data = dataloader()
+    trainer.fit(module, DataLoader(data.dataset, batch_sampler=TwoRankOrder(len(data.dataset), data.batch_size)))
+    weights = {f"model.{name}.weight": getattr(module.model, name).weight.detach() for name in runs.ADAPTED}
+    return {"adapter": adapter_state_dict(module), "weights": weights}
+
+
+def _load(out: Path, kind: str, run: str, rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(out / f"{kind}-{run}-rank{rank}.pt")
+
+
+def _assert_close(state: dict, reference: dict) -> None:
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_rank_holds_the_same_adapter_and_residual_weights(launched: Path, kind: str) -> None:
+    rank0, rank1 = (_load(launched, kind, "uninterrupted", rank) for rank in (0, 1))
+    assert any(".lora_init_A." in key for key in rank0["adapter"])
+    for part in ("adapter", "weights"):
+        assert all(torch.equal(rank1[part][key], value) for key, value in rank0[part].items()), part
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_equals_one_process_on_the_same_data(launched: Path, kind: str, single_process) -> None:
+    result = _load(launched, kind, "uninterrupted", 0)
+    _assert_close(result["weights"], single_process["weights"])  # the same residual base weights
+    _assert_close(result["adapter"], single_process["adapter"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resuming_restores_adapter_and_residual_exactly(launched: Path, kind: str) -> None:
+    # The DDP resume ran with every SVD routine failing: it restored rather than re-ran the init.
+    uninterrupted, resumed = (_load(launched, kind, run, 0) for run in ("uninterrupted", "resumed"))
+    for part in ("adapter", "weights"):
+        assert all(torch.equal(resumed[part][key], value) for key, value in uninterrupted[part].items()), part
