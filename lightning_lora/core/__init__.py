@@ -3,7 +3,7 @@
 Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
-from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.config import LoraConfig, QuantizationConfig
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
@@ -16,26 +16,41 @@ from lightning_lora.core.inject import (
     unload_lora,
 )
 from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
+from lightning_lora.core.quantization import (
+    dequantize_model,
+    enable_input_gradients,
+    keep_training_layout,
+    prepare_for_kbit_training,
+    quantized_layers,
+)
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 
 __all__ = [
     "LoraConfig",
     "LoraLayer",
+    "QuantizationConfig",
     "TrainableSummary",
     "adapter_names",
     "adapter_state_dict",
     "apply_lora",
     "delete_adapter",
+    "dequantize_model",
     "disable_adapters",
+    "enable_input_gradients",
     "get_lora_config",
     "initialize_pending_adapters",
+    "keep_training_layout",
     "load_adapter_state_dict",
+    "loftq_init",
     "lora_layers",
     "mark_only_adapters_trainable",
     "merge_and_unload",
     "merge_lora",
+    "prepare_for_kbit_training",
+    "quantized_layers",
     "set_active_adapters",
     "trainable_parameters_summary",
     "unload_lora",

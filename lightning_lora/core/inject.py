@@ -17,6 +17,7 @@ from lightning_lora.core.layers import (
     lora_class,
     lora_layers,
 )
+from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets
 from lightning_lora.core.variants import VARIANTS
 
@@ -32,6 +33,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
     Trainable afterwards: the new adapter's tensors, ``config.modules_to_save`` and the biases chosen by
     ``config.bias``. State-dict keys of the base model do not change; adapter tensors appear as
     ``<layer>.lora_A.<adapter_name>`` and ``<layer>.lora_B.<adapter_name>`` (DoRA: ``<layer>.lora_magnitude.<name>``).
+    With ``config.quantization`` the selected ``nn.Linear`` layers are quantised in place with bitsandbytes after
+    the adapters are initialised (QLoRA); adapters stay in full precision. Bitsandbytes 4-bit layers are kept in
+    their trainable layout (:func:`~lightning_lora.core.quantization.keep_training_layout`).
     All checks run before anything is changed: on any error the model is left exactly as it was.
 
     Args:
@@ -44,16 +48,20 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
 
     Raises:
         ValueError: Invalid adapter name or one already in use, targets matching nothing or of unsupported types,
-            ranks too large for a layer, an init method undefined for a targeted layer type.
+            ranks too large for a layer, an init method undefined for a targeted layer type, layers that cannot be
+            quantised as ``config.quantization`` asks.
+        ImportError: ``config.quantization`` is set and bitsandbytes is not installed.
     """
     _check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     modules_to_save = find_modules_to_save(model, config)
     settings = {name: _settings_for(name, module, config) for name, module in targets}
+    to_quantize = plan_quantization(model, config, targets)
 
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     converted: list[nn.Module] = []
+    undo_quantization = None
     try:
         for name, module in targets:
             if not isinstance(module, LoraLayer):
@@ -62,9 +70,18 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "defaul
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
+        if to_quantize:
+            # After the inits, so SVD inits and LoftQ work on full-precision weights and leave a residual to quantise.
+            undo_quantization = quantize_layers(to_quantize, config.quantization)
+            for layer in to_quantize:
+                if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
+                    VARIANTS[layer.lora_settings[adapter_name].variant].init(layer, adapter_name)  # DoRA norms
+        keep_training_layout(model)
         _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
         mark_only_adapters_trainable(model, adapter_name)
     except BaseException:
+        if undo_quantization is not None:
+            undo_quantization()
         _rollback(model, adapter_name, converted, previous_flags, previous_marks)
         raise
     return model
