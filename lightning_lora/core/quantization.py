@@ -103,17 +103,32 @@ def fake_quantize(weight: torch.Tensor, options: QuantizationConfig) -> torch.Te
 
 
 # ----- the registered weight formats -----
-def _read_4bit(module: nn.Module) -> torch.Tensor:
+def _quant_state_4bit(module: nn.Module) -> Any:
+    state = module.weight.quant_state
+    if state is None:
+        raise ValueError(
+            f"This {type(module).__name__} holds a weight that is not quantised yet (bitsandbytes quantises on "
+            ".to(device)); call model.to('cpu') or model.to('cuda') before using it with lightning_lora."
+        )
     _unpack_cpu_inference_layout(module)
-    return import_bitsandbytes().functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.weight.quant_state
+
+
+def _read_4bit(module: nn.Module) -> torch.Tensor:
+    state = _quant_state_4bit(module)
+    return import_bitsandbytes().functional.dequantize_4bit(module.weight.data, state)
 
 
 def _write_4bit(module: nn.Module, value: torch.Tensor) -> None:
     warnings.warn(REQUANTIZE_WARNING, UserWarning, stacklevel=3)
-    _unpack_cpu_inference_layout(module)
-    weight, state = module.weight, module.weight.quant_state
-    options = QuantizationConfig(bits=4, quant_type=state.quant_type, double_quant=state.nested)
-    weight.data, weight.quant_state = quantize_tensor(value.to(state.dtype), options)
+    state, weight = _quant_state_4bit(module), module.weight
+    weight.data, weight.quant_state = import_bitsandbytes().functional.quantize_4bit(
+        value.to(state.dtype).contiguous(),
+        blocksize=state.blocksize,
+        compress_statistics=state.nested,
+        quant_type=state.quant_type,
+        quant_storage=weight.quant_storage,
+    )
     module.quant_state = weight.quant_state
 
 
@@ -124,10 +139,15 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
 
 
 def _read_8bit(module: nn.Module) -> torch.Tensor:
+    if module.weight.dtype != torch.int8:  # Linear8bitLt(has_fp16_weights=True) keeps a dense weight
+        return module.weight.detach()
     return import_bitsandbytes().functional.int8_vectorwise_dequant(module.weight.data, _int8_scales(module))
 
 
 def _write_8bit(module: nn.Module, value: torch.Tensor) -> None:
+    if module.weight.dtype != torch.int8:
+        module.weight.data.copy_(value)
+        return
     warnings.warn(REQUANTIZE_WARNING, UserWarning, stacklevel=3)
     data, scales = quantize_tensor(value, QuantizationConfig(bits=8))
     module.weight.data = data
@@ -240,10 +260,12 @@ def plan_quantization(model: nn.Module, config: LoraConfig, targets: list[tuple[
         from lightning_lora.core.targeting import find_modules_to_save, output_head_names
 
         skipped = output_head_names(model) | set(find_modules_to_save(model, config))
+        # nn.Linear subclasses (e.g. nn.MultiheadAttention's out_proj, whose weight is used directly) are left alone.
         candidates = [
             (n, m)
             for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(n == s or n.startswith(s + ".") for s in skipped)
+            if (_is_plain_linear(m) or quantized_bits(m) is not None)
+            and not any(n == s or n.startswith(s + ".") for s in skipped)
         ]
     else:
         candidates = [(n, m) for n, m in targets if isinstance(m, nn.Linear)]
@@ -499,18 +521,6 @@ def _inputs_require_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
     return tuple(mark(a) for a in args), {k: mark(v) for k, v in kwargs.items()}
 
 
-def quantized_memory_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers, quantisation statistics included."""
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    for _, module in quantized_layers(model):
-        state = module.weight.quant_state if quantized_bits(module) == 4 else None
-        extra = [_int8_scales(module)] if state is None else [state.absmax, state.code]
-        if state is not None and state.nested:
-            extra += [state.state2.absmax, state.state2.code, state.offset]
-        total += sum(t.numel() * t.element_size() for t in extra if isinstance(t, torch.Tensor))
-    return total
-
-
 __all__ = [
     "dequantize_model",
     "enable_input_gradients",
@@ -521,5 +531,4 @@ __all__ = [
     "quantize_layers",
     "quantize_linear",
     "quantized_layers",
-    "quantized_memory_bytes",
 ]
