@@ -17,6 +17,7 @@ from lightning_lora import (  # noqa: E402
     adapter_state_dict,
     apply_lora,
     dequantize_model,
+    disable_adapters,
     load_adapter_state_dict,
     lora_layers,
     merge_and_unload,
@@ -97,6 +98,31 @@ def test_targeted_layers_are_quantized_in_place_and_stay_close_to_their_weights(
         error = (dense_weight(getattr(model, name)) - weight).norm() / weight.norm()
         assert error < 0.15, name  # NF4's own rounding is about 0.09; scrambled blocks give 0.3 and more
         assert torch.equal(getattr(model, name).bias, getattr(original, name).bias)
+
+
+def test_all_linear_quantization_leaves_modules_to_save_and_other_kinds_in_full_precision() -> None:
+    model = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 64))
+    config = LoraConfig(
+        r=4, target_modules=["0", "1"], modules_to_save=["3"], quantization=QuantizationConfig(layers="all-linear")
+    )
+    apply_lora(model, config)
+    assert [name for name, _ in quantized_layers(model)] == ["1", "2"]  # adapted "1" and adapter-free "2"
+    assert type(model[3]) is nn.Linear and model[3].weight.requires_grad
+    assert model[0].weight.dtype == torch.float32 and lora_layers(model)[0][0] == "0"
+
+
+@pytest.mark.parametrize("kind", list(OPTIONS))
+def test_dora_on_a_quantized_base_starts_from_the_quantized_base_outputs(kind: str) -> None:
+    model = chain()
+    torch.manual_seed(10)
+    apply_lora(model, LoraConfig(r=4, target_modules=["first", "last"], use_dora=True, quantization=OPTIONS[kind]))
+    model.train()  # the math adapters train with (bitsandbytes' int8 eval path also quantises inputs)
+    x = chain_batch()
+    with torch.no_grad():
+        adapted = model(x)
+        with disable_adapters(model):
+            base = model(x)
+    torch.testing.assert_close(adapted, base, atol=1e-5, rtol=1e-5)  # magnitudes are the quantised weights' norms
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
