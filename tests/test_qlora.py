@@ -18,12 +18,15 @@ from lightning_lora import (  # noqa: E402
     apply_lora,
     dequantize_model,
     disable_adapters,
+    load_adapter,
     load_adapter_state_dict,
     lora_layers,
     merge_and_unload,
     merge_lora,
     prepare_for_kbit_training,
     quantized_layers,
+    read_adapter_config,
+    save_adapter,
 )
 from lightning_lora.core import quantization  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
@@ -274,6 +277,30 @@ def test_adapter_state_dict_does_not_depend_on_the_base_quantization() -> None:
     load_adapter_state_dict(plain, ours)
     for key, value in adapter_state_dict(plain).items():
         assert torch.equal(value, ours[key])
+
+
+@pytest.mark.parametrize("file_format", ["peft", "lightning_lora"])
+def test_a_qlora_adapter_file_loads_into_a_full_precision_model_without_quantizing_it(file_format: str, tmp_path) -> None:
+    quantized = qlora_chain(OPTIONS["nf4"])
+    save_adapter(quantized, tmp_path, format=file_format)
+    plain = load_adapter(chain(), tmp_path)
+    assert not quantized_layers(plain)
+    assert all(torch.equal(getattr(plain, n).weight, getattr(chain(), n).weight) for n in CHAIN_LAYERS)
+    loaded = adapter_state_dict(plain)
+    assert all(torch.equal(loaded[key], value) for key, value in adapter_state_dict(quantized).items())
+
+
+def test_a_loftq_adapter_reloads_exactly_onto_a_base_quantized_from_its_saved_config(tmp_path) -> None:
+    config = LoraConfig(r=8, target_modules=["first", "last"], init="loftq_iter_2", quantization=OPTIONS["nf4"])
+    trained = apply_lora(chain(), config)
+    randomize_adapters(trained)  # stands for training
+    save_adapter(trained, tmp_path, format="lightning_lora")
+    rebuilt = chain()
+    apply_lora(rebuilt, read_adapter_config(tmp_path, rebuilt))  # re-runs LoftQ: the same quantised base
+    load_adapter(rebuilt, tmp_path)
+    x = chain_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.train()(x), trained.train()(x), rtol=0, atol=0)
 
 
 def _snapshot(model: nn.Module) -> dict:

@@ -22,7 +22,7 @@ import re
 import torch
 
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
-from lightning_lora.core.initializers import register_initializer
+from lightning_lora.core.initializers import kaiming_init, register_initializer
 from lightning_lora.core.layers import LinearAdapters, LoraLayer
 from lightning_lora.core.quantization import fake_quantize, quantized_bits
 
@@ -47,17 +47,23 @@ def low_rank_factors(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
 def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     """Fill ``lora_A``/``lora_B`` with LoftQ's correction and leave the matching pre-quantisation base weight.
 
+    On a layer that is already quantised the full-precision weight is gone: the base stays as it is and the adapter
+    starts at zero, as in QLoRA. ``apply_lora`` refuses that case up front; it is reached when ``load_adapter`` adds
+    a LoftQ adapter to a quantised model (the file's values then replace these).
+
     Raises:
-        ValueError: The layer is already quantised (LoftQ needs the full-precision weight) or the adapter's config
-            has no ``quantization``.
+        ValueError: The adapter's config has no ``quantization``.
     """
     settings = layer.lora_settings[adapter_name]
     options = settings.config.quantization
-    if options is None or quantized_bits(layer) is not None:
+    if options is None:
         raise ValueError(
-            f"init={settings.init!r} needs a full-precision layer and LoraConfig.quantization (it chooses the "
-            "quantised base and the adapter together); load the model in full precision and set quantization."
+            f"init={settings.init!r} needs LoraConfig.quantization (it chooses the quantised base and the adapter "
+            "together); load the model in full precision and set quantization."
         )
+    if quantized_bits(layer) is not None:
+        kaiming_init(layer, adapter_name)
+        return
     weight = dense_weight(layer)
     original = weight.float()
     scale = math.sqrt(settings.scaling)
