@@ -10,11 +10,15 @@ The quantised weight formats are registered with :mod:`lightning_lora.core.base_
 and SVD inits read the dequantised weight and write back by re-quantising.
 
 One trap is avoided here for every 4-bit layer of an adapted model (:func:`keep_training_layout`): with
-bitsandbytes >= 0.49 on a CPU with AVX512-BF16, the first no-grad forward of a ``Linear4bit`` in eval mode (a
+bitsandbytes 0.50 on a CPU with AVX512-BF16, the first no-grad forward of a ``Linear4bit`` in eval mode (a
 validation loop, Lightning's sanity check) repacks the weight for a CPU inference kernel that has no autograd
 formula. From then on the layer passes no gradient back to its input (torch only warns), so adapters in earlier
 layers train on wrong gradients, or none where no residual path bypasses the layer. The repack also rounds the
 scales to bfloat16, so it changes the weights for good.
+
+A second one is refused up front: bitsandbytes 0.50's CPU kernel dequantises 4-bit weights whose ``in_features`` is
+not a multiple of the block size (64) wrongly, so such layers would compute with scrambled weights. The installed
+kernel is probed once per shape and such layers are named in a ValueError.
 
 bitsandbytes is imported lazily: the core works without it until quantisation is asked for.
 """
