@@ -20,6 +20,7 @@ from lightning_lora import (  # noqa: E402
     disable_adapters,
     load_adapter,
     load_adapter_state_dict,
+    load_merged_state_dict,
     lora_layers,
     merge_and_unload,
     merge_lora,
@@ -27,6 +28,7 @@ from lightning_lora import (  # noqa: E402
     quantized_layers,
     read_adapter_config,
     save_adapter,
+    save_merged_model,
 )
 from lightning_lora.core import quantization  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
@@ -265,6 +267,20 @@ def test_dequantize_then_merge_and_unload_exports_a_full_precision_model_with_th
     assert all(type(getattr(exported, name)) is nn.Linear for name in CHAIN_LAYERS)
     assert exported.state_dict().keys() == chain().state_dict().keys()
     assert all(v.dtype == torch.float32 for v in exported.state_dict().values())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_save_merged_model_of_a_dequantized_qlora_model_writes_a_full_precision_checkpoint(tmp_path) -> None:
+    model = qlora_chain(OPTIONS["nf4"])
+    with pytest.raises(ValueError, match="dequantize_model"):
+        save_merged_model(model, tmp_path / "refused")
+    x = chain_batch()
+    with torch.no_grad():
+        expected = model(x)
+    save_merged_model(dequantize_model(model), tmp_path / "merged")
+    exported = chain()
+    exported.load_state_dict(load_merged_state_dict(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
 

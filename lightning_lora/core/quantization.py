@@ -218,7 +218,7 @@ def _check_options_match(name: str, module: nn.Module, options: QuantizationConf
 
 
 @functools.lru_cache(maxsize=None)
-def _4bit_kernel_reads_rows_right(in_features: int, options_key: tuple, device: str) -> bool:
+def _4bit_kernel_dequantizes_correctly(in_features: int, options_key: tuple, device: str) -> bool:
     # bitsandbytes 0.50's CPU dequantisation kernel cuts blocks per row, while quantisation cuts them over the
     # flattened weight: when in_features is not a multiple of the block size the layer computes with scrambled
     # weights. Probe the installed kernel once per shape: every block's largest |value| must come back as its scale.
@@ -230,11 +230,11 @@ def _4bit_kernel_reads_rows_right(in_features: int, options_key: tuple, device: 
     restored = import_bitsandbytes().functional.dequantize_4bit(data, state).flatten().float()
     full_blocks = restored.numel() // _BLOCKSIZE_4BIT
     block_max = restored[: full_blocks * _BLOCKSIZE_4BIT].view(full_blocks, -1).abs().amax(1)
-    scales = dense_scales(state)[:full_blocks]
+    scales = _dense_scales(state)[:full_blocks]
     return torch.allclose(block_max, scales, rtol=1e-3, atol=0.0)
 
 
-def dense_scales(state: Any) -> torch.Tensor:
+def _dense_scales(state: Any) -> torch.Tensor:
     """The per-block scales of a 4-bit ``QuantState`` as float32 (dequantised when double-quantised)."""
     if not state.nested:
         return state.absmax.float()
@@ -320,7 +320,7 @@ def _check_quantizable(name: str, module: nn.Module, options: QuantizationConfig
         )
     if options.bits == 4:
         key = (options.quant_type, options.double_quant)
-        if not _4bit_kernel_reads_rows_right(module.in_features, key, weight.device.type):
+        if not _4bit_kernel_dequantizes_correctly(module.in_features, key, weight.device.type):
             raise ValueError(
                 f"Cannot quantise {name} to 4 bit on {weight.device.type}: the installed bitsandbytes kernel "
                 f"dequantises weights with in_features={module.in_features} wrongly (in_features must be a multiple "
