@@ -457,3 +457,39 @@ def test_quantization_options_parse_from_a_lightning_cli_style_yaml() -> None:
     config = parser.instantiate(parser.parse_string(yaml)).lora
     assert config.quantization == QuantizationConfig(bits=4, quant_type="fp4", double_quant=True)
     assert dataclasses.asdict(config)["quantization"]["quant_type"] == "fp4"
+
+
+def test_lightning_sanity_check_and_validation_leave_adapter_gradients_right() -> None:
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class QLoraChain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = qlora_chain(OPTIONS["nf4"])
+            self.grads: list[dict[str, torch.Tensor]] = []
+
+        def training_step(self, batch: list, batch_index: int) -> torch.Tensor:
+            return self.model(batch[0]).square().mean()
+
+        def validation_step(self, batch: list, batch_index: int) -> None:
+            self.log("val_loss", self.model(batch[0]).square().mean())
+
+        def on_after_backward(self) -> None:
+            self.grads.append({key: p.grad.clone() for key, p in adapter_parameters(self.model, "default")})
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)  # weights stay put
+
+    data = DataLoader(TensorDataset(chain_batch()), batch_size=6)
+    module = QLoraChain()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, val_check_interval=1, num_sanity_val_steps=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    expected = adapter_grads(qlora_chain(OPTIONS["nf4"]), chain_batch())
+    assert len(module.grads) == 2  # after the sanity check, and after a validation run between the steps
+    for grads in module.grads:
+        for key, grad in expected.items():
+            torch.testing.assert_close(grads[key], grad, rtol=0, atol=0, msg=key)
