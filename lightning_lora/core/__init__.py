@@ -20,6 +20,7 @@ from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
+from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
 from lightning_lora.core.quantization import (
     dequantize_model,
@@ -43,6 +44,7 @@ __all__ = [
     "dequantize_model",
     "disable_adapters",
     "enable_input_gradients",
+    "freeze_lora_A",
     "get_lora_config",
     "initialize_pending_adapters",
     "keep_training_layout",
@@ -52,6 +54,7 @@ __all__ = [
     "loftq_init",
     "lora_config_from_peft",
     "lora_layers",
+    "lora_param_groups",
     "mark_only_adapters_trainable",
     "merge_and_unload",
     "merge_lora",
