@@ -20,6 +20,7 @@ from lightning_lora import (  # noqa: E402
     disable_adapters,
     load_adapter,
     load_adapter_state_dict,
+    lora_param_groups,
     load_merged_state_dict,
     lora_layers,
     merge_and_unload,
@@ -459,15 +460,29 @@ def test_quantization_options_parse_from_a_lightning_cli_style_yaml() -> None:
     assert dataclasses.asdict(config)["quantization"]["quant_type"] == "fp4"
 
 
-def test_lightning_sanity_check_and_validation_leave_adapter_gradients_right() -> None:
+def _quiet_trainer(**options):
+    L = pytest.importorskip("lightning")
+    return L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **options,
+    )
+
+
+def test_lora_callback_sanity_check_and_validation_leave_qlora_adapter_gradients_exact() -> None:
     L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
-    class QLoraChain(L.LightningModule):
+    from lightning_lora.lightning import LoraCallback
+
+    class ChainModule(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = qlora_chain(OPTIONS["nf4"])
+            self.model = chain()
             self.grads: list[dict[str, torch.Tensor]] = []
+
+        def on_fit_start(self) -> None:  # after LoraCallback added the adapter
+            randomize_adapters(self.model)
+            self.initial = {k: v.clone() for k, v in adapter_state_dict(self.model).items()}
 
         def training_step(self, batch: list, batch_index: int) -> torch.Tensor:
             return self.model(batch[0]).square().mean()
@@ -479,17 +494,52 @@ def test_lightning_sanity_check_and_validation_leave_adapter_gradients_right() -
             self.grads.append({key: p.grad.clone() for key, p in adapter_parameters(self.model, "default")})
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)  # weights stay put
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)  # adapters stay put
 
+    config = LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=OPTIONS["nf4"])
+    module = ChainModule()
     data = DataLoader(TensorDataset(chain_batch()), batch_size=6)
-    module = QLoraChain()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=2, val_check_interval=1, num_sanity_val_steps=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )
+    trainer = _quiet_trainer(max_steps=2, val_check_interval=1, num_sanity_val_steps=1)
+    trainer.callbacks.append(LoraCallback(config, submodule="model"))
     trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
-    expected = adapter_grads(qlora_chain(OPTIONS["nf4"]), chain_batch())
-    assert len(module.grads) == 2  # after the sanity check, and after a validation run between the steps
+    assert len(quantized_layers(module.model)) == 3 and len(module.grads) == 2  # after the sanity check / a val run
+
+    reference = apply_lora(chain(), config)
+    load_adapter_state_dict(reference, module.initial)
+    expected = adapter_grads(reference, chain_batch())
     for grads in module.grads:
         for key, grad in expected.items():
             torch.testing.assert_close(grads[key], grad, rtol=0, atol=0, msg=key)
+
+
+def test_qlora_training_through_lora_callback_lowers_the_loss() -> None:
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora.lightning import LoraCallback
+
+    class LlamaModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = llama64().train()
+            self.losses: list[float] = []
+
+        def training_step(self, batch: list, batch_index: int) -> torch.Tensor:
+            loss = self.model(input_ids=batch[0], labels=batch[0]).loss
+            self.losses.append(loss.item())
+            return loss
+
+        def validation_step(self, batch: list, batch_index: int) -> None:
+            self.log("val_loss", self.model(input_ids=batch[0], labels=batch[0]).loss)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(lora_param_groups(self, lr=1e-2))
+
+    module = LlamaModule()
+    data = DataLoader(TensorDataset(token_batch(length=12)), batch_size=2)
+    callback = LoraCallback(LoraConfig(r=8, alpha=16, quantization=OPTIONS["nf4"]), submodule="model")
+    trainer = _quiet_trainer(max_steps=12, num_sanity_val_steps=1)  # one batch per epoch: a validation run each step
+    trainer.callbacks.append(callback)
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert len(quantized_layers(module.model)) == 14
+    assert module.losses[-1] < 0.8 * module.losses[0]
