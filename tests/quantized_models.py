@@ -56,13 +56,8 @@ def checkpointed_stack(checkpointing: bool, seed: int = 0) -> CheckpointedStack:
     return CheckpointedStack(checkpointing)
 
 
-def llama64(seed: int = 0, vocab: int = 96) -> nn.Module:
-    """A 2-layer Llama with hidden size 64 (the 32-wide ``tiny_llama`` is below bitsandbytes' 4-bit block size)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama64(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama with hidden size 64 (the 32-wide default is below bitsandbytes' 4-bit block size)."""
+    from models import tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, hidden=64)

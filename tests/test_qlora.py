@@ -297,7 +297,9 @@ def test_adapter_state_dict_does_not_depend_on_the_base_quantization() -> None:
 
 
 @pytest.mark.parametrize("file_format", ["peft", "lightning_lora"])
-def test_a_qlora_adapter_file_loads_into_a_full_precision_model_without_quantizing_it(file_format: str, tmp_path) -> None:
+def test_a_qlora_adapter_file_loads_into_a_full_precision_model_without_quantizing_it(
+    file_format: str, tmp_path
+) -> None:
     quantized = qlora_chain(OPTIONS["nf4"])
     save_adapter(quantized, tmp_path, format=file_format)
     plain = load_adapter(chain(), tmp_path)

@@ -46,7 +46,9 @@ REQUANTIZE_WARNING = (
     "call dequantize_model(model) before merge_and_unload(model)."
 )
 # Attributes bitsandbytes' constructors set on the module (removed again when a layer is dequantised).
-_ATTRIBUTES_4BIT = ("compute_dtype", "compute_type_is_set", "quant_state", "quant_storage", "support_avx512bf16_for_cpu")
+_ATTRIBUTES_4BIT = (
+    "compute_dtype", "compute_type_is_set", "quant_state", "quant_storage", "support_avx512bf16_for_cpu"
+)
 _ATTRIBUTES_8BIT = ("state", "index")
 _HOOK_8BIT = "_lora_8bit_load_hook"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
