@@ -545,3 +545,33 @@ def test_qlora_training_through_lora_callback_lowers_the_loss() -> None:
     trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
     assert len(quantized_layers(module.model)) == 14
     assert module.losses[-1] < 0.8 * module.losses[0]
+
+
+def test_lora_callback_refuses_to_write_merged_weights_from_a_quantised_base(tmp_path) -> None:
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora.lightning import LoraCallback
+
+    class LlamaModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = llama64().train()
+
+        def training_step(self, batch: list, batch_index: int) -> torch.Tensor:
+            return self.model(input_ids=batch[0], labels=batch[0]).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(lora_param_groups(self, lr=1e-2))
+
+    callback = LoraCallback(
+        LoraConfig(r=8, alpha=16, quantization=OPTIONS["nf4"]),
+        submodule="model",
+        merge_on_fit_end=True,
+        merged_weights_dir=tmp_path / "merged",
+    )
+    trainer = _quiet_trainer(max_steps=2)
+    trainer.callbacks.append(callback)
+    with pytest.raises(ValueError, match=r"dequantize_model"):
+        trainer.fit(LlamaModule(), train_dataloaders=DataLoader(TensorDataset(token_batch(length=12)), batch_size=2))
+    assert not (tmp_path / "merged").exists()

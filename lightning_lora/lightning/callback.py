@@ -39,6 +39,7 @@ from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A
+from lightning_lora.core.quantization import quantized_layers
 from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
@@ -264,6 +265,12 @@ class LoraCallback(Callback):
             raise RuntimeError(
                 f"The LoRA adapter {self.adapter_name!r} is missing at fit start: configure_model replaced the model "
                 "after it was added. Make configure_model idempotent (return early when the model exists)."
+            )
+        if self.merged_weights_dir is not None and quantized_layers(target):
+            raise ValueError(
+                "merged_weights_dir cannot be written from a quantised base: merging in place re-quantises the "
+                "weights. Train with merge_on_fit_end=False, then export a full-precision merged model with "
+                "save_merged_model(dequantize_model(model), directory)."
             )
         if any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target)):
             rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
