@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed: int = 0, vocab: int = 96) -> nn.Module:
+def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()

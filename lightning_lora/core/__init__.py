@@ -4,7 +4,7 @@ Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
 from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
-from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.config import LoraConfig, QuantizationConfig
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
@@ -17,10 +17,18 @@ from lightning_lora.core.inject import (
     unload_lora,
 )
 from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
+from lightning_lora.core.quantization import (
+    dequantize_model,
+    enable_input_gradients,
+    keep_training_layout,
+    prepare_for_kbit_training,
+    quantized_layers,
+)
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight
@@ -28,19 +36,24 @@ from lightning_lora.core.svd_init import apply_init_residual, restore_base_weigh
 __all__ = [
     "LoraConfig",
     "LoraLayer",
+    "QuantizationConfig",
     "TrainableSummary",
     "adapter_names",
     "adapter_state_dict",
     "apply_init_residual",
     "apply_lora",
     "delete_adapter",
+    "dequantize_model",
     "disable_adapters",
+    "enable_input_gradients",
     "freeze_lora_A",
     "get_lora_config",
     "initialize_pending_adapters",
+    "keep_training_layout",
     "load_adapter",
     "load_adapter_state_dict",
     "load_merged_state_dict",
+    "loftq_init",
     "lora_config_from_peft",
     "lora_layers",
     "lora_param_groups",
@@ -49,6 +62,8 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "peft_adapter_state",
+    "prepare_for_kbit_training",
+    "quantized_layers",
     "read_adapter_config",
     "save_adapter",
     "save_merged_model",

@@ -241,13 +241,19 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
 
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> Callable[[], None]:
-    """Add the adapter as ``apply_lora`` does, without running its init (the file supplies the values); return the
-    function that takes it out again."""
+    """Add the adapter as ``apply_lora`` does, without running its init (the file supplies the values) and without
+    quantising the base (adapter files do not depend on it: the model is used as it is given); return the function
+    that takes it out again."""
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     before = {id(layer) for _, layer in lora_layers(model)}
-    apply_lora(model, config, adapter_name, initialize=False)
-    converted = [layer for _, layer in lora_layers(model) if id(layer) not in before]
+    apply_lora(model, dataclasses.replace(config, quantization=None), adapter_name, initialize=False)
+    converted = []
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_settings:
+            layer.lora_settings[adapter_name].config = config
+        if id(layer) not in before:
+            converted.append(layer)
     return lambda: _rollback(model, adapter_name, converted, previous_flags, previous_marks)
 
 

@@ -12,6 +12,55 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 
 @dataclass
+class QuantizationConfig:
+    """How :func:`~lightning_lora.apply_lora` quantises the frozen base with bitsandbytes (QLoRA).
+
+    Adapters always stay in full precision on top of the quantised base.
+
+    Args:
+        bits: ``4`` (blockwise NF4/FP4, as in QLoRA) or ``8`` (row-wise LLM.int8()).
+        quant_type: 4-bit data type: ``"nf4"`` (normal float, QLoRA's choice) or ``"fp4"``.
+        double_quant: 4-bit only: quantise the per-block scales too (about 0.4 bit per weight less).
+        compute_dtype: 4-bit only: dtype of the base layer's matmul, ``"float32"``, ``"bfloat16"`` or
+            ``"float16"``; inputs are cast to it and outputs back to the input dtype.
+        int8_threshold: 8-bit only: LLM.int8() outlier threshold for inputs (bitsandbytes' default 6.0; 0 turns
+            outlier handling off).
+        layers: Which layers to quantise: ``"targets"`` (the ``nn.Linear`` layers that get adapters) or
+            ``"all-linear"`` (every ``nn.Linear`` except the output head and ``modules_to_save``). Other layer kinds
+            (embeddings, convolutions, Hugging Face ``Conv1D``) stay in full precision.
+    """
+
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    int8_threshold: float = 6.0
+    layers: Literal["targets", "all-linear"] = "targets"
+
+    def __post_init__(self) -> None:
+        choices = {
+            "bits": (4, 8),
+            "quant_type": ("nf4", "fp4"),
+            "compute_dtype": ("float32", "bfloat16", "float16"),
+            "layers": ("targets", ALL_LINEAR),
+        }
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value not in valid or isinstance(value, bool):
+                raise ValueError(f"quantization.{name} must be one of {valid}, got {value!r}.")
+        if isinstance(self.int8_threshold, bool) or not (
+            isinstance(self.int8_threshold, (int, float)) and self.int8_threshold >= 0
+        ):
+            raise ValueError(f"quantization.int8_threshold must be >= 0, got {self.int8_threshold!r}.")
+        self.int8_threshold = float(self.int8_threshold)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> QuantizationConfig:
+        """Build from a plain dict; unknown keys are an error naming them."""
+        return _from_dict(cls, values, "QuantizationConfig")
+
+
+@dataclass
 class LoraConfig:
     """Configuration of one LoRA adapter.
 
@@ -44,7 +93,11 @@ class LoraConfig:
             ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"orthogonal"`` (A and B from orthogonal halves, so
             ``B @ A = 0``; needs an even rank), or an SVD method registered in ``lightning_lora.core.initializers``
             (``"pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``). Every method leaves the model's
-            outputs unchanged at init.
+            outputs unchanged at init, except ``"loftq"`` / ``"loftq_iter_<K>"`` (needs ``quantization``): LoftQ
+            chooses the quantised base and the adapter together so that their sum is closer to the full-precision
+            weight than the quantised base alone (1 or K alternations of quantisation and SVD).
+        quantization: Quantise the frozen base with bitsandbytes at injection (QLoRA), see
+            :class:`QuantizationConfig`; None (default) leaves the base as it is (it may already be quantised).
     """
 
     r: int = 8
@@ -61,6 +114,7 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "kaiming"
+    quantization: Optional[QuantizationConfig] = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -101,6 +155,19 @@ class LoraConfig:
         check_init_name(self.init)
         if self.init == "orthogonal" and any(r % 2 for r in [self.r, *self.rank_pattern.values()]):
             raise ValueError("init='orthogonal' needs an even rank; choose an even r (and rank_pattern values).")
+        if isinstance(self.quantization, dict):
+            self.quantization = QuantizationConfig.from_dict(self.quantization)
+        if self.quantization is not None and not isinstance(self.quantization, QuantizationConfig):
+            raise TypeError(
+                f"quantization must be a QuantizationConfig, a dict of its fields or None, got {self.quantization!r}."
+            )
+        if re.fullmatch(r"loftq_iter_0+", self.init):
+            raise ValueError(f"init={self.init!r}: LoftQ needs at least one iteration, e.g. 'loftq_iter_2'.")
+        if self.init.startswith("loftq") and self.quantization is None:
+            raise ValueError(
+                f"init={self.init!r} initialises adapters for a quantised base; set quantization, e.g. "
+                "LoraConfig(init='loftq', quantization=QuantizationConfig(bits=4)), on a full-precision model."
+            )
 
     @property
     def variant(self) -> str:
@@ -122,11 +189,15 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoraConfig:
         """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown LoraConfig fields {unknown}; valid fields are {sorted(known)}.")
-        return cls(**values)
+        return _from_dict(cls, values, "LoraConfig")
+
+
+def _from_dict(cls: type, values: dict[str, Any], name: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown {name} fields {unknown}; valid fields are {sorted(known)}.")
+    return cls(**values)
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:

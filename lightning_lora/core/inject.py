@@ -22,6 +22,7 @@ from lightning_lora.core.layers import (
     lora_class,
     lora_layers,
 )
+from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets
 from lightning_lora.core.svd_init import restore_base_weight
 from lightning_lora.core.variants import VARIANTS
@@ -42,6 +43,9 @@ def apply_lora(
     Trainable afterwards: the new adapter's tensors, ``config.modules_to_save`` and the biases chosen by
     ``config.bias``. State-dict keys of the base model do not change; adapter tensors appear as
     ``<layer>.lora_A.<adapter_name>`` and ``<layer>.lora_B.<adapter_name>`` (DoRA: ``<layer>.lora_magnitude.<name>``).
+    With ``config.quantization`` the selected ``nn.Linear`` layers are quantised in place with bitsandbytes after
+    the adapters are initialised (QLoRA); adapters stay in full precision. Bitsandbytes 4-bit layers are kept in
+    their trainable layout (:func:`~lightning_lora.core.quantization.keep_training_layout`).
     All checks run before anything is changed: on any error the model is left exactly as it was.
 
     Args:
@@ -52,22 +56,28 @@ def apply_lora(
             leaves the adapter pending, for when its tensors will be loaded next (resuming, loading a saved
             adapter onto an original base model: no SVD is computed for nothing) or the real base weights come
             later; then load the adapter, or call :func:`initialize_pending_adapters`, before the first forward.
+            With ``config.quantization`` a pending init later sees the quantised weights: SVD inits and LoftQ
+            need ``True`` to work on the full-precision ones.
 
     Returns:
         The same ``model``.
 
     Raises:
         ValueError: Invalid adapter name or one already in use, targets matching nothing or of unsupported types,
-            ranks too large for a layer, an init method undefined for a targeted layer type.
+            ranks too large for a layer, an init method undefined for a targeted layer type, layers that cannot be
+            quantised as ``config.quantization`` asks.
+        ImportError: ``config.quantization`` is set and bitsandbytes is not installed.
     """
     _check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     modules_to_save = find_modules_to_save(model, config)
     settings = {name: _settings_for(name, module, config) for name, module in targets}
+    to_quantize = plan_quantization(model, config, targets)
 
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     converted: list[nn.Module] = []
+    undo_quantization = None
     try:
         for name, module in targets:
             if not isinstance(module, LoraLayer):
@@ -78,9 +88,18 @@ def apply_lora(
             _add_adapter(module, adapter_name, settings[name])
         if initialize:
             initialize_pending_adapters(model, adapter_name)
+        if to_quantize:
+            # After the inits, so SVD inits and LoftQ work on full-precision weights and leave a residual to quantise.
+            undo_quantization = quantize_layers(to_quantize, config.quantization)
+            for layer in to_quantize:
+                if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
+                    VARIANTS[layer.lora_settings[adapter_name].variant].init(layer, adapter_name)  # DoRA norms
+        keep_training_layout(model)
         _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
         mark_only_adapters_trainable(model, adapter_name)
     except BaseException:
+        if undo_quantization is not None:
+            undo_quantization()
         _rollback(model, adapter_name, converted, previous_flags, previous_marks)
         raise
     return model

@@ -86,7 +86,8 @@ def save_merged_model(
     quantised = [name for name, m in model.named_modules() if _has_tensor_weight(m) and not is_plain_weight(m)]
     if quantised:
         raise ValueError(
-            f"{quantised[:3]} hold quantised weights; a merged export needs plain floating weights. Load the base "
+            f"{quantised[:3]} hold quantised weights; a merged export needs plain floating weights. Call "
+            "dequantize_model(model) first (the dequantised weights the adapters were trained on), or load the base "
             "model unquantised (e.g. in bfloat16), load_adapter onto it, then export."
         )
     sources, aliases, untied = _merged_sources(model, adapter_names, safe)

@@ -447,6 +447,9 @@ def _init_from_peft(init_lora_weights: Any) -> str:
     if init_lora_weights in (True, False, None):
         return "kaiming"  # the adapter's trained values replace the initial ones
     try:
+        if str(init_lora_weights).startswith("loftq"):
+            # PEFT's LoftQ adapter belongs to the LoftQ-modified base PEFT saved with it (and ignores the scaling).
+            raise ValueError("a PEFT LoftQ adapter needs the base model PEFT saved with it")
         check_init_name(str(init_lora_weights))
     except ValueError as err:
         raise ValueError(

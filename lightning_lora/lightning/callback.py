@@ -35,11 +35,12 @@ from lightning_lora.core.inject import (
     get_lora_config,
     initialize_pending_adapters,
 )
-from lightning_lora.core.initializers import weight_dependent_init
+from lightning_lora.core.initializers import initializer_keeps_factors
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A
+from lightning_lora.core.quantization import quantized_layers
 from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
@@ -59,12 +60,13 @@ class LoraCallback(Callback):
       :func:`inject_adapters` inside it before ``fully_shard``.
 
     Adding is idempotent: ``fit``, ``validate``, ``test``, ``predict`` and repeated ``fit`` calls reuse the adapter.
-    Inits that read the base weights (``init="pissa"``, ``"olora"``, ...) run at the start of the stage (fit,
-    validate, test, predict), after the strategy has set up (and materialised) the model, for the adapters no
-    checkpoint restored: resuming a single-device or DDP run restores the adapter and rebuilds the residual base
-    weights from its saved initial factors, without re-running the SVD. FSDP and DeepSpeed restore their checkpoints
-    after fit start, over the freshly initialised adapter (SVD inits are deterministic, so the residual base weights
-    are the saved run's). Adapters created on the meta device are initialised at stage start too.
+    SVD inits (``init="pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``; without ``quantization``) run
+    at the start of the stage (fit, validate, test, predict), after the strategy has set up (and materialised) the
+    model, for the adapters no checkpoint restored: resuming a single-device or DDP run restores the adapter and
+    rebuilds the residual base weights from its saved initial factors, without re-running the SVD. FSDP and
+    DeepSpeed restore their checkpoints after fit start, over the freshly initialised adapter (SVD inits are
+    deterministic, so the residual base weights are the saved run's). Adapters created on the meta device are
+    initialised at stage start too.
 
     At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
     every trainable tensor and no frozen one.
@@ -194,10 +196,11 @@ class LoraCallback(Callback):
                 "they would not be sharded with their layers. Call lightning_lora.inject_adapters(self) inside "
                 "configure_model after building the model and before fully_shard, or build the model in __init__."
             )
-        # An init that reads the base weights (PiSSA, OLoRA, ...; deterministic) waits for stage start: a resumed run
-        # restores the adapter and its residual base weights instead of computing an SVD it would overwrite. Random
-        # inits run now, before DDP broadcasts rank 0's module state.
-        apply_lora(target, self.config, self.adapter_name, initialize=not weight_dependent_init(self.config.init))
+        # An SVD init (deterministic) waits for stage start: a resumed run restores the adapter and rebuilds its
+        # residual base weights instead of computing an SVD it would overwrite. Random inits run now, before DDP
+        # broadcasts rank 0's module state; with quantization every init runs now, on the full-precision weights.
+        defer = initializer_keeps_factors(self.config.init) and self.config.quantization is None
+        apply_lora(target, self.config, self.adapter_name, initialize=not defer)
         if self.lora_fa:
             freeze_lora_A(target, self.adapter_name)
         trainer = pl_module._trainer
@@ -272,6 +275,12 @@ class LoraCallback(Callback):
             raise RuntimeError(
                 f"The LoRA adapter {self.adapter_name!r} is missing at fit start: configure_model replaced the model "
                 "after it was added. Make configure_model idempotent (return early when the model exists)."
+            )
+        if self.merged_weights_dir is not None and quantized_layers(target):
+            raise ValueError(
+                "merged_weights_dir cannot be written from a quantised base: merging in place re-quantises the "
+                "weights. Train with merge_on_fit_end=False, then export a full-precision merged model with "
+                "save_merged_model(dequantize_model(model), directory)."
             )
         if any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target)):
             rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")

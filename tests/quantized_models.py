@@ -1,0 +1,63 @@
+"""Small models whose linear layers bitsandbytes can quantise on CPU (in_features a multiple of 64)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Chain(nn.Module):
+    """``first -> relu -> middle -> relu -> last`` with no residual: every gradient reaching ``first`` (and the
+    input) passes back through ``middle``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(64, 128)
+        self.middle = nn.Linear(128, 128)
+        self.last = nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+def chain(seed: int = 0) -> Chain:
+    torch.manual_seed(seed)
+    return Chain()
+
+
+def chain_batch(seed: int = 1, rows: int = 6) -> torch.Tensor:
+    return torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
+
+
+class CheckpointedStack(nn.Module):
+    """Embedding, two linear blocks run under reentrant ``torch.utils.checkpoint``, and a head."""
+
+    def __init__(self, checkpointing: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(96, 64)
+        self.blocks = nn.ModuleList([nn.Linear(64, 64), nn.Linear(64, 64)])
+        self.head = nn.Linear(64, 96)
+        self.checkpointing = checkpointing
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        hidden = self.embed(ids)
+        for block in self.blocks:
+            if self.checkpointing:
+                hidden = checkpoint(lambda h, block=block: torch.relu(block(h)), hidden, use_reentrant=True)
+            else:
+                hidden = torch.relu(block(hidden))
+        return self.head(hidden)
+
+
+def checkpointed_stack(checkpointing: bool, seed: int = 0) -> CheckpointedStack:
+    torch.manual_seed(seed)
+    return CheckpointedStack(checkpointing)
+
+
+def llama64(seed: int = 0) -> nn.Module:
+    """A 2-layer Llama with hidden size 64 (the 32-wide default is below bitsandbytes' 4-bit block size)."""
+    from models import tiny_llama
+
+    return tiny_llama(seed, hidden=64)
