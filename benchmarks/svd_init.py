@@ -13,8 +13,9 @@ Errors, per layer (Frobenius norms; ``W_r`` is the best rank-``r`` approximation
 - ``principal_err = ||scaling * B @ A - W_r|| / ||W_r||``: 0 for the exact SVD; how far the fast SVD is from it.
 - ``split_err = ||W_res + scaling * B @ A - W|| / ||W||``: whether base + adapter still equals the original weight.
 
-Fast inits run ``--repeats`` times and report the fastest (the machine's noise only ever adds time); the full
-SVD runs once. PEFT's full-SVD rows (the same ``torch.linalg.svd`` call as ours) double the longest part of the
+Each run is timed in wall seconds and in CPU seconds of this process (``time.process_time``, all threads: what
+other processes on a shared machine cannot inflate by taking the cores away). Fast inits run ``--repeats`` times
+and report the fastest; the full SVD runs once. Speed-ups are ratios of CPU seconds. PEFT's full-SVD rows (the same ``torch.linalg.svd`` call as ours) double the longest part of the
 run and are left out unless ``--peft-full`` is given. Prints a table and writes JSON (``--out``); about 4 minutes
 on 2 idle CPU cores.
 """
@@ -23,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,24 +33,28 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
+import harness  # noqa: E402
+
 from lightning_lora import LoraConfig, apply_lora, lora_layers  # noqa: E402
 
 FAST = "pissa_niter_4"
 
 
-def timed(function: Callable[[], nn.Module]) -> tuple[nn.Module, float]:
-    start = time.perf_counter()
+def timed(function: Callable[[], nn.Module]) -> tuple[nn.Module, tuple[float, float]]:
+    """``(result, (wall seconds, CPU seconds))``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = function()
-    return result, time.perf_counter() - start
+    return result, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def ours(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, float]:
+def ours(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, tuple[float, float]]:
     model = copy.deepcopy(base)
     return timed(lambda: apply_lora(model, LoraConfig(r=r, alpha=r, target_modules=targets, init=init)))
 
 
-def peft(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, float]:
+def peft(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, tuple[float, float]]:
     import peft as hf_peft
 
     model = copy.deepcopy(base)
@@ -59,13 +62,15 @@ def peft(base: nn.Module, init: str, r: int, targets) -> tuple[nn.Module, float]
     return timed(lambda: hf_peft.get_peft_model(model, config))
 
 
-def fastest(run: Callable, base: nn.Module, init: str, r: int, targets, repeats: int) -> tuple[nn.Module, list]:
-    """The model of the last run and the seconds of every run (``repeats`` runs for fast inits, one for full SVD)."""
+def fastest(run: Callable, base: nn.Module, init: str, r: int, targets, repeats: int) -> tuple[nn.Module, dict]:
+    """The model of the last run, and the wall and CPU seconds of every run (``repeats`` runs for fast inits, one for
+    the full SVD) with their minima."""
     samples = []
     for _ in range(repeats if init != "pissa" else 1):
         model, seconds = run(base, init, r, targets)
         samples.append(seconds)
-    return model, samples
+    walls, cpus = zip(*samples)
+    return model, {"seconds": min(walls), "cpu_seconds": min(cpus), "wall_samples": walls, "cpu_samples": cpus}
 
 
 def adapter_parts(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -119,12 +124,12 @@ def one_layer(size: int, r: int, spectrum: str, peft_full: bool, repeats: int) -
     originals = {"0": base[0].weight.detach().clone()}
     rows = []
     for library, init, run in runs:
-        model, samples = fastest(run, base, init, r, ["0"], repeats)
+        model, timing = fastest(run, base, init, r, ["0"], repeats)
         parts = adapter_parts(model)
         if best is None:
             best = {name: delta for name, (delta, _) in parts.items()}
         rows.append({"case": f"{size}x{size} {spectrum}", "library": library, "init": init, "layers": 1,
-                     "seconds": min(samples), "samples": samples, **errors(parts, originals, best)})
+                     **timing, **errors(parts, originals, best)})
         del model
     return rows
 
@@ -151,34 +156,34 @@ def whole_model(layers: int, r: int, peft_full: bool, repeats: int) -> tuple[lis
         runs.insert(1, ("peft", "pissa", peft))
     rows, best = [], None
     for library, init, run in runs:
-        model, samples = fastest(run, base, init, r, targets, repeats)
+        model, timing = fastest(run, base, init, r, targets, repeats)
         parts = adapter_parts(model)
         if best is None:
             best = {name: delta for name, (delta, _) in parts.items()}
         with torch.no_grad():
             output_err = float((model(tokens).logits - reference_logits).abs().max())
         rows.append({"case": f"Llama {parameters / 1e6:.0f}M", "library": library, "init": init,
-                     "layers": len(parts), "seconds": min(samples), "samples": samples,
-                     **errors(parts, originals, best), "max_logit_change_at_init": output_err})
+                     "layers": len(parts), **timing, **errors(parts, originals, best),
+                     "max_logit_change_at_init": output_err})
         del model
     return rows, parameters
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'case':<22}{'library':<16}{'init':<15}{'layers':>7}{'seconds':>10}{'principal_err':>15}"
+    header = (f"{'case':<22}{'library':<16}{'init':<15}{'layers':>7}{'wall s':>9}{'CPU s':>9}{'principal_err':>15}"
               f"{'split_err':>11}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['case']:<22}{row['library']:<16}{row['init']:<15}{row['layers']:>7}{row['seconds']:>10.3f}"
-              f"{row['principal_err_mean']:>15.2e}{row['split_err_max']:>11.1e}")
+        print(f"{row['case']:<22}{row['library']:<16}{row['init']:<15}{row['layers']:>7}{row['seconds']:>9.3f}"
+              f"{row['cpu_seconds']:>9.3f}{row['principal_err_mean']:>15.2e}{row['split_err_max']:>11.1e}")
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
-    """Speed-ups per case: our full SVD / our fast, PEFT fast / our fast."""
+    """Speed-ups per case in CPU seconds: our full SVD / our fast, PEFT fast / our fast."""
     result = {}
     for case in dict.fromkeys(row["case"] for row in rows):
-        seconds = {(row["library"], row["init"]): row["seconds"] for row in rows if row["case"] == case}
+        seconds = {(row["library"], row["init"]): row["cpu_seconds"] for row in rows if row["case"] == case}
         fast = seconds[("lightning_lora", FAST)]
         if ("lightning_lora", "pissa") in seconds:
             result[f"{case}: full SVD / {FAST}"] = seconds[("lightning_lora", "pissa")] / fast
@@ -207,11 +212,9 @@ def main() -> None:
     max_change = max(row["max_logit_change_at_init"] for row in model_rows)
     print(f"largest logit change at init over the Llama runs: {max_change:.1e}")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    environment = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                   "platform": platform.platform(), "load_average": os.getloadavg()}
-    args.out.write_text(json.dumps({"rank": args.rank, "size": args.size, "llama_parameters": parameters,
-                                    "environment": environment, "rows": rows, "speedups": speedups}, indent=2))
+    environment = {**harness.machine(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    harness.write_json(args.out, {"rank": args.rank, "size": args.size, "llama_parameters": parameters,
+                                  "environment": environment, "rows": rows, "speedups": speedups})
     print(f"wrote {args.out}")
 
 
