@@ -1,6 +1,7 @@
 """SVD-based inits (PiSSA, fast PiSSA, MiLoRA, OLoRA): numerics against PEFT, kept initial factors, resuming and
-loading without re-running the SVD, meta-device models, removal and rollback. Single process; see
-test_svd_init_distributed.py for DDP/FSDP."""
+loading without re-running the SVD, adapter files, meta-device models, removal and rollback. Single process; see
+test_svd_init_lightning.py (DDP, FSDP2, FSDP1, DeepSpeed through the callback) and test_svd_init_distributed.py
+(sharded meta-device models with plain torch.distributed)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from models import small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from peft_oracle import peft_twin
 
 SVD_INITS = ["pissa", "pissa_niter_4", "milora", "olora"]
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # Hugging Face Conv1D: weight stored [in, out]
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +51,6 @@ def _built(builder) -> nn.Module:
 def fresh(builder=tiny_llama) -> nn.Module:
     """A new copy of a test model (each is built once: building is the slow part)."""
     return copy.deepcopy(_built(builder))
-GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # Hugging Face Conv1D: weight stored [in, out]
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
