@@ -7,6 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.inject import adapter_names, adapter_parameters, saved_module_state
 
 
@@ -100,9 +101,16 @@ def load_adapter_state_dict(
         adapter_name: The adapter to fill.
 
     Raises:
-        ValueError: See :func:`check_adapter_state_dict`.
+        ValueError: See :func:`check_adapter_state_dict`; or the adapter is merged into the base weights (loading
+            new values would make a later unmerge subtract the wrong delta).
     """
     targets = check_adapter_state_dict(model, state_dict, adapter_name)
+    merged = [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is merged into {merged[:3]}...; call unmerge_lora(model) before loading new "
+            "adapter values."
+        )
     for key, target in targets.items():
         copy_into(target, state_dict[key])
     return model
