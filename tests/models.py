@@ -17,13 +17,18 @@ def tiny_llama(seed: int = 0, vocab: int = 96) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0, vocab: int = 96) -> nn.Module:
+def tiny_gpt2(seed: int = 0, vocab: int = 96, tied: bool = True) -> nn.Module:
+    """GPT-2 (HF Conv1D layers); ``tied=False`` gives lm_head its own copy of the token embedding."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, tie_word_embeddings=tied)
+    model = GPT2LMHeadModel(config).eval()
+    if not tied and model.lm_head.weight is model.transformer.wte.weight:
+        model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
+    return model
 
 
 def tiny_bert(seed: int = 0, vocab: int = 96) -> nn.Module:

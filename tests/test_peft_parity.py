@@ -18,7 +18,7 @@ ATOL = 1e-5
 MODELS = {
     # name: (builder, targets, input kind)
     "llama": (tiny_llama, "all-linear", "embeds"),
-    "gpt2": (tiny_gpt2, ["c_attn", "c_proj", "c_fc", "wte"], "tokens"),
+    "gpt2": (lambda: tiny_gpt2(tied=False), ["c_attn", "c_proj", "c_fc", "wte"], "tokens"),
     "bert": (tiny_bert, ["query", "value", "dense", "word_embeddings"], "tokens"),
     "convnet": (small_convnet, ["conv1", "conv2", "fc"], "image"),
 }

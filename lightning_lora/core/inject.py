@@ -124,6 +124,7 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     options = {"device": layer.weight.device, "dtype": adapter_dtype(layer.weight)}
     layer.lora_A[adapter_name] = nn.Parameter(torch.zeros(shape_A, **options))
     layer.lora_B[adapter_name] = nn.Parameter(torch.zeros(shape_B, **options))
+    VARIANTS[settings.variant].add_parameters(layer, adapter_name, **options)
     layer.lora_settings[adapter_name] = settings
     layer.active_adapters.append(adapter_name)
     initialize_adapter(layer, adapter_name)  # deferred while the weights are on the meta device

@@ -79,8 +79,9 @@ class LoraLayer(nn.Module):
         """``(in_features, out_features, kernel_size)`` as seen by the adapter."""
         raise NotImplementedError
 
-    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        """``B(A(h))`` without scaling, shaped like the base output."""
+    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``scaling * B(A(h))``, shaped like the base output. Kinds scale the rank-``r`` intermediate, which is
+        ``out / r`` times smaller than the output."""
         raise NotImplementedError
 
     def channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
@@ -94,11 +95,6 @@ class LoraLayer(nn.Module):
         return x if x.dtype == dtype else x.to(dtype)
 
     # ----- shared behaviour -----
-    @staticmethod
-    def add_scaled(result: torch.Tensor, update: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``result + scaling * update`` in one kernel, in ``result``'s dtype."""
-        return torch.add(result, update if update.dtype == result.dtype else update.to(result.dtype), alpha=scaling)
-
     def max_rank(self) -> int:
         in_features, out_features, kernel = self.lora_dims()
         return min(in_features * math.prod(kernel), out_features)
@@ -184,8 +180,8 @@ class LinearAdapters(LoraLayer):
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_features, self.out_features, ()
 
-    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(h, lora_A), lora_B)
+    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+        return F.linear(F.linear(h, lora_A) * scaling, lora_B)
 
 
 class TransposedLinearAdapters(LinearAdapters):
@@ -212,11 +208,11 @@ class EmbeddingAdapters(LoraLayer):
     def adapter_input(self, x: torch.Tensor, dropout: float, dtype: torch.dtype) -> torch.Tensor:
         return x
 
-    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         looked_up = F.embedding(
             h, lora_A.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
-        output = looked_up @ lora_B.t()
+        output = (looked_up * scaling) @ lora_B.t()
         embed_scale = getattr(self, "embed_scale", None)
         return output if embed_scale is None else output * embed_scale.to(output.dtype)
 
@@ -230,9 +226,9 @@ class ConvAdapters(LoraLayer):
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_channels, self.out_channels, tuple(self.kernel_size)
 
-    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+    def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         hidden = self._conv_forward(h, lora_A, None)  # the base's own geometry, padding_mode included
-        return self._CONV_FN[lora_B.dim()](hidden, lora_B)
+        return self._CONV_FN[lora_B.dim()](hidden * scaling, lora_B)
 
     def channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
         return per_channel.view(1, -1, *([1] * len(self.kernel_size)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,8 +20,11 @@ class AdapterVariant:
 
     parameter_dicts: tuple[str, ...] = ()
 
+    def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
+        """Create the variant's own tensors for a new adapter (values come later, from :meth:`init`)."""
+
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
-        """Create or reset the variant's own tensors once ``lora_A``/``lora_B`` hold their initial values."""
+        """Set the variant's own tensors once ``lora_A``/``lora_B`` hold their initial values."""
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Return ``result`` (the output so far) with this adapter's contribution for input ``x``."""

@@ -7,7 +7,7 @@ base output ``Wx = result - bias`` the layer output becomes ``(m / n) * (Wx + s 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,15 +36,15 @@ class DoraVariant(AdapterVariant):
         )
         return torch.linalg.vector_norm(combined, dim=1)
 
-    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+    def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
         if "lora_magnitude" not in layer._modules:
             layer.lora_magnitude = nn.ParameterDict()
-        lora_A = layer.lora_A[adapter_name]
-        magnitude = self.weight_norm(layer, adapter_name, layer.base_weight_out_in()).to(lora_A.dtype)
-        if adapter_name in layer.lora_magnitude:
-            layer.lora_magnitude[adapter_name].data.copy_(magnitude)
-        else:
-            layer.lora_magnitude[adapter_name] = nn.Parameter(magnitude, requires_grad=lora_A.requires_grad)
+        out_features = layer.lora_dims()[1]
+        layer.lora_magnitude[adapter_name] = nn.Parameter(torch.zeros(out_features, **tensor_options))
+
+    @torch.no_grad()
+    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+        layer.lora_magnitude[adapter_name].copy_(self.weight_norm(layer, adapter_name, layer.base_weight_out_in()))
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         settings = layer.lora_settings[adapter_name]
@@ -53,17 +53,17 @@ class DoraVariant(AdapterVariant):
         norm = self.weight_norm(layer, adapter_name, layer.base_weight_out_in())
         scale = layer.channel_view(magnitude / norm.to(magnitude.dtype)).to(result.dtype)
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
-        update = layer.lora_output(h, lora_A, lora_B)
+        update = layer.lora_output(h, lora_A, lora_B, settings.scaling).to(result.dtype)
         bias = layer.channel_view(layer.bias) if getattr(layer, "bias", None) is not None else None
         if not (layer.training and settings.dropout > 0.0):
             # The base output for this input is already in ``result``: rescale it instead of a second matmul.
-            combined = layer.add_scaled(result if bias is None else result - bias, update, settings.scaling)
+            combined = (result if bias is None else result - bias) + update
             return combined * scale if bias is None else combined * scale + bias
         # With dropout the adapter sees another input than the base did, so W(dropout(x)) is computed (as PEFT).
         base_on_h = layer.base_class.forward(layer, h.to(result.dtype))
         if bias is not None:
             base_on_h = base_on_h - bias
-        return result + (scale - 1) * base_on_h + scale * (update * settings.scaling).to(result.dtype)
+        return result + (scale - 1) * base_on_h + scale * update
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         weight_out_in = layer.weight_out_in(weight)

@@ -19,7 +19,8 @@ class LoraVariant(AdapterVariant):
         settings = layer.lora_settings[adapter_name]
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
-        return layer.add_scaled(result, layer.lora_output(h, lora_A, lora_B), settings.scaling)
+        update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
+        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight + layer.delta_weight(adapter_name)

@@ -1,0 +1,122 @@
+"""Merging adapters into the base weights, unmerging, and unloading."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lora import (
+    LoraConfig,
+    LoraLayer,
+    apply_lora,
+    disable_adapters,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+
+CONFIGS = {
+    "lora": LoraConfig(r=4, target_modules="all-linear"),
+    "dora": LoraConfig(r=4, target_modules="all-linear", use_dora=True),
+    "gpt2-embedding": LoraConfig(r=4, target_modules=["c_attn", "c_fc", "wte"], use_dora=True),
+}
+
+
+def _model(name: str) -> nn.Module:
+    model = tiny_gpt2(tied=False) if name.startswith("gpt2") else tiny_llama()
+    apply_lora(model, CONFIGS[name])
+    randomize_adapters(model)
+    return model
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_merged_forward_equals_unmerged_forward(name: str) -> None:
+    model = _model(name)
+    tokens = token_batch()
+    expected = model(tokens).logits
+    merge_lora(model)
+    assert all(layer.merged_adapters == ["default"] for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_merge_then_unmerge_restores_the_weights(name: str) -> None:
+    model = _model(name)
+    before = copy.deepcopy(model.state_dict())
+    merge_lora(model)
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    unmerge_lora(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=1e-6, rtol=1e-6, msg=key)
+
+
+def test_merge_and_unload_returns_plain_modules_with_the_same_outputs() -> None:
+    model = _model("gpt2-embedding")
+    tokens = token_batch()
+    expected = model(tokens).logits
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert type(plain.transformer.wte) is nn.Embedding
+    assert not any(".lora_" in k for k in plain.state_dict())
+    reference = tiny_gpt2(tied=False)
+    assert plain.state_dict().keys() == reference.state_dict().keys()
+    torch.testing.assert_close(plain(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_refuses_a_weight_tied_to_another_module() -> None:
+    model = apply_lora(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn", "wte"]))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match="lm_head"):
+        merge_lora(model)
+    assert not any(layer.merged_adapters for _, layer in lora_layers(model))
+
+
+def test_merge_refuses_nan_and_leaves_every_weight_unchanged() -> None:
+    model = _model("lora")
+    before = copy.deepcopy(model.state_dict())
+    last = lora_layers(model)[-1][1]
+    with torch.no_grad():
+        last.lora_B["default"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        merge_lora(model)
+    after = model.state_dict()
+    for key, value in before.items():
+        if ".lora_" not in key:
+            assert torch.equal(after[key], value), key
+    assert not any(layer.merged_adapters for _, layer in lora_layers(model))
+
+
+def test_disable_adapters_gives_base_outputs_and_restores_merged_state() -> None:
+    base = tiny_llama()
+    tokens = token_batch()
+    expected = base(tokens).logits
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, use_dora=True))
+    randomize_adapters(model)
+    adapted = model(tokens).logits
+    merge_lora(model)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    assert all(layer.merged_adapters == ["default"] for _, layer in lora_layers(model))
+    torch.testing.assert_close(model(tokens).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_without_merge_restores_the_base_model() -> None:
+    base = tiny_bert()
+    tokens = token_batch()
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["query", "word_embeddings"]))
+    randomize_adapters(model)
+    merge_lora(model)
+    unload_lora(model)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    torch.testing.assert_close(model(tokens).logits, base(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_needs_adapters() -> None:
+    with pytest.raises(ValueError, match="apply_lora"):
+        merge_lora(tiny_llama())
