@@ -56,6 +56,21 @@ class SentimentClassifier(L.LightningModule):
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2) shard each encoder layer, then the whole module.
+
+        ``LoraCallback`` adds the adapters in ``setup``, before this hook, so they are sharded with their layers.
+        Does nothing on one device or under DDP, and nothing the second time (validate/test after fit).
+        """
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.encoder.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.head(mean_pool(hidden, attention_mask))
