@@ -3,6 +3,7 @@
 Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
+from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.inject import (
     adapter_names,
@@ -17,6 +18,8 @@ from lightning_lora.core.inject import (
 )
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
+from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
+from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 
@@ -31,11 +34,18 @@ __all__ = [
     "disable_adapters",
     "get_lora_config",
     "initialize_pending_adapters",
+    "load_adapter",
     "load_adapter_state_dict",
+    "load_merged_state_dict",
+    "lora_config_from_peft",
     "lora_layers",
     "mark_only_adapters_trainable",
     "merge_and_unload",
     "merge_lora",
+    "peft_adapter_state",
+    "read_adapter_config",
+    "save_adapter",
+    "save_merged_model",
     "set_active_adapters",
     "trainable_parameters_summary",
     "unload_lora",

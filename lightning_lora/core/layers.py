@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight
 from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.variants import VARIANTS
 
 
 @dataclass
@@ -130,8 +131,6 @@ class LoraLayer(nn.Module):
         result = super().forward(x, *args, **kwargs)
         if self.adapters_disabled:
             return result
-        from lightning_lora.core.variants import VARIANTS
-
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 result = VARIANTS[self.lora_settings[name].variant].forward(self, name, x, result)

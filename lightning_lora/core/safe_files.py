@@ -1,0 +1,133 @@
+"""Files on disk: crash-safe directory writes and safetensors reading/writing with clear errors.
+
+Writes stage every file beside the target, then move the files in, the entry file last.
+
+A reader opens a saved folder through one entry file (``adapter_config.json`` for an adapter, the index or
+``model.safetensors`` for a merged model). The staging folder lives in the target's parent, so every move is a
+same-filesystem ``rename``. A new target folder appears in one rename; into an existing folder the old entry file is
+removed first and the new one moved in last, so an interrupted save leaves either the complete new files or a folder
+without an entry file (which fails to load with a clear error), never a mix that loads. Other files in an existing
+folder (a tokenizer, a README) are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_writer() -> bool:
+    """True on the process that writes files: global rank 0, or the only process."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def staging_directory(directory: PathLike) -> Iterator[Path]:
+    """An empty folder on the same filesystem as ``directory``, deleted on exit whatever happens.
+
+    Raises:
+        FileExistsError: ``directory`` exists and is not a folder.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; choose a directory path to save into.")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0o700 mode would stay on a new directory published by renaming the staging folder.
+    staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish(staging: Path, directory: PathLike, entry_file: str, stale: Iterable[str] = ()) -> None:
+    """Move the staged files into ``directory``; ``entry_file`` (staged) is the one moved last.
+
+    Args:
+        staging: Folder from :func:`staging_directory` holding the complete new files.
+        directory: Target folder, created if missing.
+        entry_file: Name of the file readers open first.
+        stale: Names of files from an earlier save that must not survive next to the new ones (old shards).
+    """
+    directory = Path(directory)
+    files = sorted(p.name for p in staging.iterdir())
+    if entry_file not in files:
+        raise RuntimeError(f"{entry_file} was not staged; nothing was written to {directory}.")
+    for name in files:
+        _fsync_file(staging / name)
+    _fsync_dir(staging)
+    if not directory.exists():
+        try:
+            os.rename(staging, directory)
+            _fsync_dir(directory.parent)
+            return
+        except OSError:
+            if not directory.is_dir():  # lost a race with another writer that created it: fall through
+                raise
+    old_entry = directory / entry_file
+    if old_entry.exists():
+        old_entry.unlink()
+        _fsync_dir(directory)
+    for name in set(stale) - set(files):
+        (directory / name).unlink(missing_ok=True)
+    for name in [n for n in files if n != entry_file] + [entry_file]:
+        os.replace(staging / name, directory / name)
+    _fsync_dir(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the renames durable on POSIX; directories cannot be opened this way on Windows.
+    with contextlib.suppress(OSError):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """Write tensors (moved to CPU, made contiguous; tensors sharing memory are copied) to one safetensors file."""
+    seen: set[int] = set()
+    ready = {}
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        storage = value.untyped_storage().data_ptr()
+        if value.numel() and storage in seen:
+            value = value.clone()  # safetensors refuses aliased tensors
+        seen.add(storage)
+        ready[key] = value
+    save_file(ready, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors of a safetensors file and its metadata.
+
+    Raises:
+        ValueError: The file is truncated or corrupt.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or corrupt. Save it again (or copy "
+            "it again from its source)."
+        ) from None
