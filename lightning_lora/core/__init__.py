@@ -19,6 +19,7 @@ from lightning_lora.core.inject import (
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
+from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
@@ -32,6 +33,7 @@ __all__ = [
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
+    "freeze_lora_A",
     "get_lora_config",
     "initialize_pending_adapters",
     "load_adapter",
@@ -39,6 +41,7 @@ __all__ = [
     "load_merged_state_dict",
     "lora_config_from_peft",
     "lora_layers",
+    "lora_param_groups",
     "mark_only_adapters_trainable",
     "merge_and_unload",
     "merge_lora",

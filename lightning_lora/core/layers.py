@@ -47,6 +47,17 @@ class AdapterSettings:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+class AdapterDict(nn.ParameterDict):
+    """``{adapter name: tensor}`` for one kind of adapter tensor of a LoRA layer.
+
+    The owning layer initialises these tensors (``LoraLayer.reset_parameters``); the no-op ``reset_parameters``
+    here tells meta-device materialisers (Lightning's FSDP2 setup, torchtitan) that nothing is left uninitialised.
+    """
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class LoraLayer(nn.Module):
     """Adapter bookkeeping and forward shared by every LoRA layer kind. Never instantiated directly.
 
@@ -67,8 +78,8 @@ class LoraLayer(nn.Module):
     kind_mixin: type[LoraLayer]
 
     def _init_lora_state(self) -> None:
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self.lora_A = AdapterDict()
+        self.lora_B = AdapterDict()
         self.lora_settings: dict[str, AdapterSettings] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

@@ -17,11 +17,6 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA adapters to merge; add them with apply_lora(model, config).")
-    owners: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(module_name)
     plan = []
     for name, layer in layers:
         wanted = layer.active_adapters if adapter_names is None else adapter_names
@@ -32,15 +27,25 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
                 f"{name}: a DoRA adapter can only be merged alone (its norm is taken over the unmerged base weight); "
                 "merge one adapter at a time with merge_lora(model, adapter_names=[name]) after unmerge_lora(model)."
             )
-        sharing = [n for n in owners.get(id(layer.weight), []) if n != name]
-        if pending and sharing:
-            raise ValueError(
-                f"{name} shares its weight with {sharing} (tied weights, e.g. tied input/output embeddings): merging "
-                "would change both. Leave it out of target_modules, or untie the weights before apply_lora."
-            )
         if pending:
             plan.append((name, layer, pending))
     return plan
+
+
+def _refuse_tied_weights(model: nn.Module, plan: list[tuple[str, LoraLayer, list[str]]]) -> None:
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module_name)
+    for name, layer, _ in plan:
+        sharing = [n for n in owners.get(id(layer.weight), []) if n != name]
+        if sharing:
+            raise ValueError(
+                f"{name} shares its weight with {sharing} (tied weights, e.g. tied input/output embeddings): merging "
+                "in place would change both. Leave it out of target_modules, untie the weights before apply_lora, or "
+                "write a merged copy with save_merged_model (which unties them)."
+            )
 
 
 def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe: bool = True) -> nn.Module:
@@ -57,6 +62,7 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
             cannot be merged together.
     """
     plan = _merge_plan(model, adapter_names)
+    _refuse_tied_weights(model, plan)
     if safe:
         for name, layer, pending in plan:
             weight = dense_weight(layer)

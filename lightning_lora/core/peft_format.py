@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.initializers import check_init_name, weight_dependent_init
 from lightning_lora.core.inject import (
     SAVED_WITH,
@@ -113,13 +114,6 @@ def svd_init_factors(layer: LoraLayer, adapter_name: str) -> Optional[tuple[torc
     if init_A is None or init_B is None or adapter_name not in init_A:
         return None
     return init_A[adapter_name], init_B[adapter_name]
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor shard (a collective: every rank must call), else the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 # ----- export -----

@@ -44,12 +44,35 @@ def check_adapter_state_dict(
         ValueError: Missing keys, unexpected keys or shape mismatches, listed with the likely fix.
     """
     expected = adapter_state_dict(model, adapter_name)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    problems = key_and_shape_problems(
+        {k: tuple(v.shape) for k, v in expected.items()},
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        unexpected=[k for k in state_dict if k not in expected],
+    )
+    if problems:
+        raise ValueError(
+            f"The adapter state does not fit adapter {adapter_name!r} of this model: " + "; ".join(problems) + ". "
+            "It was made with another LoraConfig (r, target_modules, use_dora, modules_to_save) or another model: "
+            "build the model with the config the adapter was trained with."
+        )
+    return expected
+
+
+def key_and_shape_problems(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], unexpected: list[str]
+) -> list[str]:
+    """What is wrong between the shapes a model expects and those a file holds, phrased for an error message.
+
+    Args:
+        expected: ``{key: shape}`` the model needs.
+        found: ``{key: shape}`` the file holds.
+        unexpected: Keys of ``found`` to report as not belonging to the model.
+    """
+    missing = [k for k in expected if k not in found]
     wrong_shape = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}"
         for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        if k in found and tuple(found[k]) != tuple(expected[k])
     ]
     problems = []
     if missing:
@@ -58,13 +81,7 @@ def check_adapter_state_dict(
         problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:3]}")
     if wrong_shape:
         problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
-    if problems:
-        raise ValueError(
-            f"The adapter state does not fit adapter {adapter_name!r} of this model: " + "; ".join(problems) + ". "
-            "It was made with another LoraConfig (r, target_modules, use_dora, modules_to_save) or another model: "
-            "build the model with the config the adapter was trained with."
-        )
-    return expected
+    return problems
 
 
 @torch.no_grad()

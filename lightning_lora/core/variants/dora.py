@@ -37,8 +37,10 @@ class DoraVariant(AdapterVariant):
         return torch.linalg.vector_norm(combined, dim=1)
 
     def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
+        from lightning_lora.core.layers import AdapterDict  # layers imports the variants
+
         if "lora_magnitude" not in layer._modules:
-            layer.lora_magnitude = nn.ParameterDict()
+            layer.lora_magnitude = AdapterDict()
         out_features = layer.lora_dims()[1]
         layer.lora_magnitude[adapter_name] = nn.Parameter(torch.zeros(out_features, **tensor_options))
 

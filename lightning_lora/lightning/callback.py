@@ -1,0 +1,412 @@
+r"""
+LoRA callback
+=============
+
+Adds LoRA adapters to the model of a ``Trainer`` run at the right moment, freezes the base model, keeps checkpoints
+down to the adapters, and can merge the adapters into the base weights when training ends.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from types import MethodType
+from typing import Any, Iterator, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.distributed import (
+    barrier,
+    clean_name,
+    is_sharded,
+    register_zero3_external_parameters,
+    reshard_fsdp2,
+)
+from lightning_lora.core.inject import (
+    adapter_names,
+    apply_lora,
+    get_lora_config,
+    initialize_pending_adapters,
+)
+from lightning_lora.core.layers import lora_layers
+from lightning_lora.core.merge import merge_lora, unmerge_lora
+from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
+from lightning_lora.core.param_groups import freeze_lora_A
+from lightning_lora.core.safe_files import is_writer, write_safetensors
+from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
+from lightning_lora.core.targeting import find_targets
+from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
+
+
+
+class LoraCallback(Callback):
+    r"""Train a model with LoRA adapters: inject them, freeze the base, checkpoint only what trains.
+
+    When the adapters are added:
+
+    - A model built in ``__init__``: in :meth:`setup`, before ``configure_model`` (so a ``fully_shard`` there shards
+      the adapters with their layers).
+    - A model built in ``configure_model``: right after it, before the strategy wraps the model (DDP, FSDP,
+      DeepSpeed) and before ``configure_optimizers``. If ``configure_model`` also shards the model (FSDP2), call
+      :func:`inject_adapters` inside it before ``fully_shard``.
+
+    Adding is idempotent: ``fit``, ``validate``, ``test``, ``predict`` and repeated ``fit`` calls reuse the adapter.
+    Adapters created on the meta device are initialised at fit start, after the strategy has materialised the model
+    and before a checkpoint is restored (a restored adapter is never re-initialised).
+
+    At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
+    every trainable tensor and no frozen one.
+
+    Checkpoints hold the adapter tensors, ``modules_to_save``, trained biases and any other trainable parameter,
+    plus the optimizer and loop state (also with ``ModelCheckpoint(save_weights_only=True)``, and as sharded
+    checkpoints under ``ModelParallelStrategy``/``FSDPStrategy``; DeepSpeed gets ``exclude_frozen_parameters``).
+    Loading one checks first that every adapter tensor is there with the model's shape, and that the adapter was
+    trained with the same ``LoraConfig``.
+
+    Args:
+        config: What to adapt and how.
+        adapter_name: Name of the adapter.
+        submodule: Attribute path of the module to adapt inside the LightningModule (``"model"``); default: the
+            whole LightningModule. Merged weights are written with this module's state-dict keys.
+        lora_fa: LoRA-FA: freeze the ``A`` matrices at their init, train ``B`` only.
+        adapter_only_checkpoints: Keep checkpoints down to what trains. False: full checkpoints.
+        check_optimizer: Raise at fit start when the optimizer misses trainable tensors or holds frozen ones.
+        merge_on_fit_end: When training ends, merge the adapter into the base weights (the model stays merged; a
+            later ``fit`` unmerges it first).
+        merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights to this directory as a merged
+            export (:func:`~lightning_lora.save_merged_model`: ``model.safetensors`` or shards, the ``submodule``'s
+            keys without adapter tensors, ``config.json`` for Hugging Face models), from rank 0, gathered when the
+            model is sharded.
+
+    Raises:
+        TypeError: ``config`` is not a ``LoraConfig``.
+        ValueError: An invalid ``adapter_name``, or ``merged_weights_dir`` without ``merge_on_fit_end``.
+
+    Example::
+
+        import lightning as L
+        import torch
+        from lightning_lora import LoraCallback, LoraConfig, lora_param_groups
+
+        class Regression(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                return torch.nn.functional.mse_loss(self.model(x), y)
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(lora_param_groups(self, lr=1e-3))
+
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1)), batch_size=8
+        )
+        lora = LoraCallback(LoraConfig(r=4, alpha=8, target_modules=["model.0"]))
+        L.Trainer(callbacks=[lora], max_epochs=1).fit(Regression(), data)  # trains the adapter on model.0 only
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        adapter_name: str = "default",
+        submodule: Optional[str] = None,
+        lora_fa: bool = False,
+        adapter_only_checkpoints: bool = True,
+        check_optimizer: bool = True,
+        merge_on_fit_end: bool = False,
+        merged_weights_dir: Optional[Union[str, Path]] = None,
+    ) -> None:
+        if not isinstance(config, LoraConfig):
+            raise TypeError(
+                f"config must be a LoraConfig, got {type(config).__name__}; build one with "
+                "LoraConfig(r=..., target_modules=[...])."
+            )
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
+        if submodule is not None and (not isinstance(submodule, str) or not submodule):
+            raise ValueError(f"submodule must be an attribute path such as 'model', got {submodule!r}.")
+        if merged_weights_dir is not None and not merge_on_fit_end:
+            raise ValueError("merged_weights_dir is only written with merge_on_fit_end=True; set both or neither.")
+        self.config = config
+        self.adapter_name = adapter_name
+        self.submodule = submodule
+        self.lora_fa = lora_fa
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        self.check_optimizer = check_optimizer
+        self.merge_on_fit_end = merge_on_fit_end
+        self.merged_weights_dir = Path(merged_weights_dir) if merged_weights_dir is not None else None
+        self._summary: Optional[TrainableSummary] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(adapter_name=self.adapter_name)
+
+    # ----- injection -----
+    def target(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
+        """The module the adapter goes into (``submodule`` of ``pl_module``), or None while it does not exist."""
+        module: Any = pl_module
+        for attribute in self.submodule.split(".") if self.submodule else ():
+            module = getattr(module, attribute, None)
+        return module if isinstance(module, nn.Module) else None
+
+    def inject(self, pl_module: pl.LightningModule) -> bool:
+        """Add the adapter to ``pl_module`` now, unless it is already there.
+
+        Returns:
+            Whether the adapter was added.
+
+        Raises:
+            ValueError: The module to adapt does not exist, the model has this adapter with another config, or the
+                model is already sharded (adapters must be added before ``fully_shard``).
+        """
+        target = self.target(pl_module)
+        if target is None:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no module at {self.submodule!r} to add LoRA adapters to; build it in "
+                "__init__ or configure_model, or fix LoraCallback(submodule=...)."
+            )
+        if self.adapter_name in adapter_names(target):
+            existing = get_lora_config(target, self.adapter_name)
+            if existing != self.config:
+                raise ValueError(
+                    f"The model already has an adapter {self.adapter_name!r} made with another LoraConfig "
+                    f"({existing}); give this callback another adapter_name or the same config."
+                )
+            return False
+        if is_sharded(target):
+            raise ValueError(
+                f"{type(pl_module).__name__} was sharded in configure_model before the LoRA adapters were added, so "
+                "they would not be sharded with their layers. Call lightning_lora.inject_adapters(self) inside "
+                "configure_model after building the model and before fully_shard, or build the model in __init__."
+            )
+        apply_lora(target, self.config, self.adapter_name)
+        if self.lora_fa:
+            freeze_lora_A(target, self.adapter_name)
+        trainer = pl_module._trainer
+        if trainer is not None and _is_zero3(trainer.strategy):
+            register_zero3_external_parameters(target)
+        remember_adapter_shapes(pl_module)
+        self._summary = trainable_parameters_summary(pl_module)
+        return True
+
+    def _can_inject_now(self, pl_module: pl.LightningModule) -> bool:
+        if not is_overridden("configure_model", pl_module):
+            return True  # nothing else will build the model: inject now, and let errors surface now
+        target = self.target(pl_module)
+        if target is None:
+            return False
+        if self.adapter_name in adapter_names(target):
+            return True
+        try:
+            find_targets(target, self.config)
+        except ValueError:
+            return False  # the layers are built in configure_model
+        return True
+
+    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
+        # A plain function bound to the instance: ``functools.wraps`` would set ``__wrapped__``, which
+        # ``is_overridden`` follows, and Lightning would then skip the hook. Binding (not a closure over
+        # ``pl_module``) keeps ``copy.deepcopy(pl_module)`` pointing at the copy.
+        current = pl_module.configure_model
+        if self in getattr(current, "_lora_callbacks", ()):
+            return
+        original = current.__func__ if isinstance(current, MethodType) and current.__self__ is pl_module else None
+        callback = self
+
+        def configure_model(module: pl.LightningModule) -> None:
+            if original is not None:
+                original(module)
+            else:
+                current()
+            callback.inject(module)
+
+        configure_model._lora_callbacks = (*getattr(current, "_lora_callbacks", ()), self)  # type: ignore[attr-defined]
+        pl_module.configure_model = MethodType(configure_model, pl_module)  # type: ignore[method-assign]
+
+    # ----- hooks -----
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_strategy(trainer)
+        if self._can_inject_now(pl_module):
+            self.inject(pl_module)
+        else:
+            self._inject_after_configure_model(pl_module)
+        patch_strategy_checkpointing(trainer.strategy, lora_callbacks)
+        if self.adapter_only_checkpoints and isinstance(trainer.strategy, DeepSpeedStrategy):
+            trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own checkpoints
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        if self.merge_on_fit_end and _is_zero3(trainer.strategy):
+            raise ValueError(
+                "merge_on_fit_end is not supported with DeepSpeed ZeRO-3 (the base weights are partitioned); train "
+                "with merge_on_fit_end=False and merge the saved adapter afterwards with merge_and_unload."
+            )
+        others = [c for c in trainer.callbacks if isinstance(c, LoraCallback) and c is not self]
+        if any(c.adapter_only_checkpoints != self.adapter_only_checkpoints for c in others):
+            raise ValueError("All LoraCallbacks of a Trainer must agree on adapter_only_checkpoints.")
+        if any(c.adapter_name == self.adapter_name for c in others):
+            raise ValueError(f"Two LoraCallbacks use adapter_name={self.adapter_name!r}; give each its own name.")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        target = self.target(pl_module)
+        if target is None or self.adapter_name not in adapter_names(target):
+            raise RuntimeError(
+                f"The LoRA adapter {self.adapter_name!r} is missing at fit start: configure_model replaced the model "
+                "after it was added. Make configure_model idempotent (return early when the model exists)."
+            )
+        if any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target)):
+            rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
+            with _full_parameters(trainer.strategy):
+                reshard_fsdp2(target)
+                unmerge_lora(target)
+        initialize_pending_adapters(target)
+        if self.check_optimizer:
+            check_optimizer_holds_trainable_parameters(trainer, pl_module)
+        summary = self._summary or trainable_parameters_summary(pl_module)
+        rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {summary}")
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before the strategy's teardown: the model is still wrapped/sharded and the process group alive.
+        if not self.merge_on_fit_end:
+            return
+        target = self.target(pl_module)
+        with _full_parameters(trainer.strategy):
+            reshard_fsdp2(target)
+            merge_lora(target, adapter_names=[self.adapter_name])
+            reshard_fsdp2(target)
+        rank_zero_info(f"Merged LoRA adapter {self.adapter_name!r} into the base weights.")
+        if self.merged_weights_dir is not None:
+            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir, self.adapter_name)
+            rank_zero_info(f"Wrote the merged weights to {path}.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"adapter_name": self.adapter_name, "config": self.config.to_dict()}
+
+
+def inject_adapters(pl_module: pl.LightningModule) -> None:
+    """Add the adapters of every :class:`LoraCallback` of the module's Trainer now (those of ``LoraMixin`` too).
+
+    For ``configure_model`` hooks that build and shard the model (FSDP2): call it between the two, so the adapters
+    are sharded with their layers. Idempotent.
+
+    Raises:
+        ValueError: The module is not attached to a Trainer with a LoraCallback (or is not a LoraMixin).
+
+    Example::
+
+        def configure_model(self):
+            if self.model is not None:
+                return
+            self.model = build_model()
+            inject_adapters(self)
+            for block in self.model.blocks:
+                fully_shard(block, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+    """
+    callbacks = lora_callbacks(pl_module)
+    if not callbacks:
+        raise ValueError(
+            f"{type(pl_module).__name__} has no LoRA adapters to add: pass LoraCallback(config) to the Trainer, or "
+            "derive the module from LoraMixin."
+        )
+    for callback in callbacks:
+        callback.inject(pl_module)
+
+
+def lora_callbacks(pl_module: pl.LightningModule) -> list[LoraCallback]:
+    """The LoraCallbacks of the Trainer ``pl_module`` is attached to (with a LoraMixin's own)."""
+    trainer = pl_module._trainer
+    found = [c for c in trainer.callbacks if isinstance(c, LoraCallback)] if trainer is not None else []
+    own = getattr(pl_module, "lora_callback", None)
+    return found if own is None or own in found else [*found, own]
+
+
+def check_optimizer_holds_trainable_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise when the optimizers miss a trainable parameter of ``pl_module`` or hold a frozen one.
+
+    Raises:
+        ValueError: With the parameters concerned and how to build the optimizer instead.
+    """
+    if not trainer.optimizers or isinstance(trainer.strategy, DeepSpeedStrategy):
+        return  # DeepSpeed's optimizer holds flattened copies, not the module's parameters
+    held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+    missing, frozen = [], []
+    for name, parameter in pl_module.named_parameters():
+        if parameter.requires_grad and id(parameter) not in held:
+            missing.append(clean_name(name))
+        elif not parameter.requires_grad and id(parameter) in held:
+            frozen.append(clean_name(name))
+    if not missing and not frozen:
+        return
+    problems = []
+    if missing:
+        problems.append(f"misses {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    if frozen:
+        problems.append(f"holds {len(frozen)} frozen tensor(s), e.g. {frozen[:3]}")
+    raise ValueError(
+        "The optimizer does not match the LoRA training setup: it " + " and ".join(problems) + ". It was built "
+        "from parameters collected before the adapters were added (LightningCLI's automatic optimizer does that), or "
+        "from all parameters. Build it in configure_optimizers from the trainable parameters, e.g. "
+        "torch.optim.AdamW(lightning_lora.lora_param_groups(self, lr=1e-4)); with LightningCLI use "
+        "auto_configure_optimizers=False and an `optimizer: OptimizerCallable` module argument (LoraMixin has one). "
+        "To skip this check: LoraCallback(check_optimizer=False)."
+    )
+
+
+def write_merged_weights(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path, adapter_name: str
+) -> Path:
+    """Write ``target`` with ``adapter_name`` merged (already merged in place, or merged now from copies) to
+    ``directory`` as a merged export (``model.safetensors``, or shards with an index; ``config.json`` for Hugging
+    Face models), from rank 0. Sharded tensors are gathered first, so every rank takes part.
+
+    Returns:
+        The directory.
+    """
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        reshard_fsdp2(target)
+        return save_merged_model(target, directory, adapter_names=[adapter_name])
+    # FSDP1 flattens parameters: gather the full state dict on rank 0 through FSDP itself.
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, config):
+        state = trainer.strategy.model.state_dict()
+    name = next(clean_name(name) for name, module in pl_module.named_modules() if module is target)
+    prefix = f"{name}." if name else ""
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not is_adapter_key(k)}
+    if is_writer():
+        directory.mkdir(parents=True, exist_ok=True)
+        write_safetensors(directory / SINGLE_FILE_NAME, state)
+    barrier()
+    return directory
+
+
+@contextmanager
+def _full_parameters(strategy: Any) -> Iterator[None]:
+    """Under FSDP1, unshard every parameter for in-place edits (written back on exit); elsewhere a no-op."""
+    if not isinstance(strategy, FSDPStrategy):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(strategy.model, writeback=True):
+        yield
+
+
+def _is_zero3(strategy: Any) -> bool:
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
