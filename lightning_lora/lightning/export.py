@@ -66,8 +66,15 @@ class AdapterExport(Callback):
         Raises:
             ValueError: ``pl_module`` has no module at ``submodule``.
         """
-        module = pl_module.get_submodule(self.submodule) if self.submodule else pl_module
-        return module
+        if not self.submodule:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.submodule)
+        except AttributeError as error:
+            raise ValueError(
+                f"{type(pl_module).__name__} has no module {self.submodule!r} to save the adapter of; fix "
+                "AdapterExport(submodule=...) to match LoraCallback(submodule=...)."
+            ) from error
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
