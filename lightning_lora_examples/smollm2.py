@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_lora import LoraMixin
 from lightning_lora_examples.assets import smollm2_gguf, tweets_csv
 from lightning_lora_examples.tweets import LABELS, Tweet, read_tweets, split_tweets
 
@@ -180,28 +180,29 @@ class PromptedTweetsDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-class CausalLMSentiment(L.LightningModule):
-    """A causal LM fine-tuned to complete ``"Tweet: ...\\nSentiment:"`` with the right label.
+class CausalLMSentiment(LoraMixin, L.LightningModule):
+    """A causal LM fine-tuned with LoRA to complete ``"Tweet: ...\\nSentiment:"`` with the right label.
 
-    Module names are those of the Hugging Face model under ``model.`` (Llama: ``q_proj``, ``k_proj``, ``v_proj``,
-    ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``).
+    The adapter comes from :class:`~lightning_lora.LoraMixin` (``lora_config``, ``optimizer``, ``scheduler``,
+    ``loraplus_lr_ratio``, ...) and goes into the Hugging Face model at ``self.model`` (``submodule="model"``), so an
+    exported adapter loads with ``peft.PeftModel.from_pretrained`` onto ``AutoModelForCausalLM``. Llama module
+    names: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``.
 
     Args:
         model_path: Folder of a Hugging Face causal LM; default: SmolLM2-135M-Instruct via :func:`convert_smollm2`.
-        optimizer: Builds the optimizer from the trainable parameters.
-        lr_scheduler: Builds an optional learning-rate scheduler, stepped every optimizer step.
+        lora_arguments: Arguments of :class:`~lightning_lora.LoraMixin`.
+
+    Raises:
+        ValueError: The tokenizer does not start the three labels with distinct tokens.
     """
 
-    def __init__(
-        self,
-        model_path: Optional[str] = None,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-    ) -> None:
-        super().__init__()
+    def __init__(self, model_path: Optional[str] = None, **lora_arguments: Any) -> None:
+        if lora_arguments.get("submodule") is None:  # LightningCLI passes its default, None, explicitly
+            lora_arguments["submodule"] = "model"
+        super().__init__(**lora_arguments)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters("model_path")
         path = model_path or convert_smollm2()
         # from_pretrained returns eval mode, and Lightning keeps a submodule's mode.
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
@@ -210,8 +211,6 @@ class CausalLMSentiment(L.LightningModule):
         if len(set(first_tokens)) != len(LABELS):
             raise ValueError(f"The tokenizer of {path} does not start the labels {LABELS} with distinct tokens.")
         self.register_buffer("label_tokens", torch.tensor(first_tokens), persistent=False)
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
         self.val_accuracy = MulticlassAccuracy(len(LABELS), average="micro")
         self.test_accuracy = MulticlassAccuracy(len(LABELS), average="micro")
 
@@ -238,10 +237,3 @@ class CausalLMSentiment(L.LightningModule):
         self.test_accuracy(label_scores, batch["class_labels"])
         self.log("test_loss", loss)
         self.log("test_acc", self.test_accuracy)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
