@@ -96,13 +96,13 @@ class SentimentClassifier(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, loss = self._logits_and_loss(batch)
         self.val_accuracy(logits, batch["labels"])
-        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_accuracy, prog_bar=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits, loss = self._logits_and_loss(batch)
         self.test_accuracy(logits, batch["labels"])
-        self.log("test_loss", loss)
+        self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_accuracy)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

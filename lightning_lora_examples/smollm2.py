@@ -229,11 +229,11 @@ class CausalLMSentiment(LoraMixin, L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, label_scores = self._forward(batch)
         self.val_accuracy(label_scores, batch["class_labels"])
-        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_accuracy, prog_bar=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, label_scores = self._forward(batch)
         self.test_accuracy(label_scores, batch["class_labels"])
-        self.log("test_loss", loss)
+        self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_accuracy)
