@@ -50,10 +50,8 @@ class SentimentClassifier(L.LightningModule):
         from transformers import AutoModel
 
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        # Mean pooling replaces BERT's pooler, which would otherwise run on every step with nothing to learn.
         self.encoder = AutoModel.from_pretrained(
             model_path or minilm_dir(),
-            add_pooling_layer=False,
             hidden_dropout_prob=encoder_dropout,
             attention_probs_dropout_prob=encoder_dropout,
         ).train()  # from_pretrained returns eval mode, and Lightning keeps a submodule's mode
