@@ -34,7 +34,7 @@ class SentimentClassifier(L.LightningModule):
         encoder_dropout: Dropout inside the encoder (the pretrained model used 0.1). Off by default: a short
             fine-tune does not overfit, and ``LoraConfig.dropout`` regularises the adapters.
         optimizer: Builds the optimizer from the trainable parameters.
-        lr_scheduler: Builds an optional learning-rate scheduler, stepped every optimizer step.
+        scheduler: Builds an optional learning-rate scheduler, stepped every optimizer step.
     """
 
     def __init__(
@@ -44,12 +44,12 @@ class SentimentClassifier(L.LightningModule):
         freeze_encoder: bool = False,
         encoder_dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel
 
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.encoder = AutoModel.from_pretrained(
             model_path or minilm_dir(),
             hidden_dropout_prob=encoder_dropout,
@@ -59,7 +59,7 @@ class SentimentClassifier(L.LightningModule):
         if freeze_encoder:
             self.encoder.requires_grad_(False)
         self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
+        self.scheduler = scheduler
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
 
@@ -109,7 +109,7 @@ class SentimentClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
+        if self.scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
+        scheduler = self.scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

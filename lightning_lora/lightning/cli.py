@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 DESCRIPTION = (
     "Fine-tune any LightningModule with LoRA-family adapters. The adapter is the callback "
     "lightning_lora.LoraCallback (or a LightningModule using lightning_lora.LoraMixin); the module builds its "
-    "optimizer from `optimizer`/`lr_scheduler` arguments, so adapters are optimised and frozen weights are not."
+    "optimizer from `optimizer`/`scheduler` arguments, so adapters are optimised and frozen weights are not."
 )
 
 
@@ -34,7 +34,7 @@ class LoraLightningCLI(LightningCLI):
     It differs from the stock CLI in one way that matters: ``auto_configure_optimizers`` is off. The stock CLI builds
     the optimizer from ``model.parameters()`` before the adapters exist, so it would train the frozen base and
     not the adapters. The LightningModule takes ``optimizer: OptimizerCallable`` (and optionally
-    ``lr_scheduler: LRSchedulerCallable``) instead and builds the optimizer over its trainable parameters;
+    ``scheduler: LRSchedulerCallable``) instead and builds the optimizer over its trainable parameters;
     ``LoraMixin`` does this with LoRA+ parameter groups. The config saved beside the logs is overwritten on a re-run.
 
     Args:
