@@ -76,6 +76,7 @@ def _relocate(value: Any, old: str, new: str) -> Any:
 
 def run_variant(name: str, base: dict[str, Any], workdir: Path) -> dict[str, Any]:
     config = _relocate(copy.deepcopy(base), LOG_PREFIX, str(workdir / name))
+    config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir), name=name)
     VARIANTS[name](config)
     config_file = workdir / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
