@@ -92,10 +92,24 @@ def test_same_adapter_name_twice_is_refused() -> None:
         apply_lora(model, LoraConfig(target_modules=["v_proj"]))
 
 
-@pytest.mark.parametrize("name", ["", "a.b", 3])
-def test_invalid_adapter_names_are_refused(name) -> None:
+@pytest.mark.parametrize("name", ["", "a.b", 3, "to", "keys", "two words"])
+def test_invalid_adapter_names_are_refused_before_the_model_changes(name) -> None:
+    model = tiny_llama()
+    before, classes = _state(model), {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match="adapter_name"):
-        apply_lora(tiny_llama(), LoraConfig(target_modules=["q_proj"]), adapter_name=name)
+        apply_lora(model, LoraConfig(target_modules=["q_proj"]), adapter_name=name)
+    _assert_untouched(model, before, classes)
+
+
+def test_an_init_that_reads_non_finite_weights_fails_before_the_model_changes() -> None:
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    before, classes = _state(model), {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["q_proj"], init="pissa"))
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    assert all(torch.equal(v, before[k]) or torch.isnan(v).any() for k, v in model.state_dict().items())
 
 
 def _trained_state(config: LoraConfig) -> dict:

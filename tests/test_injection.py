@@ -207,3 +207,13 @@ def test_dropout_applies_in_training_only() -> None:
     assert torch.equal(model(tokens).logits, model(tokens).logits)
     model.train()
     assert not torch.equal(model(tokens).logits, model(tokens).logits)
+
+
+def test_dora_embedding_with_dropout_trains() -> None:
+    model = apply_lora(tiny_bert(), LoraConfig(r=2, target_modules=["word_embeddings", "query"], dropout=0.2,
+                                               use_dora=True)).train()
+    layer = model.bert.embeddings.word_embeddings
+    assert layer.lora_settings["default"].dropout == 0.0  # token indices take no dropout
+    tokens = token_batch()
+    model(tokens).logits.sum().backward()
+    assert layer.lora_B["default"].grad is not None

@@ -120,3 +120,25 @@ def test_unload_without_merge_restores_the_base_model() -> None:
 def test_merge_needs_adapters() -> None:
     with pytest.raises(ValueError, match="apply_lora"):
         merge_lora(tiny_llama())
+
+
+def test_loading_new_values_into_a_merged_adapter_is_refused() -> None:
+    from lightning_lora import adapter_state_dict, load_adapter_state_dict
+
+    model = _model("lora")
+    fresh = {k: torch.zeros_like(v) for k, v in adapter_state_dict(model).items()}
+    merge_lora(model)
+    with pytest.raises(ValueError, match="unmerge_lora"):
+        load_adapter_state_dict(model, fresh)
+    unmerge_lora(model)
+    load_adapter_state_dict(model, fresh)
+
+
+def test_dora_unmerge_works_after_the_model_changes_dtype() -> None:
+    model = _model("dora")
+    before = {k: v.double() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    model.double()
+    unmerge_lora(model)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=1e-5, rtol=1e-5, msg=key)

@@ -14,6 +14,8 @@ from lightning_lora import (
     adapter_state_dict,
     apply_lora,
     delete_adapter,
+    lora_layers,
+    mark_only_adapters_trainable,
     merge_lora,
     set_active_adapters,
 )
@@ -28,11 +30,18 @@ def _two_adapter_model():
     return base, model
 
 
-def test_adapters_live_side_by_side_and_only_the_newest_trains() -> None:
+def test_adapters_live_side_by_side_and_all_keep_training() -> None:
     _, model = _two_adapter_model()
     assert adapter_names(model) == ["first", "second"]
     v_proj = model.model.layers[0].self_attn.v_proj
     assert list(v_proj.lora_settings) == ["first", "second"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(adapter_state_dict(model, "first")) | set(adapter_state_dict(model, "second"))
+
+
+def test_mark_only_adapters_trainable_freezes_the_others() -> None:
+    _, model = _two_adapter_model()
+    mark_only_adapters_trainable(model, "second")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(adapter_state_dict(model, "second"))
 
@@ -70,8 +79,25 @@ def test_unknown_adapter_names_are_rejected() -> None:
         delete_adapter(model, "third")
 
 
-def test_dora_adapter_merges_only_alone() -> None:
+def test_a_merge_beside_an_active_dora_adapter_is_refused() -> None:
     _, model = _two_adapter_model()
     with pytest.raises(ValueError, match="DoRA"):
         merge_lora(model)
-    merge_lora(model, adapter_names=["first"])
+    with pytest.raises(ValueError, match="DoRA"):
+        merge_lora(model, adapter_names=["first"])  # v_proj also runs the DoRA adapter "second"
+    assert not any(layer.merged_adapters for _, layer in lora_layers(model))
+
+
+def test_a_dora_adapter_merges_exactly_when_it_acts_alone() -> None:
+    _, model = _two_adapter_model()
+    set_active_adapters(model, "second")
+    tokens = token_batch()
+    expected = model(tokens).logits
+    merge_lora(model)
+    torch.testing.assert_close(model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merging_an_unknown_adapter_is_refused() -> None:
+    _, model = _two_adapter_model()
+    with pytest.raises(ValueError, match="Unknown adapter"):
+        merge_lora(model, adapter_names=["frist"])

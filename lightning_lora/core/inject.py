@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Union
@@ -10,13 +11,19 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import full_parameters, global_rank
-from lightning_lora.core.initializers import initialize_adapter, initializer_keeps_factors, initializer_supports
+from lightning_lora.core.initializers import (
+    initialize_adapter,
+    initializer_keeps_factors,
+    initializer_supports,
+    weight_dependent_init,
+)
 from lightning_lora.core.layers import (
     INIT_FACTOR_DICTS,
-    AdapterSettings,
     AdapterDict,
+    AdapterSettings,
     LoraLayer,
     adapter_kind,
     lora_class,
@@ -38,10 +45,11 @@ WHOLE_MODULE: tuple[str, ...] = ()
 def apply_lora(
     model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True
 ) -> nn.Module:
-    """Add a LoRA adapter to every layer that ``config`` targets, in place, and freeze everything else.
+    """Add a LoRA adapter to every layer that ``config`` targets, in place, and freeze the base model.
 
     Trainable afterwards: the new adapter's tensors, ``config.modules_to_save`` and the biases chosen by
-    ``config.bias``. State-dict keys of the base model do not change; adapter tensors appear as
+    ``config.bias``, plus whatever trained with adapters added earlier (freeze those with
+    :func:`mark_only_adapters_trainable`). State-dict keys of the base model do not change; adapter tensors appear as
     ``<layer>.lora_A.<adapter_name>`` and ``<layer>.lora_B.<adapter_name>`` (DoRA: ``<layer>.lora_magnitude.<name>``).
     With ``config.quantization`` the selected ``nn.Linear`` layers are quantised in place with bitsandbytes after
     the adapters are initialised (QLoRA); adapters stay in full precision. Bitsandbytes 4-bit layers are kept in
@@ -74,6 +82,7 @@ def apply_lora(
     settings = {name: _settings_for(name, module, config) for name, module in targets}
     to_quantize = plan_quantization(model, config, targets)
 
+    still_training = [name for name in adapter_names(model) if _is_training(model, name)]
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     converted: list[nn.Module] = []
@@ -96,7 +105,7 @@ def apply_lora(
                     VARIANTS[layer.lora_settings[adapter_name].variant].init(layer, adapter_name)  # DoRA norms
         keep_training_layout(model)
         _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
-        mark_only_adapters_trainable(model, adapter_name)
+        mark_only_adapters_trainable(model, [*still_training, adapter_name])
     except BaseException:
         if undo_quantization is not None:
             undo_quantization()
@@ -105,9 +114,22 @@ def apply_lora(
     return model
 
 
+def _is_training(model: nn.Module, adapter_name: str) -> bool:
+    return any(parameter.requires_grad for _, parameter in adapter_parameters(model, adapter_name))
+
+
+def check_adapter_name(adapter_name: str) -> None:
+    """Raise a ValueError unless ``adapter_name`` can key the adapter containers (an identifier that is not an
+    attribute of ``nn.ParameterDict``, such as ``"to"`` or ``"keys"``)."""
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier() or hasattr(AdapterDict, adapter_name):
+        raise ValueError(
+            f"adapter_name must be a Python identifier that is not an nn.ParameterDict attribute, got "
+            f"{adapter_name!r}; e.g. 'default' or 'task_a'."
+        )
+
+
 def _check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
+    check_adapter_name(adapter_name)
     if adapter_name in adapter_names(model):
         raise ValueError(
             f"The model already has an adapter named {adapter_name!r}; pass another adapter_name, or remove it "
@@ -118,7 +140,7 @@ def _check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
 def _settings_for(name: str, module: nn.Module, config: LoraConfig) -> AdapterSettings:
     kind = adapter_kind(module)
     in_features, out_features, kernel = kind.lora_dims(module)
-    max_rank = min(in_features * max(1, _prod(kernel)), out_features)
+    max_rank = min(in_features * math.prod(kernel), out_features)
     r = config.rank_for(name)
     if r > max_rank:
         raise ValueError(
@@ -131,22 +153,21 @@ def _settings_for(name: str, module: nn.Module, config: LoraConfig) -> AdapterSe
             f"init={config.init!r} is not defined for {name} ({type(module).__name__}). Use init='kaiming' or "
             "leave such layers out with exclude_modules."
         )
+    if weight_dependent_init(config.init) and not module.weight.is_meta and is_plain_weight(module):
+        if not torch.isfinite(module.weight).all():
+            raise ValueError(
+                f"init={config.init!r} reads the base weight of {name}, which holds NaN/Inf: load the real weights "
+                "first, or use init='kaiming'."
+            )
     return AdapterSettings(
         r=r,
         alpha=config.alpha_for(name),
-        dropout=config.dropout,
+        dropout=config.dropout if kind.applies_dropout else 0.0,
         use_rslora=config.use_rslora,
         variant=config.variant,
         init=config.init,
         config=config,
     )
-
-
-def _prod(values: tuple[int, ...]) -> int:
-    result = 1
-    for value in values:
-        result *= value
-    return result
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -247,24 +268,27 @@ def saved_module_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[st
                 yield prefix + attribute, getattr(module, attribute)
 
 
-def mark_only_adapters_trainable(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Freeze every parameter, then unfreeze the tensors of ``adapter_name`` and the state saved with it.
+def mark_only_adapters_trainable(model: nn.Module, adapter_names: Union[str, list[str]]) -> nn.Module:
+    """Freeze every parameter, then unfreeze the tensors of the given adapters and the state saved with them.
 
     Args:
         model: A model with LoRA adapters.
-        adapter_name: The adapter to train.
+        adapter_names: The adapter (or adapters) to train.
     """
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for _, parameter in adapter_parameters(model, adapter_name, include_frozen=False):
-        parameter.requires_grad_(True)
+    for adapter_name in names:
+        for _, parameter in adapter_parameters(model, adapter_name, include_frozen=False):
+            parameter.requires_grad_(True)
     for module in model.modules():
-        local = getattr(module, SAVED_WITH, {}).get(adapter_name)
-        if local == WHOLE_MODULE:
-            module.requires_grad_(True)
-        elif local:
-            for attribute in local:
-                getattr(module, attribute).requires_grad_(True)
+        for adapter_name in names:
+            local = getattr(module, SAVED_WITH, {}).get(adapter_name)
+            if local == WHOLE_MODULE:
+                module.requires_grad_(True)
+            elif local:
+                for attribute in local:
+                    getattr(module, attribute).requires_grad_(True)
     return model
 
 

@@ -79,6 +79,7 @@ class LoraLayer(nn.Module):
     lora_B: nn.ParameterDict
     # Set by the layer-kind mixins.
     weight_is_transposed: bool = False  # weight stored as [in, out] (HF Conv1D, nn.Embedding)
+    applies_dropout: bool = True  # False where the input is not a feature vector (token indices)
     base_class: type[nn.Module]
     kind_mixin: type[LoraLayer]
 
@@ -112,10 +113,6 @@ class LoraLayer(nn.Module):
         return x if x.dtype == dtype else x.to(dtype)
 
     # ----- shared behaviour -----
-    def max_rank(self) -> int:
-        in_features, out_features, kernel = self.lora_dims()
-        return min(in_features * math.prod(kernel), out_features)
-
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         in_features, out_features, kernel = self.lora_dims()
         return (r, in_features, *kernel), (out_features, r, *(1 for _ in kernel))
@@ -245,6 +242,7 @@ class EmbeddingAdapters(LoraLayer):
     """
 
     weight_is_transposed = True
+    applies_dropout = False
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.num_embeddings, self.embedding_dim, ()

@@ -17,15 +17,23 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA adapters to merge; add them with apply_lora(model, config).")
+    if adapter_names is not None:
+        known = {a for _, layer in layers for a in layer.lora_settings}
+        unknown = [a for a in adapter_names if a not in known]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; the model has {sorted(known)}.")
     plan = []
     for name, layer in layers:
         wanted = layer.active_adapters if adapter_names is None else adapter_names
         pending = [a for a in wanted if a in layer.lora_settings and a not in layer.merged_adapters]
-        uses_dora = any(layer.lora_settings[a].variant == "dora" for a in pending + layer.merged_adapters)
-        if uses_dora and len(pending) + len(layer.merged_adapters) > 1:
+        # DoRA rescales everything computed before it, so a merge is only equivalent when it acts alone.
+        involved = set(pending) | set(layer.merged_adapters) | set(layer.active_adapters)
+        uses_dora = any(layer.lora_settings[a].variant == "dora" for a in involved)
+        if pending and uses_dora and len(involved) > 1:
             raise ValueError(
-                f"{name}: a DoRA adapter can only be merged alone (its norm is taken over the unmerged base weight); "
-                "merge one adapter at a time with merge_lora(model, adapter_names=[name]) after unmerge_lora(model)."
+                f"{name}: a DoRA adapter can only be merged when it is the layer's only active or merged adapter "
+                f"(it has {sorted(involved)}): choose one with set_active_adapters(model, name) and unmerge_lora(model) "
+                "first."
             )
         if pending:
             plan.append((name, layer, pending))
@@ -67,8 +75,7 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
         for name, layer, pending in plan:
             weight = dense_weight(layer)
             for adapter in pending:
-                weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight)
-                layer.merge_state.pop(adapter, None)
+                weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight, {})
                 if not torch.isfinite(weight).all():
                     raise ValueError(
                         f"Merging adapter {adapter!r} into {name or 'the model'} gives NaN/Inf weights; nothing was "
@@ -77,7 +84,8 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
     for _, layer, pending in plan:
         weight = dense_weight(layer)
         for adapter in pending:
-            weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight)
+            variant = VARIANTS[layer.lora_settings[adapter].variant]
+            weight = variant.merged_weight(layer, adapter, weight, layer.merge_state)
             layer.merged_adapters.append(adapter)
         assign_dense_weight(layer, weight)
     return model
@@ -90,7 +98,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
             continue
         weight = dense_weight(layer)
         for adapter in reversed(layer.merged_adapters):
-            weight = VARIANTS[layer.lora_settings[adapter].variant].unmerged_weight(layer, adapter, weight)
+            variant = VARIANTS[layer.lora_settings[adapter].variant]
+            weight = variant.unmerged_weight(layer, adapter, weight, layer.merge_state)
         assign_dense_weight(layer, weight)
         layer.merged_adapters.clear()
     return model

@@ -166,8 +166,7 @@ def _merged_weight_source(name: str, layer: LoraLayer, pending: list[str], safe:
     def merged_weight() -> torch.Tensor:
         weight = dense_weight(layer)
         for adapter in pending:
-            weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight)
-            layer.merge_state.pop(adapter, None)  # nothing is merged into the live layer
+            weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight, {})
         weight = full_tensor(weight)
         if safe and not torch.isfinite(weight).all():
             raise ValueError(

@@ -103,9 +103,16 @@ def load_adapter_state_dict(
         adapter_name: The adapter to fill.
 
     Raises:
-        ValueError: See :func:`check_adapter_state_dict`.
+        ValueError: See :func:`check_adapter_state_dict`; or the adapter is merged into the base weights (loading
+            new values would make a later unmerge subtract the wrong delta).
     """
     targets = check_adapter_state_dict(model, state_dict, adapter_name)
+    merged = [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(
+            f"Adapter {adapter_name!r} is merged into {merged[:3]}...; call unmerge_lora(model) before loading new "
+            "adapter values."
+        )
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
             prepare_layer_load(layer, state_dict, f"{name}." if name else "", adapter_names=[adapter_name])

@@ -30,10 +30,22 @@ class AdapterVariant:
         """Return ``result`` (the output so far) with this adapter's contribution for input ``x``."""
         raise NotImplementedError
 
-    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The dense base ``weight`` (the layer's own layout) with this adapter folded in; ``weight`` is not changed."""
+    def merged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The dense base ``weight`` (the layer's own layout) with this adapter folded in; ``weight`` is not changed.
+
+        Args:
+            layer: The LoRA layer.
+            adapter_name: The adapter to fold in.
+            weight: The current dense weight.
+            record: Where to keep what :meth:`unmerged_weight` will need, under ``adapter_name`` (a merge into the
+                live layer passes ``layer.merge_state``; a merged copy passes a throwaway dict).
+        """
         raise NotImplementedError
 
-    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`merged_weight`."""
+    def unmerged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`, given the ``record`` it filled."""
         raise NotImplementedError

@@ -67,22 +67,27 @@ class DoraVariant(AdapterVariant):
             base_on_h = base_on_h - bias
         return result + (scale - 1) * base_on_h + scale * update
 
-    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         weight_out_in = layer.weight_out_in(weight)
         norm = self.weight_norm(layer, adapter_name, weight_out_in)
-        layer.merge_state[adapter_name] = norm  # the unmerge needs the norm of the weight before the merge
+        record[adapter_name] = norm  # the unmerge needs the norm of the weight before the merge
         scale = self._per_row(layer, adapter_name, norm, weight_out_in)
         merged = scale * (weight_out_in + layer.weight_out_in(layer.delta_weight(adapter_name)))
         return layer.weight_out_in(merged.to(weight.dtype))
 
-    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         weight_out_in = layer.weight_out_in(weight)
-        norm = layer.merge_state.pop(adapter_name)
+        norm = record.pop(adapter_name)
         scale = self._per_row(layer, adapter_name, norm, weight_out_in)
         unmerged = weight_out_in / scale - layer.weight_out_in(layer.delta_weight(adapter_name))
         return layer.weight_out_in(unmerged.to(weight.dtype))
 
     @staticmethod
     def _per_row(layer: LoraLayer, adapter_name: str, norm: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
-        scale = layer.lora_magnitude[adapter_name].detach().to(norm.dtype) / norm
+        magnitude = layer.lora_magnitude[adapter_name].detach()
+        scale = magnitude.to(torch.float32) / norm.to(magnitude.device, torch.float32)  # the model may have moved
         return scale.view(-1, *([1] * (weight_out_in.dim() - 1))).to(weight_out_in.dtype)

@@ -22,8 +22,12 @@ class LoraVariant(AdapterVariant):
         update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
-    def merged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         return weight + layer.delta_weight(adapter_name)
 
-    def unmerged_weight(self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+    def unmerged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         return weight - layer.delta_weight(adapter_name)

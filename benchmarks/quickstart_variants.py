@@ -1,0 +1,134 @@
+"""Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA.
+
+Each variant is ``configs/quickstart.yaml`` with one change, run through the ``lightning-lora`` CLI in this process
+(fit, then test of the final model). Prints a table and writes JSON. From the repository root::
+
+    python benchmarks/quickstart_variants.py                    # all four variants
+    python benchmarks/quickstart_variants.py --variants lora dora --out benchmarks/results/quickstart.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from lightning_lora import trainable_parameters_summary
+from lightning_lora.lightning.cli import LoraLightningCLI
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+LOG_PREFIX = "lightning_logs/quickstart"
+
+
+def _lora_config(config: dict[str, Any]) -> dict[str, Any]:
+    callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LoraCallback"))
+    return callback["init_args"]["config"]
+
+
+def head_only(config: dict[str, Any]) -> None:
+    """No adapter: the encoder frozen, the head trained (the baseline), at lr 3e-3: a linear probe takes a larger
+    step than the adapters' 1e-3, which favours the baseline."""
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("LoraCallback", "AdapterExport"))
+    ]
+    config["model"]["init_args"]["freeze_encoder"] = True
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 3e-3
+
+
+def lora(config: dict[str, Any]) -> None:
+    """The quickstart as it is."""
+
+
+def dora(config: dict[str, Any]) -> None:
+    _lora_config(config)["use_dora"] = True
+
+
+def pissa(config: dict[str, Any]) -> None:
+    _lora_config(config)["init"] = "pissa"
+
+
+VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "head_only": head_only,
+    "lora": lora,
+    "dora": dora,
+    "pissa": pissa,
+}
+
+
+def _relocate(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, dict):
+        return {key: _relocate(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relocate(item, old, new) for item in value]
+    return value
+
+
+def run_variant(name: str, base: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    config = _relocate(copy.deepcopy(base), LOG_PREFIX, str(workdir / name))
+    config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir), name=name)
+    VARIANTS[name](config)
+    config_file = workdir / f"{name}.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    cli = LoraLightningCLI(args=["--config", str(config_file)], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    summary = trainable_parameters_summary(cli.model)
+    return {
+        "variant": name,
+        "test_acc": results["test_acc"],
+        "test_loss": results["test_loss"],
+        "trainable_params": summary.trainable,
+        "total_params": summary.total,
+        "trainable_percent": summary.percent,
+        "steps": cli.trainer.global_step,
+        "fit_seconds": fit_seconds,
+        "total_seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--workdir", type=Path, default=Path("lightning_logs/quickstart_variants"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quickstart_variants.json"))
+    args = parser.parse_args()
+    base = yaml.safe_load(QUICKSTART.read_text())
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    rows = [run_variant(name, base, args.workdir) for name in args.variants]
+
+    header = ("variant", "test acc", "trainable", "trainable %", "steps", "fit s", "total s")
+    print("\n{:<10} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))
+    for row in rows:
+        print(
+            f"{row['variant']:<10} {row['test_acc']:>9.4f} {row['trainable_params']:>12,} "
+            f"{row['trainable_percent']:>11.3f}% {row['steps']:>6} {row['fit_seconds']:>7.1f} "
+            f"{row['total_seconds']:>8.1f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m_at_end": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    report = {"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
