@@ -194,7 +194,7 @@ def test_adapters_are_refused_on_a_model_sharded_before_injection() -> None:
     ("arguments", "error", "message"),
     [
         ({"config": {"r": 4}}, TypeError, "must be a LoraConfig"),
-        ({"adapter_name": "a.b"}, ValueError, "without dots"),
+        ({"adapter_name": "a.b"}, ValueError, "Python identifier"),
         ({"merged_weights_dir": "out"}, ValueError, "merge_on_fit_end=True"),
     ],
 )
@@ -225,6 +225,48 @@ def test_a_fit_after_merge_on_fit_end_trains_the_unmerged_adapter() -> None:
     assert module.merged_at_train_start == []
     torch.testing.assert_close(module.weight_at_train_start, base_weight)
     assert module.model.fc1.merged_adapters == ["default"]
+
+
+def test_merge_on_fit_end_comes_after_the_last_checkpoint_is_saved(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = BuiltInInit()
+    base_weight = module.model.fc1.weight.detach().clone()
+    callback = LoraCallback(lora_config(), merge_on_fit_end=True, adapter_only_checkpoints=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=100)
+    _fit(module, callback, callbacks=[callback, checkpoint], max_steps=3, enable_checkpointing=True)
+    assert module.model.fc1.merged_adapters == ["default"]
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    torch.testing.assert_close(saved["model.fc1.weight"], base_weight, atol=0, rtol=0)
+
+
+def test_resuming_into_a_merged_model_restores_the_unmerged_base(tmp_path: Any) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = RecordsWeightAtTrainStart()
+    base_weight = module.model.fc1.weight.detach().clone()
+    callback = LoraCallback(lora_config(), merge_on_fit_end=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    _fit(module, callback, callbacks=[callback, checkpoint], max_steps=2, enable_checkpointing=True)
+    assert module.model.fc1.merged_adapters == ["default"]
+    trainer = L.Trainer(**trainer_arguments(max_steps=3, callbacks=[callback]))
+    trainer.fit(module, dataloader(), ckpt_path=tmp_path / "epoch=0-step=1.ckpt")
+    torch.testing.assert_close(module.weight_at_train_start, base_weight, atol=1e-6, rtol=0)  # unmerge rounding
+
+
+def test_two_callbacks_train_two_adapters_and_the_summary_counts_both(caplog: pytest.LogCaptureFixture) -> None:
+    module = BuiltInInit()
+    first = LoraCallback(lora_config(target_modules=["fc1"], modules_to_save=None), adapter_name="first")
+    second = LoraCallback(lora_config(target_modules=["fc2"], modules_to_save=None), adapter_name="second")
+    with caplog.at_level(logging.INFO):
+        _fit(module, first, callbacks=[first, second])
+    for name in ("first", "second"):
+        state = adapter_state_dict(module.model, name)
+        assert all(module.model.get_parameter(k).requires_grad for k in state)
+        assert any(k.endswith(f"lora_B.{name}") and v.abs().sum() > 0 for k, v in state.items())  # B left zero
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    lines = [r.getMessage() for r in caplog.records if "trainable params" in r.getMessage()]
+    assert lines and all(f"trainable params: {trainable:,}" in line for line in lines)
 
 
 @pytest.mark.parametrize("documented", ["LoraCallback", "LoraMixin", "lora_param_groups"])

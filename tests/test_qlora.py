@@ -322,6 +322,16 @@ def test_a_loftq_adapter_reloads_exactly_onto_a_base_quantized_from_its_saved_co
         torch.testing.assert_close(rebuilt.train()(x), trained.train()(x), rtol=0, atol=0)
 
 
+def test_loading_a_loftq_adapter_onto_a_model_without_its_base_is_refused(tmp_path) -> None:
+    config = LoraConfig(r=8, target_modules=["first", "last"], init="loftq_iter_2", quantization=OPTIONS["nf4"])
+    save_adapter(apply_lora(chain(), config), tmp_path, format="lightning_lora")
+    full_precision = chain()
+    before = _snapshot(full_precision)
+    with pytest.raises(ValueError, match=r"LoftQ.*apply_lora\(model, read_adapter_config"):
+        load_adapter(full_precision, tmp_path)
+    _assert_unchanged(full_precision, before)
+
+
 def _snapshot(model: nn.Module) -> dict:
     return {
         "classes": {name: type(m) for name, m in model.named_modules()},

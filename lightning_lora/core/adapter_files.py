@@ -203,6 +203,12 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         )
     native = NATIVE_FORMAT_KEY in values
     injected = adapter_name not in adapter_names(model)
+    if injected and config.init.startswith("loftq"):
+        raise ValueError(
+            f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which load_adapter "
+            "does not build. Build it first with apply_lora(model, read_adapter_config(directory, model), "
+            "adapter_name), then call load_adapter."
+        )
     undo = _inject(model, config, adapter_name) if injected else _check_existing(model, config, adapter_name)
     try:
         plan = _LoadPlan.build(model, adapter_name, tensors, native, injected)

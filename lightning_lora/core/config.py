@@ -200,12 +200,17 @@ def _from_dict(cls: type, values: dict[str, Any], name: str) -> Any:
     return cls(**values)
 
 
+def pattern_matches(module_name: str, key: str) -> bool:
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern`` keys: the key (a regex) matches a dotted suffix of the
+    module name (``peft.utils.other.get_pattern_key``)."""
+    try:
+        return re.match(rf"(.*\.)?({key})$", module_name) is not None
+    except re.error:
+        return False
+
+
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:
-    # Same rule as PEFT's rank_pattern: the key must match a dotted suffix of the module name.
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
+    return next((key for key in patterns if pattern_matches(module_name, key)), None)
 
 
 def _check_rank(name: str, value: Any) -> None:

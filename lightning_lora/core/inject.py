@@ -21,6 +21,7 @@ from lightning_lora.core.initializers import (
     weight_dependent_init,
 )
 from lightning_lora.core.layers import (
+    ADAPTER_CONTAINERS,
     INIT_FACTOR_DICTS,
     AdapterDict,
     AdapterSettings,
@@ -316,13 +317,8 @@ def _rollback(
         parameter.requires_grad_(flag)
 
 
-def _all_adapter_dicts() -> tuple[str, ...]:
-    variant_dicts = sorted({d for v in VARIANTS.values() for d in v.parameter_dicts})
-    return ("lora_A", "lora_B", *variant_dicts, *INIT_FACTOR_DICTS)
-
-
 def _remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> None:
-    for dict_name in _all_adapter_dicts():
+    for dict_name in ADAPTER_CONTAINERS:
         container = getattr(layer, dict_name, None)
         if container is not None and adapter_name in container:
             del container[adapter_name]
@@ -343,7 +339,7 @@ _LORA_ATTRIBUTES = (
 
 def _restore_base_class(layer: LoraLayer) -> nn.Module:
     """Turn a LoRA layer back into its plain base class (adapters dropped, weights as they are)."""
-    for dict_name in _all_adapter_dicts():
+    for dict_name in ADAPTER_CONTAINERS:
         layer._modules.pop(dict_name, None)
     for attribute in _LORA_ATTRIBUTES:
         layer.__dict__.pop(attribute, None)

@@ -32,6 +32,14 @@ from lightning_lora.core.variants import VARIANTS
 # Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``
 # out of the base weight (PiSSA, OLoRA, ...); saved with the adapter, see lightning_lora.core.svd_init.
 INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
+# Every ParameterDict a LoRA layer may hold, keyed by adapter name: the one list to consult for "is this an adapter
+# tensor" (state-dict keys end in ``.<container>.<adapter>``).
+ADAPTER_CONTAINERS: tuple[str, ...] = (
+    "lora_A",
+    "lora_B",
+    *sorted({name for variant in VARIANTS.values() for name in variant.parameter_dicts}),
+    *INIT_FACTOR_DICTS,
+)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.config import LoraConfig, pattern_matches
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.initializers import check_init_name, weight_dependent_init
 from lightning_lora.core.inject import (
@@ -40,7 +40,7 @@ from lightning_lora.core.layers import (
     TransposedLinearAdapters,
     lora_layers,
 )
-from lightning_lora.core.targeting import find_modules_to_save, find_targets
+from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -300,16 +300,7 @@ def base_module_names(model: nn.Module) -> list[str]:
 
 
 def _is_dotted_suffix(name: str, entry: str) -> bool:
-    # PEFT's rule for a target_modules list (the same as ours).
-    return name == entry or name.endswith("." + entry)
-
-
-def _pattern_matches(name: str, key: str) -> bool:
-    # PEFT's rule for rank_pattern / alpha_pattern keys (peft.utils.other.get_pattern_key).
-    try:
-        return re.match(rf"(.*\.)?({key})$", name) is not None
-    except re.error:
-        return False
+    return name_matches(name, [entry])  # PEFT's rule for a target_modules list is ours
 
 
 def _shortest_names(
@@ -339,7 +330,7 @@ def _patterns(values: dict[str, float], default: float) -> dict[str, float]:
     patterns: dict[str, float] = {}
     for value in dict.fromkeys(v for v in values.values() if v != default):
         group = [n for n in names if values[n] == value]
-        keys = _shortest_names(group, names, _pattern_matches) or [re.escape(n) for n in group]
+        keys = _shortest_names(group, names, pattern_matches) or [re.escape(n) for n in group]
         patterns.update(dict.fromkeys(keys, value))
     return patterns
 

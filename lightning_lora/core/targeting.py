@@ -9,11 +9,10 @@ from typing import Optional, Union
 from torch import nn
 
 from lightning_lora.core.config import ALL_LINEAR, LoraConfig
-from lightning_lora.core.layers import SUPPORTED_LAYERS, LoraLayer, _is_hf_conv1d, adapter_kind
+from lightning_lora.core.layers import ADAPTER_CONTAINERS, SUPPORTED_LAYERS, LoraLayer, _is_hf_conv1d, adapter_kind
 
 # Leaf names of output heads that "all-linear" leaves alone when the model does not say which is its head.
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer", "embed_out")
-_ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_magnitude")
 
 
 def name_matches(name: str, patterns: Union[list[str], str]) -> bool:
@@ -50,7 +49,7 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if name and not any(part in _ADAPTER_CONTAINERS for part in name.split("."))
+        if name and not any(part in ADAPTER_CONTAINERS for part in name.split("."))
     ]
 
 

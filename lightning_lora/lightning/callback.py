@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -32,6 +32,7 @@ from lightning_lora.core.distributed import (
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
+    check_adapter_name,
     get_lora_config,
     initialize_pending_adapters,
 )
@@ -42,7 +43,7 @@ from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_mode
 from lightning_lora.core.param_groups import freeze_lora_A
 from lightning_lora.core.quantization import quantized_layers
 from lightning_lora.core.safe_files import is_writer, write_safetensors
-from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
+from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
 from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
 
@@ -86,7 +87,8 @@ class LoraCallback(Callback):
         adapter_only_checkpoints: Keep checkpoints down to what trains. False: full checkpoints.
         check_optimizer: Raise at fit start when the optimizer misses trainable tensors or holds frozen ones.
         merge_on_fit_end: When training ends, merge the adapter into the base weights (the model stays merged; a
-            later ``fit`` unmerges it first).
+            later ``fit`` unmerges it first). The merge runs after every callback's ``on_train_end`` (so
+            ``ModelCheckpoint``'s last checkpoint holds the unmerged model) and before the strategy's teardown.
         merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights to this directory as a merged
             export (:func:`~lightning_lora.save_merged_model`: ``model.safetensors`` or shards, the ``submodule``'s
             keys without adapter tensors, ``config.json`` for Hugging Face models), from rank 0, gathered when the
@@ -137,8 +139,7 @@ class LoraCallback(Callback):
                 f"config must be a LoraConfig, got {type(config).__name__}; build one with "
                 "LoraConfig(r=..., target_modules=[...])."
             )
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}.")
+        check_adapter_name(adapter_name)
         if submodule is not None and (not isinstance(submodule, str) or not submodule):
             raise ValueError(f"submodule must be an attribute path such as 'model', got {submodule!r}.")
         if merged_weights_dir is not None and not merge_on_fit_end:
@@ -151,7 +152,6 @@ class LoraCallback(Callback):
         self.check_optimizer = check_optimizer
         self.merge_on_fit_end = merge_on_fit_end
         self.merged_weights_dir = Path(merged_weights_dir) if merged_weights_dir is not None else None
-        self._summary: Optional[TrainableSummary] = None
 
     @property
     @override
@@ -207,7 +207,6 @@ class LoraCallback(Callback):
         if trainer is not None and _is_zero3(trainer.strategy):
             register_zero3_external_parameters(target)
         remember_adapter_shapes(pl_module)
-        self._summary = trainable_parameters_summary(pl_module)
         return True
 
     def _can_inject_now(self, pl_module: pl.LightningModule) -> bool:
@@ -224,25 +223,29 @@ class LoraCallback(Callback):
             return False  # the layers are built in configure_model
         return True
 
-    def _inject_after_configure_model(self, pl_module: pl.LightningModule) -> None:
-        # A plain function bound to the instance: ``functools.wraps`` would set ``__wrapped__``, which
-        # ``is_overridden`` follows, and Lightning would then skip the hook. Binding (not a closure over
-        # ``pl_module``) keeps ``copy.deepcopy(pl_module)`` pointing at the copy.
-        current = pl_module.configure_model
+    def _run_after_module_hook(
+        self, pl_module: pl.LightningModule, hook_name: str, action: Callable[[pl.LightningModule], None]
+    ) -> None:
+        """Make the module's own ``hook_name`` run ``action(module)`` right after it (once per callback).
+
+        A plain function bound to the instance: ``functools.wraps`` would set ``__wrapped__``, which
+        ``is_overridden`` follows, and Lightning would then skip the hook. Binding (not a closure over ``pl_module``)
+        keeps ``copy.deepcopy(pl_module)`` pointing at the copy.
+        """
+        current = getattr(pl_module, hook_name)
         if self in getattr(current, "_lora_callbacks", ()):
             return
         original = current.__func__ if isinstance(current, MethodType) and current.__self__ is pl_module else None
-        callback = self
 
-        def configure_model(module: pl.LightningModule) -> None:
+        def hook(module: pl.LightningModule) -> None:
             if original is not None:
                 original(module)
             else:
                 current()
-            callback.inject(module)
+            action(module)
 
-        configure_model._lora_callbacks = (*getattr(current, "_lora_callbacks", ()), self)  # type: ignore[attr-defined]
-        pl_module.configure_model = MethodType(configure_model, pl_module)  # type: ignore[method-assign]
+        hook._lora_callbacks = (*getattr(current, "_lora_callbacks", ()), self)  # type: ignore[attr-defined]
+        setattr(pl_module, hook_name, MethodType(hook, pl_module))
 
     # ----- hooks -----
     @override
@@ -251,7 +254,13 @@ class LoraCallback(Callback):
         if self._can_inject_now(pl_module):
             self.inject(pl_module)
         else:
-            self._inject_after_configure_model(pl_module)
+            self._run_after_module_hook(pl_module, "configure_model", self.inject)
+        if stage == "fit":
+            self._unmerge_before_restore(pl_module)
+        if self.merge_on_fit_end:
+            # After every callback's on_train_end (ModelCheckpoint's last save must hold the unmerged model) and
+            # before the strategy's teardown (the model is still wrapped/sharded, the process group alive).
+            self._run_after_module_hook(pl_module, "on_train_end", self._merge_at_train_end)
         patch_strategy_checkpointing(trainer.strategy, lora_callbacks)
         if self.adapter_only_checkpoints and isinstance(trainer.strategy, DeepSpeedStrategy):
             trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own checkpoints
@@ -282,16 +291,29 @@ class LoraCallback(Callback):
                 "weights. Train with merge_on_fit_end=False, then export a full-precision merged model with "
                 "save_merged_model(dequantize_model(model), directory)."
             )
-        if any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target)):
-            rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
+        if self._merged_into(target):
+            # Sharded strategies only: their checkpoint restore comes after on_fit_start.
             with _full_parameters(trainer.strategy):
                 reshard_fsdp2(target)
-                unmerge_lora(target)
+                self._unmerge(target)
         self._initialize_pending(trainer, pl_module)
         if self.check_optimizer:
             check_optimizer_holds_trainable_parameters(trainer, pl_module)
-        summary = self._summary or trainable_parameters_summary(pl_module)
-        rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {summary}")
+        rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {trainable_parameters_summary(pl_module)}")
+
+    def _merged_into(self, target: Optional[nn.Module]) -> bool:
+        return target is not None and any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target))
+
+    def _unmerge(self, target: nn.Module) -> None:
+        rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
+        unmerge_lora(target)
+
+    def _unmerge_before_restore(self, pl_module: pl.LightningModule) -> None:
+        # Single-device and DDP runs restore a checkpoint before on_fit_start: loading adapter values into a merged
+        # adapter would make the unmerge subtract the wrong delta, so unmerge first.
+        target = self.target(pl_module)
+        if self._merged_into(target) and not is_sharded(target):
+            self._unmerge(target)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -313,11 +335,8 @@ class LoraCallback(Callback):
         model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
         initialize_pending_adapters(model, self.adapter_name, progress=rank_zero_info)
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before the strategy's teardown: the model is still wrapped/sharded and the process group alive.
-        if not self.merge_on_fit_end:
-            return
+    def _merge_at_train_end(self, pl_module: pl.LightningModule) -> None:
+        trainer = pl_module.trainer
         target = self.target(pl_module)
         with _full_parameters(trainer.strategy):
             reshard_fsdp2(target)

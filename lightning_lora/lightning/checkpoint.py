@@ -22,11 +22,9 @@ from torch import nn
 
 from lightning_lora.core.distributed import clean_name
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layers import lora_layers
+from lightning_lora.core.layers import ADAPTER_CONTAINERS, lora_layers
 from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems
-from lightning_lora.core.variants import VARIANTS
 
-ADAPTER_DICT_NAMES = frozenset(("lora_A", "lora_B", *(d for v in VARIANTS.values() for d in v.parameter_dicts)))
 Shapes = dict[str, tuple[int, ...]]
 # Where the shapes of a module's adapter tensors are kept once they are known unsharded (FSDP1 flattens them later).
 _SHAPES_ATTRIBUTE = "_lora_checkpoint_shapes"
@@ -69,7 +67,7 @@ def keep_only(state_dict: Mapping[str, Any], keys: set[str]) -> dict[str, Any]:
 def is_adapter_key(key: str) -> bool:
     """True for a key of an adapter tensor (``...q_proj.lora_A.default``)."""
     parts = key.split(".")
-    return len(parts) >= 2 and parts[-2] in ADAPTER_DICT_NAMES
+    return len(parts) >= 2 and parts[-2] in ADAPTER_CONTAINERS
 
 
 def shapes_of(state_dict: Mapping[str, Any]) -> Shapes:
