@@ -147,13 +147,16 @@ def test_bias_option_chooses_which_biases_train(bias: str, expected) -> None:
 
 
 def test_summary_counts_trainable_and_adapter_parameters() -> None:
-    model = apply_lora(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    model = tiny_llama()
+    base_total = trainable_parameters_summary(model).total
+    apply_lora(model, LoraConfig(r=4, target_modules=["q_proj"]))
     summary = trainable_parameters_summary(model)
     # q_proj is 32 -> 32 in two layers: A [4, 32] + B [32, 4] each.
-    assert summary.per_adapter == {"default": 2 * (4 * 32 + 32 * 4)}
-    assert summary.trainable == summary.per_adapter["default"]
-    assert summary.total == sum(p.numel() for p in model.parameters())
-    assert f"{summary.percent:.4f}" in str(summary)
+    adapter = 2 * (4 * 32 + 32 * 4)
+    assert summary.per_adapter == {"default": adapter}
+    assert summary.trainable == adapter and summary.total == base_total + adapter
+    assert summary.percent == pytest.approx(100 * adapter / (base_total + adapter))
+    assert f"trainable%: {summary.percent:.4f}" in str(summary)
 
 
 def test_conv_adapters_follow_dilation_and_padding_mode() -> None:

@@ -162,7 +162,12 @@ def read_adapter_files(directory: PathLike) -> tuple[dict[str, Any], dict[str, t
 
 def read_adapter_config(directory: PathLike, model: nn.Module) -> LoraConfig:
     """The :class:`LoraConfig` of a saved adapter (either format), as :func:`load_adapter` would use it on
-    ``model``."""
+    ``model``.
+
+    Args:
+        directory: Folder written by :func:`save_adapter` or PEFT's ``save_pretrained``.
+        model: The model it is for (resolves PEFT's ``modules_to_save`` names).
+    """
     config, _ = read_adapter_files(directory)
     return _lora_config(config, model, Path(directory))
 

@@ -348,7 +348,11 @@ def _restore_base_class(layer: LoraLayer) -> nn.Module:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters present anywhere in ``model``, in the order they were added."""
+    """Names of the adapters present anywhere in ``model``, in the order they were added.
+
+    Args:
+        model: Any module.
+    """
     names: dict[str, None] = {}
     for _, layer in lora_layers(model):
         names.update(dict.fromkeys(layer.lora_settings))
@@ -357,6 +361,10 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def get_lora_config(model: nn.Module, adapter_name: str = "default") -> LoraConfig:
     """The ``LoraConfig`` an adapter was created with.
+
+    Args:
+        model: A model with LoRA adapters.
+        adapter_name: Which adapter.
 
     Raises:
         ValueError: The model has no adapter of that name.
@@ -393,6 +401,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 
     A base weight that holds the residual of an SVD init (PiSSA, OLoRA, ...) gets the adapter's initial part back.
 
+    Args:
+        model: A model with LoRA adapters.
+        adapter_name: The adapter to remove.
+
     Raises:
         ValueError: Unknown adapter, or the adapter is merged (call ``unmerge_lora`` first).
     """
@@ -414,6 +426,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: inside it the model computes as its base model (merged adapters are taken out and put back).
+
+    Args:
+        model: A model with LoRA adapters.
 
     Example::
 
@@ -492,6 +507,9 @@ def unload_lora(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging (merged ones are unmerged first): the base model again, in place.
 
     Base weights that hold the residual of an SVD init get the adapter's initial part back.
+
+    Args:
+        model: A model with LoRA adapters.
     """
     from lightning_lora.core.merge import unmerge_lora
 

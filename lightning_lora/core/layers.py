@@ -310,5 +310,9 @@ SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer in ``model`` with its qualified name."""
+    """Every LoRA layer in ``model`` with its qualified name.
+
+    Args:
+        model: Any module.
+    """
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]

@@ -51,6 +51,10 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     starts at zero, as in QLoRA. ``apply_lora`` refuses that case up front; it is reached when ``load_adapter`` adds
     a LoftQ adapter to a quantised model (the file's values then replace these).
 
+    Args:
+        layer: The LoRA layer (its config must set ``quantization``).
+        adapter_name: The adapter to initialise.
+
     Raises:
         ValueError: The adapter's config has no ``quantization``.
     """

@@ -92,7 +92,11 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take merged adapters back out of the base weights (exact up to floating-point rounding)."""
+    """Take merged adapters back out of the base weights (exact up to floating-point rounding).
+
+    Args:
+        model: A model with merged LoRA adapters.
+    """
     for _, layer in lora_layers(model):
         if not layer.merged_adapters:
             continue

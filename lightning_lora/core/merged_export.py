@@ -240,6 +240,9 @@ def parse_size(size: Union[int, str]) -> int:
 def load_merged_state_dict(directory: PathLike) -> dict[str, torch.Tensor]:
     """Read a merged export (one file or shards with an index) into a state dict, tied keys restored.
 
+    Args:
+        directory: Folder written by :func:`save_merged_model`.
+
     Example::
 
         model = MyModel(config)

@@ -381,6 +381,10 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> L
     ``modules_to_save`` entries are resolved with PEFT's rule (a module whose name ends with the entry) into full
     module names; entries that match nothing are dropped, as PEFT does (task heads such as ``"score"``).
 
+    Args:
+        peft_config: The parsed ``adapter_config.json``.
+        model: The model the adapter is for (resolves ``modules_to_save``).
+
     Raises:
         ValueError: Another ``peft_type`` than LoRA, PEFT options without a lightning_lora equivalent (listed), an
             unsupported ``init_lora_weights``, or values ``LoraConfig`` rejects.

@@ -78,7 +78,11 @@ def quantized_bits(module: nn.Module) -> Optional[int]:
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every bitsandbytes-quantised linear layer of ``model`` with its name."""
+    """Every bitsandbytes-quantised linear layer of ``model`` with its name.
+
+    Args:
+        model: Any module.
+    """
     return [(name, module) for name, module in model.named_modules() if quantized_bits(module) is not None]
 
 

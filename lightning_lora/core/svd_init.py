@@ -164,6 +164,10 @@ def apply_init_residual(layer: LoraLayer, adapter_name: str) -> None:
     Loading through :func:`~lightning_lora.core.state.load_adapter_state_dict` or ``load_state_dict`` does this
     for you.
 
+    Args:
+        layer: The LoRA layer.
+        adapter_name: The adapter whose initial factors define the residual.
+
     Raises:
         ValueError: The adapter keeps no initial factors, or the base weight already holds its residual.
     """
@@ -186,6 +190,10 @@ def restore_base_weight(layer: LoraLayer, adapter_name: str) -> None:
 
     Equal to the original weight up to one rounding in the weight's dtype. A no-op for adapters without initial
     factors or not initialised yet.
+
+    Args:
+        layer: The LoRA layer.
+        adapter_name: The adapter whose initial part goes back into the base weight.
     """
     settings = layer.lora_settings[adapter_name]
     if not (has_init_factors(layer, adapter_name) and settings.initialized):

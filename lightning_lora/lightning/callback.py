@@ -358,6 +358,9 @@ def inject_adapters(pl_module: pl.LightningModule) -> None:
     For ``configure_model`` hooks that build and shard the model (FSDP2): call it between the two, so the adapters
     are sharded with their layers. Idempotent.
 
+    Args:
+        pl_module: The LightningModule whose ``configure_model`` is running.
+
     Raises:
         ValueError: The module is not attached to a Trainer with a LoraCallback (or is not a LoraMixin).
 
