@@ -1,9 +1,10 @@
-"""Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA.
+"""Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA, PiSSA with
+LoRA+, QLoRA.
 
 Each variant is ``configs/quickstart.yaml`` with one change, run through the ``lightning-lora`` CLI in this process
 (fit, then test of the final model). Prints a table and writes JSON. From the repository root::
 
-    python benchmarks/quickstart_variants.py                    # all four variants
+    python benchmarks/quickstart_variants.py                    # all six variants
     python benchmarks/quickstart_variants.py --variants lora dora --out benchmarks/results/quickstart.json
 """
 
@@ -56,11 +57,27 @@ def pissa(config: dict[str, Any]) -> None:
     _lora_config(config)["init"] = "pissa"
 
 
+def pissa_loraplus(config: dict[str, Any]) -> None:
+    """configs/pissa_loraplus.yaml: PiSSA, B matrices at 4x the learning rate, base lr 5e-4."""
+    _lora_config(config)["init"] = "pissa"
+    config["model"]["init_args"]["loraplus_lr_ratio"] = 4.0
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 5e-4
+
+
+def qlora(config: dict[str, Any]) -> None:
+    """configs/qlora.yaml: every encoder linear layer in 4-bit NF4 (double quantisation, bf16 compute)."""
+    _lora_config(config)["quantization"] = {
+        "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "layers": "all-linear"
+    }
+
+
 VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "head_only": head_only,
     "lora": lora,
     "dora": dora,
     "pissa": pissa,
+    "pissa_loraplus": pissa_loraplus,
+    "qlora": qlora,
 }
 
 

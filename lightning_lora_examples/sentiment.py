@@ -10,6 +10,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_lora import lora_param_groups
+from lightning_lora.lightning.mixin import optimizer_defaults
 from lightning_lora_examples.assets import minilm_dir
 from lightning_lora_examples.tweets import LABELS
 
@@ -35,6 +37,8 @@ class SentimentClassifier(L.LightningModule):
             fine-tune does not overfit, and ``LoraConfig.dropout`` regularises the adapters.
         optimizer: Builds the optimizer from the trainable parameters.
         scheduler: Builds an optional learning-rate scheduler, stepped every optimizer step.
+        loraplus_lr_ratio: LoRA+: train the adapters' ``B`` matrices (and DoRA magnitudes) at the optimizer's
+            learning rate times this ratio (:func:`~lightning_lora.lora_param_groups`); None: one learning rate.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class SentimentClassifier(L.LightningModule):
         encoder_dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
+        loraplus_lr_ratio: Optional[float] = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel
@@ -60,6 +65,7 @@ class SentimentClassifier(L.LightningModule):
             self.encoder.requires_grad_(False)
         self.optimizer = optimizer
         self.scheduler = scheduler
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
 
@@ -108,7 +114,12 @@ class SentimentClassifier(L.LightningModule):
         return self(batch["input_ids"], batch["attention_mask"]).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.loraplus_lr_ratio is None:
+            optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        else:
+            lr, weight_decay = optimizer_defaults(self.optimizer)
+            groups = lora_param_groups(self, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio, weight_decay=weight_decay)
+            optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer
         scheduler = self.scheduler(optimizer)

@@ -168,3 +168,20 @@ def test_quickstart_config_trains_minilm_on_tweets_and_exports_a_peft_adapter(
         expected = cli.model.eval()(batch["input_ids"], batch["attention_mask"])
         actual = peft_model(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_pissa_loraplus_config_trains_with_two_learning_rates_and_exports_a_plain_lora(tiny_run: TinyRun) -> None:
+    args = [a.replace(str(QUICKSTART), str(ROOT / "configs" / "pissa_loraplus.yaml")) for a in tiny_run.args]
+    cli = LoraLightningCLI(args=["fit", *args, "--trainer.max_steps=2"])
+    groups = {group["name"]: group["lr"] for group in cli.trainer.optimizers[0].param_groups}
+    assert groups["lora_B"] == pytest.approx(4 * groups["lora_A"])
+    exported = yaml.safe_load((Path("lightning_logs") / "pissa_loraplus" / "adapter" / "adapter_config.json").read_text())
+    assert exported["r"] == 16 and exported["init_lora_weights"] is True  # [A; A0], [B, -B0] on the original base

@@ -148,7 +148,7 @@ class LoraMixin:
         Raises:
             ValueError: The optimizer callable has no positive default learning rate.
         """
-        lr, weight_decay = _optimizer_defaults(self.optimizer)
+        lr, weight_decay = optimizer_defaults(self.optimizer)
         groups = lora_param_groups(
             self,  # type: ignore[arg-type]
             lr=lr,
@@ -174,8 +174,15 @@ class LoraMixin:
         check_and_complete_checkpoint(module, checkpoint, [self.lora_callback], "given to load_from_checkpoint")
 
 
-def _optimizer_defaults(optimizer: OptimizerCallable) -> tuple[float, float]:
-    """``(lr, weight_decay)`` the optimizer callable is configured with, read from a throwaway instance."""
+def optimizer_defaults(optimizer: OptimizerCallable) -> tuple[float, float]:
+    """``(lr, weight_decay)`` an optimizer callable is configured with, read from a throwaway instance.
+
+    Args:
+        optimizer: Builds an optimizer from parameters (LightningCLI's ``OptimizerCallable``).
+
+    Raises:
+        ValueError: The optimizer has no positive default learning rate.
+    """
     probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     lr = probe.defaults.get("lr")
     lr = float(lr) if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool) else None
