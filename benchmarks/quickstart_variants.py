@@ -15,6 +15,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +23,9 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from lightning_lora import trainable_parameters_summary
-from lightning_lora.lightning.cli import LoraLightningCLI
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
+from lightning_lora import trainable_parameters_summary  # noqa: E402
+from lightning_lora.lightning.cli import LoraLightningCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -127,10 +129,10 @@ def main() -> None:
     rows = [run_variant(name, base, args.workdir) for name in args.variants]
 
     header = ("variant", "test acc", "trainable", "trainable %", "steps", "fit s", "total s")
-    print("\n{:<10} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))
+    print("\n{:<15} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))
     for row in rows:
         print(
-            f"{row['variant']:<10} {row['test_acc']:>9.4f} {row['trainable_params']:>12,} "
+            f"{row['variant']:<15} {row['test_acc']:>9.4f} {row['trainable_params']:>12,} "
             f"{row['trainable_percent']:>11.3f}% {row['steps']:>6} {row['fit_seconds']:>7.1f} "
             f"{row['total_seconds']:>8.1f}"
         )

@@ -5,7 +5,7 @@ The model is a transformers Llama built from a config (768 hidden, 2048 intermed
 model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each measurement runs in
 its own process with fixed threads (every process imports the same libraries, so resident memory starts from the
 same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step (process time) and
-the peak RSS, as ratios.
+the peak RSS, as ratios; and the MiB of activations autograd saves for the backward pass.
 
 Usage::
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 import harness  # noqa: E402
 
 NAMES = ["floor", "peft-lora", "ours-lora", "peft-dora", "ours-dora"]
@@ -75,13 +76,34 @@ def worker(name: str, threads: int, warmup: int, steps: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
 
     times = harness.time_steps(step, warmup, steps)
+    saved = saved_for_backward_mib(model, tokens)
     return {
         "step_cpu_s": sorted(times)[len(times) // 2],
         "step_cpu_min_s": min(times),
         "peak_rss_mb": harness.peak_rss_mb(),
         "rss_before_training_mb": rss_before,
         "trainable_params": sum(p.numel() for p in trainable),
+        "saved_for_backward_mib": saved,
     }
+
+
+def saved_for_backward_mib(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    """MiB of distinct tensor storages autograd keeps from one forward for the backward pass, parameters
+    excluded: the activation memory a method adds."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values()) / 2**20
 
 
 def report(results: dict[str, list[dict]]) -> dict:
@@ -93,6 +115,7 @@ def report(results: dict[str, list[dict]]) -> dict:
             "step_cpu_best_s": min(r["step_cpu_min_s"] for r in rounds),
             "step_cpu_median_s": harness.median_of(rounds, "step_cpu_s"),
             "peak_rss_mb": harness.median_of(rounds, "peak_rss_mb"),
+            "saved_for_backward_mib": harness.median_of(rounds, "saved_for_backward_mib"),
             "trainable_params": rounds[0]["trainable_params"],
         }
     floor = rows["floor"]
@@ -106,14 +129,15 @@ def report(results: dict[str, list[dict]]) -> dict:
     if "ours-lora" in rows and "ours-dora" in rows:
         rows["ours-dora"]["peak_vs_ours_lora"] = rows["ours-dora"]["peak_rss_mb"] / rows["ours-lora"]["peak_rss_mb"]
     print(f"{'run':<10} {'best CPU s':>10} {'vs floor':>9} {'vs PEFT':>8} {'median s':>9} {'vs floor':>9} "
-          f"{'vs PEFT':>8} {'peak MB':>8} {'vs floor':>9} {'vs PEFT':>8}")
+          f"{'vs PEFT':>8} {'peak MB':>8} {'vs floor':>9} {'vs PEFT':>8} {'saved MiB':>9}")
     nan = float("nan")
     for name, row in rows.items():
         print(
             f"{name:<10} {row['step_cpu_best_s']:>10.3f} {row['step_cpu_best_s_vs_floor']:>8.3f}x "
             f"{row.get('step_cpu_best_s_vs_peft', nan):>7.3f}x {row['step_cpu_median_s']:>9.3f} "
             f"{row['step_cpu_median_s_vs_floor']:>8.3f}x {row.get('step_cpu_median_s_vs_peft', nan):>7.3f}x "
-            f"{row['peak_rss_mb']:>8.0f} {row['peak_rss_mb_vs_floor']:>8.3f}x {row.get('peak_rss_mb_vs_peft', nan):>7.3f}x"
+            f"{row['peak_rss_mb']:>8.0f} {row['peak_rss_mb_vs_floor']:>8.3f}x {row.get('peak_rss_mb_vs_peft', nan):>7.3f}x "
+            f"{row['saved_for_backward_mib']:>9.0f}"
         )
     return rows
 

@@ -62,6 +62,26 @@ def small_convnet(seed: int = 0, dilation: int = 1, padding_mode: str = "zeros")
     return SmallConvNet(dilation, padding_mode).eval()
 
 
+class SequenceAndVolumeConvNet(nn.Module):
+    """A Conv1d over the flattened image, then a strided Conv3d over it seen as a volume, and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(3, 8, kernel_size=3, padding=1)
+        self.conv3d = nn.Conv3d(8, 16, kernel_size=3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, 3, 12, 12]
+        x = torch.relu(self.conv1d(x.flatten(2)))
+        x = torch.relu(self.conv3d(x.reshape(x.shape[0], 8, 4, 6, 6)))
+        return self.fc(x.mean(dim=(2, 3, 4)))
+
+
+def conv1d_conv3d_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return SequenceAndVolumeConvNet().eval()
+
+
 def token_batch(vocab: int = 96, batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=generator)

@@ -151,6 +151,19 @@ def test_save_keeps_other_files_in_the_directory(tmp_path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_saved_files_are_readable_by_other_users_as_the_umask_allows(tmp_path) -> None:
+    # A shared adapter folder is read by servers running as another user (vLLM); safetensors alone writes 0o600.
+    _, model = trained_model("llama-patterns")
+    previous = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "adapter")
+        save_merged_model(model, tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    written = [*(tmp_path / "adapter").iterdir(), *(tmp_path / "merged").iterdir()]
+    assert {path.stat().st_mode & 0o777 for path in written} == {0o644}
+
+
 # ----- bad input: clear error, model unchanged -----
 @pytest.fixture
 def saved_dir(tmp_path):

@@ -100,6 +100,29 @@ def test_all_linear_includes_hf_conv1d_and_skips_a_classification_head() -> None
     assert "classifier" not in {n for n, _ in lora_layers(bert)}
 
 
+class _AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attention(x, x, x, need_weights=False)[0])
+
+
+def test_all_linear_skips_the_multihead_attention_projection_its_owner_bypasses() -> None:
+    model = apply_lora(_AttentionBlock(), LoraConfig(r=2, target_modules="all-linear", init="gaussian"))
+    assert {n for n, _ in lora_layers(model)} == {"mlp"}
+
+
+def test_naming_a_multihead_attention_projection_is_refused_with_the_reason() -> None:
+    model = _AttentionBlock()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"\['attention.out_proj'\].*never calls out_proj's forward"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["out_proj", "mlp"]))
+    assert not lora_layers(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_regex_target_exclusions_and_layer_selection() -> None:
     config = LoraConfig(
         r=2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_lora import LoraConfig, apply_lora, merge_and_unload
-from models import image_batch, randomize_adapters, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from models import conv1d_conv3d_net, image_batch, randomize_adapters, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from peft_oracle import copy_adapter_into_peft, peft_adapter_grads, peft_twin
 
 pytest.importorskip("peft")
@@ -21,12 +21,13 @@ MODELS = {
     "gpt2": (lambda: tiny_gpt2(tied=False), ["c_attn", "c_proj", "c_fc", "wte"], "tokens"),
     "bert": (tiny_bert, ["query", "value", "dense", "word_embeddings"], "tokens"),
     "convnet": (small_convnet, ["conv1", "conv2", "fc"], "image"),
+    "conv1d-conv3d": (conv1d_conv3d_net, ["conv1d", "conv3d"], "image"),
 }
 VARIANTS = {
     "lora": {},
     "rslora": {"use_rslora": True},
     "dora": {"use_dora": True},
-    "patterns": {"rank_pattern": {"layers.0.*": 2, "h.1.*": 2, "conv2": 3}, "alpha_pattern": {".*fc": 3.0}},
+    "patterns": {"rank_pattern": {"layers.0.*": 2, "h.1.*": 2, "conv2": 3, "conv3d": 3}, "alpha_pattern": {".*fc": 3.0}},
 }
 
 

@@ -115,6 +115,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Op
         seen.add(storage)
         ready[key] = value
     save_file(ready, str(path), metadata={"format": "pt", **(metadata or {})})
+    # safetensors >= 0.8 creates the file owner-only (0o600); give it the mode any other new file gets, so a server
+    # running as another user (vLLM) can read a shared adapter folder.
+    os.chmod(path, 0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read the umask is to set it
+    os.umask(mask)
+    return mask
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

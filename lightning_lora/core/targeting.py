@@ -44,6 +44,16 @@ def output_head_names(model: nn.Module) -> set[str]:
     return set(heads[-1:])
 
 
+def bypassed_linears(model: nn.Module) -> set[str]:
+    """Linear layers whose owner computes with their weight directly, never calling their forward: the
+    ``out_proj`` of ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` reads ``out_proj.weight``)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # Skip the adapters' own containers so a second adapter never targets them.
     return [
@@ -64,7 +74,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     saved = set(find_modules_to_save(model, config))
     if config.target_modules == ALL_LINEAR:
         heads = output_head_names(model)
-        selected = [(n, m) for n, m in candidates if is_linear(m) and n not in heads]
+        skipped = heads | bypassed_linears(model)
+        selected = [(n, m) for n, m in candidates if is_linear(m) and n not in skipped]
     else:
         selected = [(n, m) for n, m in candidates if name_matches(n, config.target_modules)]
     selected = [(n, m) for n, m in selected if n not in saved and not any(n.startswith(s + ".") for s in saved)]
@@ -76,6 +87,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if not selected:
         raise ValueError(_no_match_message(candidates, config))
 
+    bypassed = sorted(bypassed_linears(model).intersection(n for n, _ in selected))
+    if bypassed:
+        raise ValueError(
+            f"target_modules selects {bypassed}: nn.MultiheadAttention computes with out_proj.weight directly and "
+            "never calls out_proj's forward, so an adapter there would not change the output. Leave them out "
+            "(exclude_modules), or list the attention module in modules_to_save to train it in full."
+        )
     unsupported = [(n, m) for n, m in selected if adapter_kind(m) is None]
     if unsupported:
         listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:5])
