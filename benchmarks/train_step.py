@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/train_step.py                 # full run (about 15 minutes)
     python benchmarks/train_step.py --rounds 1 --steps 2 --warmup 1   # smoke run
+    python benchmarks/train_step.py --only peft-lora ours-lora --rounds 5 --out benchmarks/results/train_step_lora_5rounds.json
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=NAMES, help="subset of runs (floor is always included)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.threads, args.warmup, args.steps)))
@@ -159,10 +161,10 @@ def main() -> None:
     results = harness.interleaved(__file__, names, args.rounds, args.threads, extra)
     rows = report(results)
     harness.write_json(
-        RESULTS,
+        args.out,
         {"machine": harness.machine(), "settings": vars(args), "medians": rows, "raw": results},
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

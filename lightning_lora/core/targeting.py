@@ -46,7 +46,11 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def bypassed_linears(model: nn.Module) -> set[str]:
     """Linear layers whose owner computes with their weight directly, never calling their forward: the
-    ``out_proj`` of ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` reads ``out_proj.weight``)."""
+    ``out_proj`` of ``nn.MultiheadAttention`` (``F.multi_head_attention_forward`` reads ``out_proj.weight``).
+
+    Args:
+        model: The model whose module names are returned.
+    """
     return {
         f"{name}.out_proj" if name else "out_proj"
         for name, module in model.named_modules()
@@ -72,9 +76,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     """
     candidates = _candidate_modules(model)
     saved = set(find_modules_to_save(model, config))
+    bypassed = bypassed_linears(model)
     if config.target_modules == ALL_LINEAR:
-        heads = output_head_names(model)
-        skipped = heads | bypassed_linears(model)
+        skipped = output_head_names(model) | bypassed
         selected = [(n, m) for n, m in candidates if is_linear(m) and n not in skipped]
     else:
         selected = [(n, m) for n, m in candidates if name_matches(n, config.target_modules)]
@@ -87,11 +91,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     if not selected:
         raise ValueError(_no_match_message(candidates, config))
 
-    bypassed = sorted(bypassed_linears(model).intersection(n for n, _ in selected))
-    if bypassed:
+    named_bypassed = sorted(bypassed.intersection(n for n, _ in selected))
+    if named_bypassed:
         raise ValueError(
-            f"target_modules selects {bypassed}: nn.MultiheadAttention computes with out_proj.weight directly and "
-            "never calls out_proj's forward, so an adapter there would not change the output. Leave them out "
+            f"target_modules selects {named_bypassed}: nn.MultiheadAttention computes with out_proj.weight directly "
+            "and never calls out_proj's forward, so an adapter there would not change the output. Leave them out "
             "(exclude_modules), or list the attention module in modules_to_save to train it in full."
         )
     unsupported = [(n, m) for n, m in selected if adapter_kind(m) is None]
