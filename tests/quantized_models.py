@@ -61,3 +61,28 @@ def llama64(seed: int = 0) -> nn.Module:
     from models import tiny_llama
 
     return tiny_llama(seed, hidden=64)
+
+
+def unpacked_4bit_codes(data: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of bitsandbytes' packed ``uint8`` storage, in the flattened weight's order (high nibble
+    first)."""
+    flat = data.flatten()
+    return torch.stack([flat >> 4, flat & 15], dim=1).flatten().long()
+
+
+def reference_dequantize_4bit(data: torch.Tensor, state, scales: torch.Tensor, per_row_blocks: bool = False):
+    """Dequantise bitsandbytes 4-bit storage in plain torch, independently of its kernels.
+
+    Blocks of ``state.blocksize`` run over the flattened weight, as bitsandbytes quantises them. With
+    ``per_row_blocks`` the scales are instead cut per row, as the faulty CPU kernel of bitsandbytes 0.50 on
+    AVX512-BF16 machines does (wrong whenever ``in_features`` is not a multiple of the block size).
+    """
+    rows, columns = state.shape
+    values = state.code.float()[unpacked_4bit_codes(data)].view(rows, columns)
+    if per_row_blocks:
+        per_row = -(-columns // state.blocksize)
+        index = torch.arange(rows)[:, None] * per_row + torch.arange(columns)[None, :] // state.blocksize
+        index = index.clamp(max=scales.numel() - 1)
+    else:
+        index = (torch.arange(rows * columns) // state.blocksize).view(rows, columns)
+    return values * scales.float()[index]

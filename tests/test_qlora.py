@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -35,7 +37,13 @@ from lightning_lora.core import quantization  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from lightning_lora.core.inject import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
-from quantized_models import chain, chain_batch, checkpointed_stack, llama64  # noqa: E402
+from quantized_models import (  # noqa: E402
+    chain,
+    chain_batch,
+    checkpointed_stack,
+    llama64,
+    reference_dequantize_4bit,
+)
 
 OPTIONS = {
     "nf4": QuantizationConfig(bits=4, quant_type="nf4", layers="all-linear"),
@@ -355,11 +363,6 @@ def _narrow_model() -> nn.Module:
 
 ERROR_CASES = {
     # name: (model builder, config, message)
-    "4-bit kernel cannot hold the shape": (
-        _narrow_model,
-        LoraConfig(r=4, target_modules=["0", "2"], quantization=QuantizationConfig()),
-        "in_features must be a multiple of 64",
-    ),
     "already quantised differently": (
         lambda: bitsandbytes_chain(8),
         LoraConfig(r=4, target_modules=["first"], quantization=QuantizationConfig(bits=4)),
@@ -385,6 +388,85 @@ def test_quantization_errors_name_the_fix_and_leave_the_model_unchanged(case: st
     before = _snapshot(model)
     with pytest.raises(ValueError, match=message):
         apply_lora(model, config)
+    _assert_unchanged(model, before)
+
+
+NARROW_CONFIG = LoraConfig(r=4, target_modules=["0", "2"], quantization=QuantizationConfig())
+
+
+def _kernel_is_correct(in_features: int) -> bool:
+    return quantization._4bit_kernel_dequantizes_correctly(in_features, ("nf4", False), "cpu")
+
+
+@pytest.fixture
+def fresh_kernel_probe():
+    """The probe's answers are cached per shape; forget them around a test that changes the kernel."""
+    quantization._4bit_kernel_dequantizes_correctly.cache_clear()
+    yield
+    quantization._4bit_kernel_dequantizes_correctly.cache_clear()
+
+
+def _per_row_block_kernel(data: torch.Tensor, state, *args, **kwargs) -> torch.Tensor:
+    """bitsandbytes 0.50's faulty CPU dequantisation (AVX512-BF16 machines), simulated: blocks cut per row."""
+    scales = quantization._dense_scales(state)
+    return reference_dequantize_4bit(data, state, scales, per_row_blocks=True).to(state.dtype)
+
+
+@pytest.mark.parametrize("in_features", [48, 100, 64, 128])
+@pytest.mark.usefixtures("fresh_kernel_probe")
+def test_the_kernel_probe_agrees_with_a_reference_dequantisation(in_features: int) -> None:
+    weight = torch.randn(8, in_features, generator=torch.Generator().manual_seed(3))
+    data, state = quantization.quantize_tensor(weight, QuantizationConfig())
+    reference = reference_dequantize_4bit(data, state, quantization._dense_scales(state))
+    kernel_is_right = torch.equal(bnb.functional.dequantize_4bit(data, state).float(), reference)
+    assert _kernel_is_correct(in_features) == kernel_is_right
+
+
+@pytest.mark.parametrize("in_features", [48, 100, 64, 128])
+@pytest.mark.usefixtures("fresh_kernel_probe")
+def test_the_kernel_probe_detects_a_kernel_that_cuts_blocks_per_row(
+    monkeypatch: pytest.MonkeyPatch, in_features: int
+) -> None:
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", _per_row_block_kernel)
+    assert _kernel_is_correct(in_features) == (in_features % 64 == 0)
+
+
+def test_narrow_4bit_layers_are_accepted_exactly_where_the_installed_kernel_is_correct() -> None:
+    """Where the kernel dequantises in_features=48 correctly the layers quantise and compute with the quantised
+    weights; where it does not, the refusal names the layer and the fix (test_a_broken_kernel_... forces that)."""
+    model = _narrow_model()
+    if not _kernel_is_correct(48):
+        before = _snapshot(model)
+        with pytest.raises(ValueError, match=r"Cannot quantise 2 to 4 bit.*in_features=48.*exclude_modules"):
+            apply_lora(model, NARROW_CONFIG)
+        _assert_unchanged(model, before)
+        return
+    apply_lora(model, NARROW_CONFIG)
+    assert [name for name, _ in quantized_layers(model)] == ["0", "2"]
+    randomize_adapters(model)
+
+    def reference_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        state = layer.weight.quant_state
+        weight = reference_dequantize_4bit(layer.weight.data, state, quantization._dense_scales(state))
+        update = h @ layer.lora_A["default"].t() @ layer.lora_B["default"].t()
+        return F.linear(h, weight, layer.bias) + layer.scaling("default") * update
+
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = reference_layer(model[2], torch.relu(reference_layer(model[0], x)))
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("fresh_kernel_probe")
+def test_a_broken_kernel_is_refused_by_layer_name_and_leaves_the_model_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", _per_row_block_kernel)
+    model = _narrow_model()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"Cannot quantise 2 to 4 bit on cpu.*in_features=48.*bits=8") as error:
+        apply_lora(model, NARROW_CONFIG)
+    assert "Cannot quantise 0 " not in str(error.value)  # in_features=64 is fine on that kernel too
     _assert_unchanged(model, before)
 
 
@@ -473,7 +555,6 @@ def test_quantization_options_parse_from_a_lightning_cli_style_yaml() -> None:
 
 
 def _quiet_trainer(**options):
-    L = pytest.importorskip("lightning")
     return L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, **options,
@@ -481,7 +562,6 @@ def _quiet_trainer(**options):
 
 
 def test_lora_callback_sanity_check_and_validation_leave_qlora_adapter_gradients_exact() -> None:
-    L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_lora.lightning import LoraCallback
@@ -525,7 +605,6 @@ def test_lora_callback_sanity_check_and_validation_leave_qlora_adapter_gradients
 
 
 def test_qlora_training_through_lora_callback_lowers_the_loss() -> None:
-    L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_lora.lightning import LoraCallback
@@ -558,7 +637,6 @@ def test_qlora_training_through_lora_callback_lowers_the_loss() -> None:
 
 
 def test_lora_callback_refuses_to_write_merged_weights_from_a_quantised_base(tmp_path) -> None:
-    L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_lora.lightning import LoraCallback

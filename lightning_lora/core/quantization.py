@@ -16,9 +16,10 @@ formula. From then on the layer passes no gradient back to its input (torch only
 layers train on wrong gradients, or none where no residual path bypasses the layer. The repack also rounds the
 scales to bfloat16, so it changes the weights for good.
 
-A second one is refused up front: bitsandbytes 0.50's CPU kernel dequantises 4-bit weights whose ``in_features`` is
-not a multiple of the block size (64) wrongly, so such layers would compute with scrambled weights. The installed
-kernel is probed once per shape and such layers are named in a ValueError.
+A second one is refused up front where it exists: bitsandbytes 0.50's CPU kernel on some machines (AVX512-BF16)
+dequantises 4-bit weights whose ``in_features`` is not a multiple of the block size (64) wrongly, so such layers
+would compute with scrambled weights. The installed kernel is probed once per shape; where it is wrong, such layers
+are named in a ValueError, and where it is right (AVX2-only CPUs, for one) they are quantised as usual.
 
 bitsandbytes is imported lazily: the core works without it until quantisation is asked for.
 """
@@ -225,9 +226,10 @@ def _check_options_match(name: str, module: nn.Module, options: QuantizationConf
 
 @functools.lru_cache(maxsize=None)
 def _4bit_kernel_dequantizes_correctly(in_features: int, options_key: tuple, device: str) -> bool:
-    # bitsandbytes 0.50's CPU dequantisation kernel cuts blocks per row, while quantisation cuts them over the
-    # flattened weight: when in_features is not a multiple of the block size the layer computes with scrambled
-    # weights. Probe the installed kernel once per shape: every block's largest |value| must come back as its scale.
+    # bitsandbytes 0.50's CPU dequantisation kernel on AVX512-BF16 machines cuts blocks per row, while quantisation
+    # cuts them over the flattened weight: when in_features is not a multiple of the block size the layer computes
+    # with scrambled weights. Probe the installed kernel once per shape: every block's largest |value| must come back
+    # as its scale.
     quant_type, double_quant = options_key
     options = QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant)
     rows = max(2, -(-4 * _BLOCKSIZE_4BIT // in_features))  # at least four whole blocks
