@@ -25,6 +25,25 @@ def chain(seed: int = 0) -> Chain:
     return Chain()
 
 
+CHAIN_LAYERS = ("first", "middle", "last")
+
+
+def bitsandbytes_chain(bits: int) -> nn.Module:
+    """The chain built the bitsandbytes way: its layers already are ``Linear4bit`` / ``Linear8bitLt``."""
+    import bitsandbytes as bnb
+
+    model = chain()
+    for name in CHAIN_LAYERS:
+        dense = getattr(model, name)
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, has_fp16_weights=False)
+        layer.load_state_dict(dense.state_dict())
+        setattr(model, name, layer.to("cpu"))  # bitsandbytes quantises on .to(device)
+    return model
+
+
 def chain_batch(seed: int = 1, rows: int = 6) -> torch.Tensor:
     return torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
 

@@ -125,7 +125,10 @@ def test_optimizer_built_before_injection_is_refused_with_the_lightning_cli_fix(
 
 
 def test_optimizer_check_can_be_switched_off() -> None:
-    _fit(OptimizerOverAllParameters(), LoraCallback(lora_config(), check_optimizer=False))
+    module = OptimizerOverAllParameters()
+    trainer = _fit(module, LoraCallback(lora_config(), check_optimizer=False))
+    assert trainer.state.finished and trainer.global_step == 2  # trained, where the check would have refused
+    assert any(k.endswith("lora_B.default") and v.abs().sum() > 0 for k, v in adapter_state_dict(module).items())
 
 
 def test_trainable_parameter_summary_is_printed_once_per_fit(caplog: pytest.LogCaptureFixture) -> None:
@@ -281,4 +284,14 @@ def test_docstring_example_runs(documented: str, tmp_path: Any, monkeypatch: pyt
 
     example = getattr(lightning_lora, documented).__doc__.split("Example::", 1)[1]
     monkeypatch.chdir(tmp_path)  # the Trainer writes logs and checkpoints to the working directory
-    exec(compile(textwrap.dedent(example), f"<{documented} example>", "exec"), {"__name__": "example"})
+    namespace: dict[str, Any] = {"__name__": "example"}
+    exec(compile(textwrap.dedent(example), f"<{documented} example>", "exec"), namespace)
+    if documented == "lora_param_groups":  # what the example's comment promises
+        rates = {group["name"]: group["lr"] for group in namespace["optimizer"].param_groups}
+        assert rates["lora_A"] == pytest.approx(2e-4) and rates["lora_B"] == pytest.approx(3.2e-3)
+        return
+    # The example trained its adapter: the checkpoint Lightning wrote holds it, with B moved away from zero.
+    (checkpoint,) = (tmp_path / "lightning_logs").glob("version_0/checkpoints/*.ckpt")
+    state = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert state["model.0.lora_B.default"].abs().sum() > 0
+    assert "model.0.weight" not in state  # adapter-only

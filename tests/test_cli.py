@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from example_assets import write_tiny_encoder, write_tiny_tweets
-from lightning_lora import LoraConfig, load_adapter, trainable_parameters_summary
+from lightning_lora import LoKrConfig, LoraConfig, load_adapter, trainable_parameters_summary
 from lightning_lora.lightning.cli import LoraLightningCLI, main
 from lightning_lora_examples import SentimentClassifier
 
@@ -121,8 +121,20 @@ def test_help_documents_the_lora_callback_from_its_docstrings(capsys: pytest.Cap
     with pytest.raises(SystemExit):
         main(["fit", "--trainer.callbacks.help", "lightning_lora.LoraCallback"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--trainer.callbacks.config.r" in text
-    assert "Rank of the update" in text  # from LoraConfig's Args: section
+    assert "--trainer.callbacks.config CONFIG What to adapt and how" in text
+    assert "Union[LoraConfig, LoHaConfig, LoKrConfig" in text  # every kind's config can be chosen by class_path
+
+
+@pytest.mark.parametrize("kind, field", [("LoraConfig", "use_dora"), ("LoHaConfig", "rank_dropout")])
+def test_help_documents_every_field_of_each_kinds_config(
+    capsys: pytest.CaptureFixture[str], kind: str, field: str
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.callbacks", "lightning_lora.LoraCallback",
+              "--trainer.callbacks.config.help", f"lightning_lora.{kind}"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "config.r R Rank of the update" in text  # from the config's Args: section
+    assert f"config.{field}" in text
 
 
 def test_cli_refuses_automatic_optimizers() -> None:
@@ -185,3 +197,13 @@ def test_pissa_loraplus_config_trains_with_two_learning_rates_and_exports_a_plai
     assert groups["lora_B"] == pytest.approx(4 * groups["lora_A"])
     exported = yaml.safe_load((Path("lightning_logs") / "pissa_loraplus" / "adapter" / "adapter_config.json").read_text())
     assert exported["r"] == 16 and exported["init_lora_weights"] is True  # [A; A0], [B, -B0] on the original base
+
+
+def test_a_kind_is_chosen_in_yaml_by_the_class_path_of_its_config(tiny_run: TinyRun) -> None:
+    args = [a.replace(str(QUICKSTART), str(ROOT / "configs" / "lokr.yaml")) for a in tiny_run.args]
+    cli = LoraLightningCLI(args=["fit", *args, "--trainer.max_steps=2"])
+    (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "LoraCallback"]
+    assert type(callback.config) is LoKrConfig and callback.config.r == 8
+    assert any(".lokr_w1." in name for name, _ in cli.model.named_parameters())
+    exported = yaml.safe_load((Path("lightning_logs") / "lokr" / "adapter" / "adapter_config.json").read_text())
+    assert exported["peft_type"] == "LOKR"

@@ -38,6 +38,8 @@ from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from lightning_lora.core.inject import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
 from quantized_models import (  # noqa: E402
+    CHAIN_LAYERS,
+    bitsandbytes_chain,
     chain,
     chain_batch,
     checkpointed_stack,
@@ -50,7 +52,6 @@ OPTIONS = {
     "fp4-double": QuantizationConfig(bits=4, quant_type="fp4", double_quant=True, layers="all-linear"),
     "int8": QuantizationConfig(bits=8, layers="all-linear"),
 }
-CHAIN_LAYERS = ("first", "middle", "last")
 
 
 def qlora_chain(quantization: QuantizationConfig, **config) -> nn.Module:
@@ -59,20 +60,6 @@ def qlora_chain(quantization: QuantizationConfig, **config) -> nn.Module:
     torch.manual_seed(10)
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=quantization, **config))
     randomize_adapters(model)
-    return model
-
-
-def bitsandbytes_chain(bits: int) -> nn.Module:
-    """The chain built the bitsandbytes way: its layers already are ``Linear4bit`` / ``Linear8bitLt``."""
-    model = chain()
-    for name in CHAIN_LAYERS:
-        dense = getattr(model, name)
-        if bits == 4:
-            layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, quant_type="nf4")
-        else:
-            layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, has_fp16_weights=False)
-        layer.load_state_dict(dense.state_dict())
-        setattr(model, name, layer.to("cpu"))  # bitsandbytes quantises on .to(device)
     return model
 
 

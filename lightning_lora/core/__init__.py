@@ -4,21 +4,20 @@ Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
 from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
-from lightning_lora.core.config import LoraConfig, QuantizationConfig
+from lightning_lora.core.config import AdapterConfig, LoraConfig, QuantizationConfig
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
     delete_adapter,
-    disable_adapters,
     get_lora_config,
     initialize_pending_adapters,
     mark_only_adapters_trainable,
     set_active_adapters,
-    unload_lora,
 )
+from lightning_lora.core.kinds import KINDS, AdapterKind, LoHaConfig, LoKrConfig
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
-from lightning_lora.core.merge import merge_and_unload, merge_lora, unmerge_lora
+from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
@@ -34,6 +33,11 @@ from lightning_lora.core.summary import TrainableSummary, trainable_parameters_s
 from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight
 
 __all__ = [
+    "KINDS",
+    "AdapterConfig",
+    "AdapterKind",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "LoraLayer",
     "QuantizationConfig",

@@ -24,18 +24,17 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.initializers import initialize_adapter, weight_dependent_init
+from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
-    add_init_factor_tensors,
     adapter_names,
     adapter_parameters,
     apply_lora,
     get_lora_config,
 )
-from lightning_lora.core.layers import INIT_FACTOR_DICTS, lora_layers
+from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.layers import AdapterSettings, lora_layers
 from lightning_lora.core.peft_format import (
     PEFT_CONFIG_NAME,
     PEFT_PREFIX,
@@ -44,7 +43,6 @@ from lightning_lora.core.peft_format import (
     full_tensor,
     lora_config_from_peft,
     peft_adapter_state,
-    svd_init_factors,
 )
 from lightning_lora.core.safe_files import (
     PathLike,
@@ -55,7 +53,12 @@ from lightning_lora.core.safe_files import (
     write_safetensors,
 )
 from lightning_lora.core.state import adapter_state_dict, check_adapter_state_dict, copy_into, load_adapter_state_dict
-from lightning_lora.core.svd_init import has_init_factors
+from lightning_lora.core.svd_init import (
+    INIT_FACTOR_DICTS,
+    add_init_factor_tensors,
+    has_init_factors,
+    svd_init_factors,
+)
 
 AdapterFormat = Literal["peft", "vllm", "lightning_lora"]
 FORMATS: tuple[str, ...] = ("peft", "vllm", "lightning_lora")
@@ -119,10 +122,12 @@ def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tup
         factors = svd_init_factors(layer, adapter_name) if adapter_name in layer.lora_settings else None
         for dict_name, value in zip(INIT_FACTOR_DICTS, factors or ()):
             tensors[f"{name}.{dict_name}" if name else dict_name] = full_tensor(value.detach())
+    adapter_config = get_lora_config(model, adapter_name)
     config = {
         NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
         "adapter_name": adapter_name,
-        "lora_config": get_lora_config(model, adapter_name).to_dict(),
+        "kind": adapter_config.kind,
+        "lora_config": adapter_config.to_dict(),
     }
     return config, tensors
 
@@ -160,9 +165,9 @@ def read_adapter_files(directory: PathLike) -> tuple[dict[str, Any], dict[str, t
     return config, tensors
 
 
-def read_adapter_config(directory: PathLike, model: nn.Module) -> LoraConfig:
-    """The :class:`LoraConfig` of a saved adapter (either format), as :func:`load_adapter` would use it on
-    ``model``.
+def read_adapter_config(directory: PathLike, model: nn.Module) -> AdapterConfig:
+    """The config of a saved adapter (either format; a ``LoraConfig`` or another kind's), as :func:`load_adapter`
+    would use it on ``model``.
 
     Args:
         directory: Folder written by :func:`save_adapter` or PEFT's ``save_pretrained``.
@@ -208,7 +213,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         )
     native = NATIVE_FORMAT_KEY in values
     injected = adapter_name not in adapter_names(model)
-    if injected and config.init.startswith("loftq"):
+    if injected and getattr(config, "init", "").startswith("loftq"):
         raise ValueError(
             f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which load_adapter "
             "does not build. Build it first with apply_lora(model, read_adapter_config(directory, model), "
@@ -227,7 +232,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     return model
 
 
-def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -> LoraConfig:
+def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -> AdapterConfig:
     if NATIVE_FORMAT_KEY in values:
         version = values[NATIVE_FORMAT_KEY]
         if version != NATIVE_FORMAT_VERSION:
@@ -235,8 +240,14 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
                 f"{directory} was written in lightning_lora file format {version!r}; this version reads format "
                 f"{NATIVE_FORMAT_VERSION}. Upgrade lightning_lora."
             )
+        kind = values.get("kind", "lora")  # files written before the adapter kinds existed hold LoRA
+        if kind not in KINDS:
+            raise ValueError(
+                f"{directory / CONFIG_NAME} holds a {kind!r} adapter, a kind this version does not know (it knows "
+                f"{sorted(KINDS)}). Upgrade lightning_lora."
+            )
         try:
-            return LoraConfig.from_dict(values["lora_config"])
+            return KINDS[kind].config_class.from_dict(values["lora_config"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / CONFIG_NAME} holds no valid lora_config ({err}); save again.") from None
     if "peft_type" in values:
@@ -251,14 +262,15 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
     )
 
 
-def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> Callable[[], None]:
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
     """Add the adapter as ``apply_lora`` does, without running its init (the file supplies the values) and without
     quantising the base (adapter files do not depend on it: the model is used as it is given); return the function
     that takes it out again."""
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
     previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
     before = {id(layer) for _, layer in lora_layers(model)}
-    apply_lora(model, dataclasses.replace(config, quantization=None), adapter_name, initialize=False)
+    unquantized = dataclasses.replace(config, quantization=None) if config.quantization is not None else config
+    apply_lora(model, unquantized, adapter_name, initialize=False)
     converted = []
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
@@ -268,7 +280,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> Callable
     return lambda: _rollback(model, adapter_name, converted, previous_flags, previous_marks)
 
 
-def _check_existing(model: nn.Module, config: LoraConfig, adapter_name: str) -> Callable[[], None]:
+def _check_existing(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
     problems = []
     for name, layer in lora_layers(model):
         settings = layer.lora_settings.get(adapter_name)
@@ -278,13 +290,15 @@ def _check_existing(model: nn.Module, config: LoraConfig, adapter_name: str) -> 
             raise ValueError(
                 f"Adapter {adapter_name!r} is merged into {name}; call unmerge_lora(model) before loading into it."
             )
-        r, alpha = config.rank_for(name), config.alpha_for(name)
-        if (settings.r, settings.use_rslora, settings.variant) != (r, config.use_rslora, config.variant) or not (
-            math.isclose(settings.alpha, alpha, rel_tol=1e-6)
+        saved = AdapterSettings(config.rank_for(name), config.alpha_for(name), 0.0, kind_of(config), config)
+        if (settings.kind.name, settings.r) != (saved.kind.name, saved.r) or not (
+            math.isclose(settings.alpha, saved.alpha, rel_tol=1e-6)
+            and math.isclose(settings.scaling, saved.scaling, rel_tol=1e-6)
         ):
             problems.append(
-                f"{name}: model r={settings.r}, alpha={settings.alpha:g}, rslora={settings.use_rslora}, "
-                f"{settings.variant}; file r={r}, alpha={alpha:g}, rslora={config.use_rslora}, {config.variant}"
+                f"{name}: model {settings.kind.name} r={settings.r}, alpha={settings.alpha:g}, scaling "
+                f"{settings.scaling:g}; file {saved.kind.name} r={saved.r}, alpha={saved.alpha:g}, scaling "
+                f"{saved.scaling:g}"
             )
     if problems:
         raise ValueError(
@@ -383,12 +397,12 @@ def _native_state(
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, config: LoraConfig, adapter_name: str, plan: _LoadPlan, injected: bool) -> None:
+def _apply(model: nn.Module, config: AdapterConfig, adapter_name: str, plan: _LoadPlan, injected: bool) -> None:
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
     for name, layer in layers:
-        if injected and weight_dependent_init(config.init) and name not in plan.init_factors:
-            initialize_adapter(layer, adapter_name)  # the method's own init on these base weights, as PEFT does
-    # Rebuilds residual base weights from the file's initial factors (see state.prepare_layer_load).
+        if injected and kind_of(config).reads_base_weight(config) and name not in plan.init_factors:
+            layer.initialize_adapter(adapter_name)  # the method's own init on these base weights, as PEFT does
+    # Rebuilds residual base weights from the file's initial factors (see LoraLayer.prepare_load).
     load_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
     if plan.base:
         model_state = model.state_dict()

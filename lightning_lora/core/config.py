@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from lightning_lora.core.init_names import check_init_name
+
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -60,18 +62,11 @@ class QuantizationConfig:
         return _from_dict(cls, values, "QuantizationConfig")
 
 
-@dataclass
-class LoraConfig:
-    """Configuration of one LoRA adapter.
-
-    Every field is checked when the config is built, so a mistake fails before any model is touched.
-
-    Args:
-        r: Rank of the update ``B @ A``. Must be at least 1 and at most ``min(in_features, out_features)`` of every
-            adapted layer (checked at injection).
-        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (or ``alpha / sqrt(r)`` with
-            ``use_rslora``). Must be > 0.
-        dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+TARGETING_ARGS = """
+        r: Rank of the update (LoRA: the inner dimension of ``B @ A``; each kind says what its factors share). At
+            least 1; checked against every adapted layer at injection.
+        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (LoRA's rsLoRA: ``alpha / sqrt(r)``).
+            Must be > 0.
         target_modules: Which layers get adapters. A list of names: a module matches when its full name equals an
             entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``). A string: a regular expression that must
             match the full module name (``r".*\\.attn\\.(q|v)_proj"``). The string ``"all-linear"``: every linear
@@ -86,23 +81,21 @@ class LoraConfig:
         bias: Which biases train with the adapter: ``"none"``, ``"all"`` (every bias of the model) or
             ``"lora_only"`` (biases of adapted layers). Trained biases are saved with the adapter.
         modules_to_save: Modules trained in full beside the adapters (a new classification head, say); same name
-            rules as a ``target_modules`` list. Their weights are saved with the adapter.
-        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
-        use_dora: Weight-decomposed LoRA: a trainable magnitude per output unit rescales ``W + scaling * B @ A``.
-        init: How adapters start. ``"kaiming"`` (A Kaiming-uniform, B zero; for embeddings A zero, B normal),
-            ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"orthogonal"`` (A and B from orthogonal halves, so
-            ``B @ A = 0``; needs an even rank), or an SVD method registered in ``lightning_lora.core.initializers``
-            (``"pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``). Every method leaves the model's
-            outputs unchanged at init, except ``"loftq"`` / ``"loftq_iter_<K>"`` (needs ``quantization``): LoftQ
-            chooses the quantised base and the adapter together so that their sum is closer to the full-precision
-            weight than the quantised base alone (1 or K alternations of quantisation and SVD).
-        quantization: Quantise the frozen base with bitsandbytes at injection (QLoRA), see
-            :class:`QuantizationConfig`; None (default) leaves the base as it is (it may already be quantised).
+            rules as a ``target_modules`` list. Their weights are saved with the adapter."""
+
+
+@dataclass
+class AdapterConfig:
+    """What every adapter kind shares: which layers it adapts, its rank and scale, what trains beside it.
+
+    Each kind has a config class built on this one (:class:`LoraConfig`, :class:`~lightning_lora.core.kinds.loha.
+    LoHaConfig`, ...); the class chosen is the kind. Every field is checked when the config is built.
+
+    Args:""" + TARGETING_ARGS + """
     """
 
     r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
     target_modules: Union[list[str], str] = ALL_LINEAR
     exclude_modules: Optional[Union[list[str], str]] = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -111,17 +104,10 @@ class LoraConfig:
     layers_pattern: Optional[str] = None
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: Optional[list[str]] = None
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "kaiming"
-    quantization: Optional[QuantizationConfig] = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}; use 0.0 to switch dropout off.")
-        self.dropout = float(self.dropout)
         self.alpha = float(self.alpha)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
@@ -150,8 +136,67 @@ class LoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-        from lightning_lora.core.initializers import check_init_name
 
+    @property
+    def kind(self) -> str:
+        """Name of the adapter kind in ``lightning_lora.core.kinds.KINDS`` that this config creates."""
+        raise NotImplementedError(f"{type(self).__name__} names no adapter kind; use a kind's config class.")
+
+    @property
+    def quantization(self) -> Optional[QuantizationConfig]:
+        """Kinds without a ``quantization`` field never quantise the base."""
+        return None
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
+        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
+        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of the fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        return _from_dict(cls, values, cls.__name__)
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    __doc__ = """Configuration of one LoRA adapter (and its variants rsLoRA and DoRA, and its initialisations).
+
+    ``x -> W x + scaling * B A dropout(x)`` with ``A: [r, in]``, ``B: [out, r]``. Every field is checked when the
+    config is built, so a mistake fails before any model is touched.
+
+    Args:""" + TARGETING_ARGS + """
+        dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
+        use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: Weight-decomposed LoRA: a trainable magnitude per output unit rescales ``W + scaling * B @ A``.
+        init: How adapters start. ``"kaiming"`` (A Kaiming-uniform, B zero; for embeddings A zero, B normal),
+            ``"gaussian"`` (A normal with std ``1/r``, B zero), ``"orthogonal"`` (A and B from orthogonal halves, so
+            ``B @ A = 0``; needs an even rank), or an SVD method registered in ``lightning_lora.core.initializers``
+            (``"pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``). Every method leaves the model's
+            outputs unchanged at init, except ``"loftq"`` / ``"loftq_iter_<K>"`` (needs ``quantization``): LoftQ
+            chooses the quantised base and the adapter together so that their sum is closer to the full-precision
+            weight than the quantised base alone (1 or K alternations of quantisation and SVD).
+        quantization: Quantise the frozen base with bitsandbytes at injection (QLoRA), see
+            :class:`QuantizationConfig`; None (default) leaves the base as it is (it may already be quantised).
+    """
+
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "kaiming"
+    quantization: Optional[QuantizationConfig] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dropout("dropout", self.dropout)
+        self.dropout = float(self.dropout)
         check_init_name(self.init)
         if self.init == "orthogonal" and any(r % 2 for r in [self.r, *self.rank_pattern.values()]):
             raise ValueError("init='orthogonal' needs an even rank; choose an even r (and rank_pattern values).")
@@ -170,26 +215,9 @@ class LoraConfig:
             )
 
     @property
-    def variant(self) -> str:
-        """Name of the adapter variant in ``lightning_lora.core.variants``: ``"dora"`` or ``"lora"``."""
+    def kind(self) -> str:
+        """``"dora"`` with ``use_dora``, else ``"lora"``."""
         return "dora" if self.use_dora else "lora"
-
-    def rank_for(self, module_name: str) -> int:
-        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
-        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
-        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LoraConfig:
-        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
-        return _from_dict(cls, values, "LoraConfig")
 
 
 def _from_dict(cls: type, values: dict[str, Any], name: str) -> Any:
@@ -211,6 +239,12 @@ def pattern_matches(module_name: str, key: str) -> bool:
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:
     return next((key for key in patterns if pattern_matches(module_name, key)), None)
+
+
+def check_dropout(name: str, value: Any) -> None:
+    """Raise a ValueError unless ``value`` is a probability in ``[0, 1)``."""
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}; use 0.0 to switch dropout off.")
 
 
 def _check_rank(name: str, value: Any) -> None:

@@ -8,7 +8,7 @@ ZeRO-3 partitions parameters and gathers them per module in forward.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Iterable, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -92,38 +92,6 @@ def gather_full_state_dict(state_dict: Mapping[str, torch.Tensor], rank: int = 0
         if keep:
             result[key] = value.to("cpu", copy=True).contiguous()
     return {key: result[key] for key in state_dict} if keep else {}
-
-
-def adapter_tensors(model: nn.Module) -> Iterable[tuple[nn.Module, nn.Parameter]]:
-    """``(LoRA layer, tensor)`` for every adapter tensor of every adapter in ``model``."""
-    from lightning_lora.core.inject import adapter_tensor_dicts  # this module sits below the rest of the core
-    from lightning_lora.core.layers import lora_layers
-
-    for _, layer in lora_layers(model):
-        for adapter_name in layer.lora_settings:
-            for dict_name in adapter_tensor_dicts(layer, adapter_name):
-                container = getattr(layer, dict_name, None)
-                if container is not None and adapter_name in container:
-                    yield layer, container[adapter_name]
-
-
-def register_zero3_external_parameters(model: nn.Module) -> int:
-    """Make DeepSpeed ZeRO-3 gather adapter tensors when their LoRA layer runs.
-
-    ZeRO-3 gathers the parameters of a module just before that module's forward. Adapter tensors live in child
-    ``nn.ParameterDict`` containers whose forward never runs, so they are registered as external parameters of the
-    LoRA layer that uses them.
-
-    Returns:
-        How many tensors were registered.
-    """
-    from deepspeed.zero import register_external_parameter
-
-    count = 0
-    for layer, tensor in adapter_tensors(model):
-        register_external_parameter(layer, tensor)
-        count += 1
-    return count
 
 
 # ----- whole weights for initialisers that read them (SVD inits, DoRA norms) -----

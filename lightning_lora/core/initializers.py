@@ -1,4 +1,4 @@
-"""Adapter initialisation methods, by the name used in ``LoraConfig.init``.
+"""LoRA initialisation methods, by the name used in ``LoraConfig.init``.
 
 Each method fills ``layer.lora_A[name]`` and ``layer.lora_B[name]`` in place so that the layer's output is unchanged
 at init; a method may also rewrite the base weight (SVD methods keep the residual there). Register a new method
@@ -14,13 +14,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.distributed import gathered_parameters, is_materialized
+from lightning_lora.core.init_names import check_init_name, register_init_name
 from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
 
 Initializer = Callable[[LoraLayer, str], None]
 _INITIALIZERS: dict[str, Initializer] = {}
 _PREFIXED: dict[str, Initializer] = {}  # e.g. "pissa_niter_" handles "pissa_niter_4"
-_LAYER_KINDS: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
+_LAYER_TYPES: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
 _KEEPS_INIT_FACTORS: set[Initializer] = set()
 
 
@@ -29,42 +29,40 @@ def register_initializer(
     function: Initializer,
     *,
     numbered: bool = False,
-    layer_kinds: Optional[tuple[type[LoraLayer], ...]] = None,
+    layer_types: Optional[tuple[type[LoraLayer], ...]] = None,
     keeps_init_factors: bool = False,
 ) -> None:
     """Make ``function`` available as ``LoraConfig(init=name)``.
 
     Args:
         name: The init name. With ``numbered=True`` it is a prefix followed by an integer (``"pissa_niter_"``
-            accepts ``"pissa_niter_4"``); the function parses the number from ``layer.lora_settings[...].init``.
+            accepts ``"pissa_niter_4"``); the function parses the number from ``layer.lora_settings[...].config.init``.
         function: ``function(layer, adapter_name)``, filling the adapter tensors in place under ``torch.no_grad``.
         numbered: Whether ``name`` is a prefix for numbered variants.
-        layer_kinds: Layer-kind mixins the method is defined for (None: all kinds).
+        layer_types: Layer-type mixins the method is defined for (None: all layer types).
         keeps_init_factors: The method moves ``scaling * B0 @ A0`` out of the base weight. The adapter then gets
             frozen ``lora_init_A``/``lora_init_B`` tensors (saved with it) that the function must fill with ``A0``
             and ``B0``; see :mod:`lightning_lora.core.svd_init`.
     """
     (_PREFIXED if numbered else _INITIALIZERS)[name] = function
-    _LAYER_KINDS[function] = layer_kinds
+    register_init_name(name, numbered)
+    _LAYER_TYPES[function] = layer_types
     if keeps_init_factors:
         _KEEPS_INIT_FACTORS.add(function)
 
 
 def resolve_initializer(init: str) -> Initializer:
     """The function registered for ``init``; a ValueError listing the valid names otherwise."""
+    check_init_name(init)
     if init in _INITIALIZERS:
         return _INITIALIZERS[init]
-    for prefix, function in _PREFIXED.items():
-        if re.fullmatch(re.escape(prefix) + r"\d+", init):
-            return function
-    valid = sorted(_INITIALIZERS) + [f"{prefix}<K>" for prefix in sorted(_PREFIXED)]
-    raise ValueError(f"Unknown init {init!r}; choose one of {valid}.")
+    return next(f for prefix, f in _PREFIXED.items() if re.fullmatch(re.escape(prefix) + r"\d+", init))
 
 
-def initializer_supports(init: str, kind: type[LoraLayer]) -> bool:
-    """Whether the method ``init`` is defined for layers of the given kind mixin."""
-    kinds = _LAYER_KINDS[resolve_initializer(init)]
-    return kinds is None or issubclass(kind, kinds)
+def initializer_supports(init: str, layer_type: type[LoraLayer]) -> bool:
+    """Whether the method ``init`` is defined for layers of the given layer-type mixin."""
+    layer_types = _LAYER_TYPES[resolve_initializer(init)]
+    return layer_types is None or issubclass(layer_type, layer_types)
 
 
 def initializer_keeps_factors(init: str) -> bool:
@@ -72,34 +70,9 @@ def initializer_keeps_factors(init: str) -> bool:
     return resolve_initializer(init) in _KEEPS_INIT_FACTORS
 
 
-def check_init_name(init: str) -> None:
-    """Raise a ValueError naming the valid choices when ``init`` is not registered."""
-    resolve_initializer(init)
-
-
 def weight_dependent_init(init: str) -> bool:
     """True when the method reads the base weight (so it must run after real base weights are loaded)."""
     return init not in ("kaiming", "gaussian", "orthogonal")
-
-
-@torch.no_grad()
-def initialize_adapter(layer: LoraLayer, adapter_name: str) -> bool:
-    """Run the configured init and the variant's init for one adapter of one layer.
-
-    Returns False (and leaves the adapter marked uninitialised) while the layer's weights are on the meta device.
-    DeepSpeed ZeRO-3 partitions are gathered for the duration (rank 0's result is kept).
-    """
-    from lightning_lora.core.variants import VARIANTS
-
-    settings = layer.lora_settings[adapter_name]
-    with gathered_parameters(layer):
-        if not (is_materialized(layer.weight) and is_materialized(layer.lora_A[adapter_name])):
-            settings.initialized = False
-            return False
-        resolve_initializer(settings.init)(layer, adapter_name)
-        VARIANTS[settings.variant].init(layer, adapter_name)
-    settings.initialized = True
-    return True
 
 
 def _zero_embedding_A(layer: LoraLayer, adapter_name: str) -> bool:

@@ -5,35 +5,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import is_plain_weight
-from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import full_parameters, global_rank
-from lightning_lora.core.initializers import (
-    initialize_adapter,
-    initializer_keeps_factors,
-    initializer_supports,
-    weight_dependent_init,
-)
-from lightning_lora.core.layers import (
-    ADAPTER_CONTAINERS,
-    INIT_FACTOR_DICTS,
-    AdapterDict,
-    AdapterSettings,
-    LoraLayer,
-    adapter_kind,
-    lora_class,
-    lora_layers,
-)
+from lightning_lora.core.kinds import ADAPTER_CONTAINERS, kind_of
+from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, layer_type_of, lora_class, lora_layers
 from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets
-from lightning_lora.core.svd_init import restore_base_weight
-from lightning_lora.core.variants import VARIANTS
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +27,11 @@ WHOLE_MODULE: tuple[str, ...] = ()
 
 
 def apply_lora(
-    model: nn.Module, config: LoraConfig, adapter_name: str = "default", initialize: bool = True
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", initialize: bool = True
 ) -> nn.Module:
-    """Add a LoRA adapter to every layer that ``config`` targets, in place, and freeze the base model.
+    """Add an adapter to every layer that ``config`` targets, in place, and freeze the base model.
 
+    The adapter's kind is its config's class: :class:`LoraConfig` (LoRA, rsLoRA, DoRA), ``LoHaConfig``, ...
     Trainable afterwards: the new adapter's tensors, ``config.modules_to_save`` and the biases chosen by
     ``config.bias``, plus whatever trained with adapters added earlier (freeze those with
     :func:`mark_only_adapters_trainable`). State-dict keys of the base model do not change; adapter tensors appear as
@@ -59,7 +43,7 @@ def apply_lora(
 
     Args:
         model: Any ``nn.Module`` (a Hugging Face model, a torchvision model, a LightningModule, a single layer).
-        config: What to adapt and how.
+        config: What to adapt and how; the config class chooses the adapter kind.
         adapter_name: Name of the new adapter; several adapters can live side by side.
         initialize: Run ``config.init`` now (deferred anyway while weights are on the meta device). ``False``
             leaves the adapter pending, for when its tensors will be loaded next (resuming, loading a saved
@@ -91,8 +75,7 @@ def apply_lora(
     try:
         for name, module in targets:
             if not isinstance(module, LoraLayer):
-                kind = adapter_kind(module)
-                module.__class__ = lora_class(kind, type(module))
+                module.__class__ = lora_class(layer_type_of(module), type(module))
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
@@ -103,7 +86,7 @@ def apply_lora(
             undo_quantization = quantize_layers(to_quantize, config.quantization)
             for layer in to_quantize:
                 if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
-                    VARIANTS[layer.lora_settings[adapter_name].variant].init(layer, adapter_name)  # DoRA norms
+                    layer.lora_settings[adapter_name].kind.after_base_change(layer, adapter_name)  # DoRA norms
         keep_training_layout(model)
         _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
         mark_only_adapters_trainable(model, [*still_training, adapter_name])
@@ -138,37 +121,23 @@ def _check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
         )
 
 
-def _settings_for(name: str, module: nn.Module, config: LoraConfig) -> AdapterSettings:
-    kind = adapter_kind(module)
-    in_features, out_features, kernel = kind.lora_dims(module)
-    max_rank = min(in_features * math.prod(kernel), out_features)
-    r = config.rank_for(name)
-    if r > max_rank:
-        raise ValueError(
-            f"Rank r={r} is too large for {name} ({type(module).__name__}, {in_features} -> {out_features}): "
-            f"at most {max_rank}. Lower r, or set a smaller rank for it with rank_pattern={{{name.split('.')[-1]!r}: "
-            f"{max_rank}}}."
-        )
-    if not initializer_supports(config.init, kind):
-        raise ValueError(
-            f"init={config.init!r} is not defined for {name} ({type(module).__name__}). Use init='kaiming' or "
-            "leave such layers out with exclude_modules."
-        )
-    if weight_dependent_init(config.init) and not module.weight.is_meta and is_plain_weight(module):
-        if not torch.isfinite(module.weight).all():
-            raise ValueError(
-                f"init={config.init!r} reads the base weight of {name}, which holds NaN/Inf: load the real weights "
-                "first, or use init='kaiming'."
-            )
-    return AdapterSettings(
-        r=r,
+def _settings_for(name: str, module: nn.Module, config: AdapterConfig) -> AdapterSettings:
+    kind = kind_of(config)
+    settings = AdapterSettings(
+        r=config.rank_for(name),
         alpha=config.alpha_for(name),
-        dropout=config.dropout if kind.applies_dropout else 0.0,
-        use_rslora=config.use_rslora,
-        variant=config.variant,
-        init=config.init,
+        dropout=kind.layer_dropout(config) if layer_type_of(module).applies_dropout else 0.0,
+        kind=kind,
         config=config,
     )
+    kind.check_layer(name, module, settings)
+    if kind.reads_base_weight(config) and not module.weight.is_meta and is_plain_weight(module):
+        if not torch.isfinite(module.weight).all():
+            raise ValueError(
+                f"The {kind.name} init ({getattr(config, 'init', 'default')!r}) reads the base weight of {name}, "
+                "which holds NaN/Inf: load the real weights first, or use init='kaiming'."
+            )
+    return settings
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -177,57 +146,63 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings) -> None:
-    shape_A, shape_B = layer.adapter_shapes(settings.r)
     options = {"device": layer.weight.device, "dtype": adapter_dtype(layer.weight)}
-    layer.lora_A[adapter_name] = nn.Parameter(torch.zeros(shape_A, **options))
-    layer.lora_B[adapter_name] = nn.Parameter(torch.zeros(shape_B, **options))
-    VARIANTS[settings.variant].add_parameters(layer, adapter_name, **options)
     layer.lora_settings[adapter_name] = settings
-    if initializer_keeps_factors(settings.init):
-        add_init_factor_tensors(layer, adapter_name)
+    for tensor in settings.kind.tensors(layer, settings):
+        if tensor.name not in layer._modules:
+            setattr(layer, tensor.name, AdapterDict())
+        value = torch.zeros(tensor.shape, **options)
+        getattr(layer, tensor.name)[adapter_name] = nn.Parameter(value, requires_grad=tensor.trainable)
     layer.active_adapters.append(adapter_name)
     settings.initialized = False  # apply_lora initialises all new adapters together afterwards
-
-
-def add_init_factor_tensors(layer: LoraLayer, adapter_name: str) -> None:
-    """Give an adapter frozen, zero ``lora_init_A`` ([r, in]) and ``lora_init_B`` ([out, r]) tensors: the initial
-    factors of an init that moves ``scaling * B0 @ A0`` out of the base weight (see
-    :mod:`lightning_lora.core.svd_init`)."""
-    lora_A = layer.lora_A[adapter_name]
-    shapes = layer.adapter_shapes(layer.lora_settings[adapter_name].r)
-    for dict_name, shape in zip(INIT_FACTOR_DICTS, shapes):
-        if dict_name not in layer._modules:
-            setattr(layer, dict_name, AdapterDict())
-        zeros = torch.zeros(shape, device=lora_A.device, dtype=lora_A.dtype)
-        getattr(layer, dict_name)[adapter_name] = nn.Parameter(zeros, requires_grad=False)
-
-
-def adapter_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:
-    """Names of the layer's ParameterDicts that hold tensors of ``adapter_name``: ``lora_A``, ``lora_B``, the
-    variant's (DoRA: ``lora_magnitude``) and the frozen initial factors ``lora_init_A``/``lora_init_B`` of
-    SVD-initialised adapters."""
-    variant = VARIANTS[layer.lora_settings[adapter_name].variant]
-    init_factors = [d for d in INIT_FACTOR_DICTS if adapter_name in getattr(layer, d, ())]
-    return ["lora_A", "lora_B", *variant.parameter_dicts, *init_factors]
 
 
 def adapter_parameters(
     model: nn.Module, adapter_name: str, include_frozen: bool = True
 ) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(state-dict key, parameter)`` of every tensor of one adapter in the LoRA layers of ``model``.
+    """``(state-dict key, parameter)`` of every tensor of one adapter in the adapted layers of ``model``.
 
     Args:
-        model: A model with LoRA adapters.
+        model: A model with adapters.
         adapter_name: Which adapter.
-        include_frozen: Also the tensors saved with the adapter that never train (initial factors
-            ``lora_init_A``/``lora_init_B``).
+        include_frozen: Also the tensors saved with the adapter that never train (the kind declares them frozen,
+            e.g. LoRA's initial SVD factors ``lora_init_A``/``lora_init_B``).
     """
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
             prefix = f"{name}." if name else ""
-            for dict_name in adapter_tensor_dicts(layer, adapter_name):
-                if include_frozen or dict_name not in INIT_FACTOR_DICTS:
-                    yield f"{prefix}{dict_name}.{adapter_name}", getattr(layer, dict_name)[adapter_name]
+            settings = layer.lora_settings[adapter_name]
+            trainable = {t.name for t in settings.kind.tensors(layer, settings) if t.trainable}
+            for container in layer.adapter_containers(adapter_name):
+                if include_frozen or container in trainable:
+                    yield f"{prefix}{container}.{adapter_name}", getattr(layer, container)[adapter_name]
+
+
+def adapter_tensors(model: nn.Module) -> Iterator[tuple[LoraLayer, nn.Parameter]]:
+    """``(adapted layer, tensor)`` for every tensor of every adapter in ``model``."""
+    for _, layer in lora_layers(model):
+        for adapter_name in layer.lora_settings:
+            for container in layer.adapter_containers(adapter_name):
+                yield layer, getattr(layer, container)[adapter_name]
+
+
+def register_zero3_external_parameters(model: nn.Module) -> int:
+    """Make DeepSpeed ZeRO-3 gather adapter tensors when their adapted layer runs.
+
+    ZeRO-3 gathers the parameters of a module just before that module's forward. Adapter tensors live in child
+    ``nn.ParameterDict`` containers whose forward never runs, so they are registered as external parameters of the
+    layer that uses them.
+
+    Returns:
+        How many tensors were registered.
+    """
+    from deepspeed.zero import register_external_parameter
+
+    count = 0
+    for layer, tensor in adapter_tensors(model):
+        register_external_parameter(layer, tensor)
+        count += 1
+    return count
 
 
 def _mark_saved_modules(
@@ -301,9 +276,8 @@ def _rollback(
     previous_marks: dict[nn.Module, dict],
 ) -> None:
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_settings or adapter_name in layer.lora_A:
-            if adapter_name in layer.lora_settings:
-                restore_base_weight(layer, adapter_name)
+        if adapter_name in layer.lora_settings:
+            layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
             _remove_layer_adapter(layer, adapter_name)
     for module in converted:
         if isinstance(module, LoraLayer):
@@ -319,9 +293,11 @@ def _rollback(
 
 def _remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> None:
     for dict_name in ADAPTER_CONTAINERS:
-        container = getattr(layer, dict_name, None)
+        container = layer._modules.get(dict_name)
         if container is not None and adapter_name in container:
             del container[adapter_name]
+            if not len(container):
+                del layer._modules[dict_name]  # no empty containers left behind by another kind's adapter
     layer.lora_settings.pop(adapter_name, None)
     layer.merge_state.pop(adapter_name, None)
     if adapter_name in layer.active_adapters:
@@ -359,8 +335,8 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def get_lora_config(model: nn.Module, adapter_name: str = "default") -> LoraConfig:
-    """The ``LoraConfig`` an adapter was created with.
+def get_lora_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
+    """The config an adapter was created with (a ``LoraConfig`` or another kind's config).
 
     Args:
         model: A model with LoRA adapters.
@@ -414,43 +390,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
         raise ValueError(f"Adapter {adapter_name!r} is merged into {merged[:3]}...; call unmerge_lora(model) first.")
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
-            restore_base_weight(layer, adapter_name)
+            layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
             _remove_layer_adapter(layer, adapter_name)
             if not layer.lora_settings:
                 _restore_base_class(layer)
     for module in model.modules():
         getattr(module, SAVED_WITH, {}).pop(adapter_name, None)
     return model
-
-
-@contextmanager
-def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: inside it the model computes as its base model (merged adapters are taken out and put back).
-
-    Args:
-        model: A model with LoRA adapters.
-
-    Example::
-
-        with disable_adapters(model):
-            reference = model(x)  # base-model output
-    """
-    from lightning_lora.core.merge import merge_lora, unmerge_lora
-
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = {layer: list(layer.merged_adapters) for layer in layers if layer.merged_adapters}
-    previous = [layer.adapters_disabled for layer in layers]
-    if merged:
-        unmerge_lora(model)
-    for layer in layers:
-        layer.adapters_disabled = True
-    try:
-        yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.adapters_disabled = flag
-        for layer, names in merged.items():
-            merge_lora(layer, adapter_names=names)
 
 
 def initialize_pending_adapters(
@@ -490,7 +436,7 @@ def initialize_pending_adapters(
     count = 0
     with full_parameters(model):
         for done, (layer, name) in enumerate(pending, 1):
-            count += initialize_adapter(layer, name)
+            count += layer.initialize_adapter(name)
             now = time.perf_counter()
             if now - last_report >= progress_after_s and done < len(pending):
                 left = (now - start) / done * (len(pending) - done)
@@ -501,24 +447,6 @@ def initialize_pending_adapters(
     if elapsed >= progress_after_s:
         report(f"lightning_lora: initialised {len(pending)} adapter layers in {elapsed:.0f}s")
     return count
-
-
-def unload_lora(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging (merged ones are unmerged first): the base model again, in place.
-
-    Base weights that hold the residual of an SVD init get the adapter's initial part back.
-
-    Args:
-        model: A model with LoRA adapters.
-    """
-    from lightning_lora.core.merge import unmerge_lora
-
-    if any(layer.merged_adapters for _, layer in lora_layers(model)):
-        unmerge_lora(model)
-    for _, layer in lora_layers(model):
-        for adapter_name in reversed(list(layer.lora_settings)):
-            restore_base_weight(layer, adapter_name)
-    return strip_adapters(model)
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:

@@ -9,55 +9,44 @@ of the original class (``nn.Linear`` becomes ``LoraLinear(LinearAdapters, nn.Lin
 (reached through ``super().forward``), ``isinstance`` checks and quantised storage; the adapters live beside the
 weight as ``q_proj.lora_A.<adapter>`` and ``q_proj.lora_B.<adapter>``. Removing the adapters swaps the class back.
 
-One mixin per layer kind below (linear, Hugging Face ``Conv1D``, embedding, convolution) says how that kind applies
-``A`` and ``B``; everything else is shared. Variants (plain LoRA, DoRA) live in ``lightning_lora.core.variants``.
+The adapters themselves are of a kind (LoRA, DoRA, LoHa, ...: :mod:`lightning_lora.core.kinds`): the kind declares
+its tensors, computes and merges. One mixin per layer type below (linear, Hugging Face ``Conv1D``, embedding,
+convolution) gives the geometry every kind works through: dims, weight layout, how low-rank factors or a dense
+weight apply to an input. Everything else is shared.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight
-from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.variants import VARIANTS
+from lightning_lora.core.distributed import gathered_parameters, is_materialized
+from lightning_lora.core.config import AdapterConfig
 
-
-# Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``
-# out of the base weight (PiSSA, OLoRA, ...); saved with the adapter, see lightning_lora.core.svd_init.
-INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
-# Every ParameterDict a LoRA layer may hold, keyed by adapter name: the one list to consult for "is this an adapter
-# tensor" (state-dict keys end in ``.<container>.<adapter>``).
-ADAPTER_CONTAINERS: tuple[str, ...] = (
-    "lora_A",
-    "lora_B",
-    *sorted({name for variant in VARIANTS.values() for name in variant.parameter_dicts}),
-    *INIT_FACTOR_DICTS,
-)
+if TYPE_CHECKING:
+    from lightning_lora.core.kinds.base import AdapterKind
 
 
 @dataclass
 class AdapterSettings:
-    """What one adapter is on one layer: its resolved rank and scale, and the config it came from."""
+    """What one adapter is on one layer: its kind, resolved rank, scale and dropout, and the config it came from."""
 
     r: int
     alpha: float
     dropout: float
-    use_rslora: bool
-    variant: str
-    init: str
-    config: LoraConfig
+    kind: AdapterKind
+    config: AdapterConfig
     initialized: bool = False
 
     @property
     def scaling(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        return self.kind.scaling(self)
 
 
 class AdapterDict(nn.ParameterDict):
@@ -72,42 +61,43 @@ class AdapterDict(nn.ParameterDict):
 
 
 class LoraLayer(nn.Module):
-    """Adapter bookkeeping and forward shared by every LoRA layer kind. Never instantiated directly.
+    """Adapter bookkeeping and forward shared by every adapted layer type. Never instantiated directly.
+
+    Each adapter's tensors live in ``nn.ParameterDict`` attributes named by its kind (``lora_A``, ``hada_w1_a``, ...)
+    and keyed by adapter name, so state-dict keys read ``<layer>.<container>.<adapter>``.
 
     Attributes:
-        lora_A: ``{adapter: A}``, ``A`` of shape ``[r, in, *kernel]``.
-        lora_B: ``{adapter: B}``, ``B`` of shape ``[out, r, *ones]``.
         lora_settings: ``{adapter: AdapterSettings}``.
         active_adapters: Adapters that take part in forward, in order.
         merged_adapters: Adapters currently folded into the base weight.
         adapters_disabled: When True, forward is the base layer's alone.
     """
 
-    lora_A: nn.ParameterDict
-    lora_B: nn.ParameterDict
-    # Set by the layer-kind mixins.
+    # Set by the layer-type mixins.
     weight_is_transposed: bool = False  # weight stored as [in, out] (HF Conv1D, nn.Embedding)
     applies_dropout: bool = True  # False where the input is not a feature vector (token indices)
     base_class: type[nn.Module]
-    kind_mixin: type[LoraLayer]
+    layer_type: type[LoraLayer]
 
     def _init_lora_state(self) -> None:
-        self.lora_A = AdapterDict()
-        self.lora_B = AdapterDict()
         self.lora_settings: dict[str, AdapterSettings] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
-        self.merge_state: dict[str, torch.Tensor] = {}  # what a variant needs to undo its merge (DoRA: norms)
+        self.merge_state: dict[str, torch.Tensor] = {}  # what a kind needs to undo its merge (DoRA: norms)
 
-    # ----- what each layer kind provides -----
+    # ----- what each layer type provides -----
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         """``(in_features, out_features, kernel_size)`` as seen by the adapter."""
         raise NotImplementedError
 
     def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``scaling * B(A(h))``, shaped like the base output. Kinds scale the rank-``r`` intermediate, which is
-        ``out / r`` times smaller than the output."""
+        """``scaling * B(A(h))`` for factors of :meth:`adapter_shapes`, shaped like the base output. Layer types
+        scale the rank-``r`` intermediate, which is ``out / r`` times smaller than the output."""
+        raise NotImplementedError
+
+    def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation (its geometry, no bias) with another dense ``[out, in, *kernel]`` weight."""
         raise NotImplementedError
 
     def channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
@@ -122,6 +112,7 @@ class LoraLayer(nn.Module):
 
     # ----- shared behaviour -----
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of low-rank factors ``A`` (``[r, in, *kernel]``) and ``B`` (``[out, r, *ones]``) on this layer."""
         in_features, out_features, kernel = self.lora_dims()
         return (r, in_features, *kernel), (out_features, r, *(1 for _ in kernel))
 
@@ -129,24 +120,27 @@ class LoraLayer(nn.Module):
         return self.lora_settings[adapter_name].scaling
 
     def weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
-        """View a tensor in the base weight's layout as ``[out, in, *kernel]``."""
+        """View a tensor in the base weight's layout as ``[out, in, *kernel]`` (and back: the view is its own
+        inverse)."""
         return weight.t() if self.weight_is_transposed else weight
 
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A`` in the base weight's own layout and dtype."""
-        lora_A, lora_B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+    def to_weight_layout(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """A ``[out, in, *kernel]`` update in the base weight's own layout and dtype."""
         weight = self.weight
-        compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
-        delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
-        in_features, out_features, kernel = self.lora_dims()
-        delta = (delta * self.scaling(adapter_name)).reshape(out_features, in_features, *kernel)
-        if self.weight_is_transposed:
-            delta = delta.t()
-        return delta.to(weight.dtype if weight.is_floating_point() else compute_dtype)
+        delta = self.weight_out_in(delta_out_in)
+        return delta.to(weight.dtype) if weight.is_floating_point() else delta
 
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as a dense ``[out, in, *kernel]`` tensor (dequantised if needed)."""
         return self.weight_out_in(dense_weight(self))
+
+    def adapter_containers(self, adapter_name: str) -> list[str]:
+        """Names of the ``ParameterDict`` attributes holding tensors of ``adapter_name``, in the kind's order."""
+        return [c for c in self.lora_settings[adapter_name].kind.containers if adapter_name in getattr(self, c, ())]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense update in the base weight's layout and dtype (see the kind's ``delta_weight``)."""
+        return self.lora_settings[adapter_name].kind.delta_weight(self, adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = super().forward(x, *args, **kwargs)
@@ -157,18 +151,33 @@ class LoraLayer(nn.Module):
                 settings = self.lora_settings[name]
                 if not settings.initialized:
                     self._raise_uninitialized(name)
-                result = VARIANTS[settings.variant].forward(self, name, x, result)
+                result = settings.kind.forward(self, name, x, result)
         return result
 
     def _raise_uninitialized(self, adapter_name: str) -> None:
         if self.weight.is_meta:
             return
         raise RuntimeError(
-            f"Adapter {adapter_name!r} (init={self.lora_settings[adapter_name].init!r}) is not initialised yet: it "
-            "was added on the meta device, re-created by reset_parameters(), or added with initialize=False. Load "
-            "the real base weights, then call lightning_lora.initialize_pending_adapters(model) (or load the "
-            "adapter's saved state)."
+            f"Adapter {adapter_name!r} ({self.lora_settings[adapter_name].kind.describe(self.lora_settings[adapter_name])}) "
+            "is not initialised yet: it was added on the meta device, re-created by reset_parameters(), or added "
+            "with initialize=False. Load the real base weights, then call "
+            "lightning_lora.initialize_pending_adapters(model) (or load the adapter's saved state)."
         )
+
+    @torch.no_grad()
+    def initialize_adapter(self, adapter_name: str) -> bool:
+        """Run the kind's init for one adapter. Returns False (the adapter stays pending) while the layer's weights
+        are on the meta device. DeepSpeed ZeRO-3 partitions are gathered for the duration (rank 0's result is kept).
+        """
+        settings = self.lora_settings[adapter_name]
+        with gathered_parameters(self):
+            tensors = [getattr(self, name)[adapter_name] for name in self.adapter_containers(adapter_name)]
+            if not all(is_materialized(t) for t in [self.weight, *tensors]):
+                settings.initialized = False
+                return False
+            settings.kind.initialize(self, adapter_name)
+        settings.initialized = True
+        return True
 
     def reset_parameters(self) -> None:
         """Re-initialise the base layer as its class does, then the adapters (used to materialise a meta model).
@@ -180,46 +189,81 @@ class LoraLayer(nn.Module):
         base_reset = getattr(super(), "reset_parameters", None)
         if base_reset is not None:
             base_reset()
-        from lightning_lora.core.initializers import initialize_adapter, weight_dependent_init
-
         for name, settings in self.lora_settings.items():
-            if weight_dependent_init(settings.init):
+            if settings.kind.reads_base_weight(settings.config):
                 settings.initialized = False
             else:
-                initialize_adapter(self, name)
+                self.initialize_adapter(name)
+
+    def prepare_load(
+        self, state_dict: Mapping[str, torch.Tensor], prefix: str, adapter_names: Optional[list[str]] = None
+    ) -> None:
+        """Get ready for adapter tensors that ``state_dict`` is about to restore (before they are copied).
+
+        An adapter whose tensors the state dict restores counts as initialised from then on, so
+        ``initialize_pending_adapters`` never re-runs its init over the restored values; its kind may adjust the
+        base weight first (an SVD init's residual is rebuilt from restored initial factors).
+
+        Args:
+            state_dict: The incoming state, keyed like the model's (``<prefix><container>.<adapter>``).
+            prefix: The layer's key prefix in ``state_dict`` (``"model.layers.0.q_proj."``).
+            adapter_names: Only these adapters (default: every adapter of the layer).
+        """
+        for adapter_name, settings in self.lora_settings.items():
+            if adapter_names is not None and adapter_name not in adapter_names:
+                continue
+            containers = self.adapter_containers(adapter_name)
+            keys = [f"{prefix}{name}.{adapter_name}" for name in containers]
+            if not any(restores(state_dict, key, getattr(self, name)[adapter_name]) for key, name in zip(keys, containers)):
+                continue
+            settings.kind.prepare_load(self, adapter_name, state_dict, prefix)
+            settings.initialized = True
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        # Runs before the adapter tensors (child ParameterDicts) are loaded: restored adapters are marked
-        # initialised, and a residual base weight is rebuilt from restored initial factors (no SVD is re-run).
-        from lightning_lora.core.state import prepare_layer_load
-
-        prepare_layer_load(self, state_dict, prefix)
+        # Runs before the adapter tensors (child ParameterDicts) are loaded.
+        self.prepare_load(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        adapters = ", ".join(
-            f"{name}(r={s.r}, alpha={s.alpha:g}{', dora' if s.variant == 'dora' else ''})"
-            for name, s in self.lora_settings.items()
-        )
+        adapters = ", ".join(f"{name}({s.kind.describe(s)})" for name, s in self.lora_settings.items())
         return f"{base}, adapters=[{adapters}]" if base else f"adapters=[{adapters}]"
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        # The LoRA class is built at run time; pickle it as (kind mixin, base class), both importable.
-        return _rebuild_lora_module, (self.kind_mixin, self.base_class), self.__dict__.copy()
+        # The LoRA class is built at run time; pickle it as (layer type, base class), both importable.
+        return _rebuild_lora_module, (self.layer_type, self.base_class), self.__dict__.copy()
 
 
-def _rebuild_lora_module(kind_mixin: type[LoraLayer], base_class: type[nn.Module]) -> nn.Module:
-    return object.__new__(lora_class(kind_mixin, base_class))
+def restores(state_dict: Mapping[str, torch.Tensor], key: str, parameter: torch.Tensor) -> bool:
+    """Whether ``state_dict`` brings a new value for ``parameter`` under ``key``.
+
+    A value that is the parameter's own storage carries nothing new: torch.distributed.checkpoint's
+    set_model_state_dict passes the module's own parameters for keys its caller did not provide, and Lightning-layer
+    loads fill what an adapter-only checkpoint leaves out with the model's own (detached) tensors.
+    """
+    if key not in state_dict:
+        return False
+    return _storage(state_dict[key]) != _storage(parameter)
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, str]:
+    from torch.distributed.tensor import DTensor
+
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.data_ptr(), str(local.device)
+
+
+def _rebuild_lora_module(layer_type: type[LoraLayer], base_class: type[nn.Module]) -> nn.Module:
+    return object.__new__(lora_class(layer_type, base_class))
 
 
 @functools.cache
-def lora_class(kind_mixin: type[LoraLayer], base_class: type[nn.Module]) -> type[LoraLayer]:
-    """The LoRA subclass of ``base_class`` for one layer kind, e.g. ``LoraLinear(LinearAdapters, nn.Linear)``."""
+def lora_class(layer_type: type[LoraLayer], base_class: type[nn.Module]) -> type[LoraLayer]:
+    """The adapted subclass of ``base_class`` for one layer type, e.g. ``LoraLinear(LinearAdapters, nn.Linear)``."""
     return type(
         f"Lora{base_class.__name__}",
-        (kind_mixin, base_class),
-        {"base_class": base_class, "kind_mixin": kind_mixin, "__module__": __name__},
+        (layer_type, base_class),
+        {"base_class": base_class, "layer_type": layer_type, "__module__": __name__},
     )
 
 
@@ -231,6 +275,9 @@ class LinearAdapters(LoraLayer):
 
     def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         return F.linear(F.linear(h, lora_A) * scaling, lora_B)
+
+    def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight_out_in)
 
 
 class TransposedLinearAdapters(LinearAdapters):
@@ -262,7 +309,14 @@ class EmbeddingAdapters(LoraLayer):
         looked_up = F.embedding(
             h, lora_A.t(), self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
         )
-        output = (looked_up * scaling) @ lora_B.t()
+        return self._embed_scaled((looked_up * scaling) @ lora_B.t())
+
+    def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        table = weight_out_in.t()
+        looked_up = F.embedding(h, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq)
+        return self._embed_scaled(looked_up)
+
+    def _embed_scaled(self, output: torch.Tensor) -> torch.Tensor:
         embed_scale = getattr(self, "embed_scale", None)
         return output if embed_scale is None else output * embed_scale.to(output.dtype)
 
@@ -280,6 +334,9 @@ class ConvAdapters(LoraLayer):
         hidden = self._conv_forward(h, lora_A, None)  # the base's own geometry, padding_mode included
         return self._CONV_FN[lora_B.dim()](hidden * scaling, lora_B)
 
+    def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(h, weight_out_in, None)
+
     def channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
         return per_channel.view(1, -1, *([1] * len(self.kernel_size)))
 
@@ -289,10 +346,10 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
-def adapter_kind(module: nn.Module) -> Optional[type[LoraLayer]]:
-    """The layer-kind mixin that can adapt ``module``, or None when the type is not supported."""
+def layer_type_of(module: nn.Module) -> Optional[type[LoraLayer]]:
+    """The layer-type mixin that can adapt ``module``, or None when the type is not supported."""
     if isinstance(module, LoraLayer):
-        return module.kind_mixin
+        return module.layer_type
     if isinstance(module, nn.Linear):
         return LinearAdapters
     if _is_hf_conv1d(module):
@@ -310,7 +367,7 @@ SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer in ``model`` with its qualified name.
+    """Every adapted layer in ``model`` (adapters of any kind) with its qualified name.
 
     Args:
         model: Any module.

@@ -62,7 +62,7 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     options = settings.config.quantization
     if options is None:
         raise ValueError(
-            f"init={settings.init!r} needs LoraConfig.quantization (it chooses the quantised base and the adapter "
+            f"init={settings.config.init!r} needs LoraConfig.quantization (it chooses the quantised base and the adapter "
             "together); load the model in full precision and set quantization."
         )
     if quantized_bits(layer) is not None:
@@ -72,7 +72,7 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     original = weight.float()
     scale = math.sqrt(settings.scaling)
     candidate = weight  # what apply_lora will quantise, in the base dtype (so the quantisation repeats exactly)
-    iterations = loftq_iterations(settings.init)
+    iterations = loftq_iterations(settings.config.init)
     for step in range(iterations):
         L, R = low_rank_factors(original - fake_quantize(candidate, options), settings.r)
         if step + 1 < iterations:
@@ -83,5 +83,5 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     assign_dense_weight(layer, candidate)
 
 
-register_initializer("loftq", loftq_init, layer_kinds=(LinearAdapters,))
-register_initializer("loftq_iter_", loftq_init, numbered=True, layer_kinds=(LinearAdapters,))
+register_initializer("loftq", loftq_init, layer_types=(LinearAdapters,))
+register_initializer("loftq_iter_", loftq_init, numbered=True, layer_types=(LinearAdapters,))

@@ -1,8 +1,9 @@
-"""Folding adapters into the base weights and back out."""
+"""Folding adapters into the base weights and back out, and computing without them."""
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -10,7 +11,6 @@ from torch import nn
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.inject import strip_adapters
 from lightning_lora.core.layers import LoraLayer, lora_layers
-from lightning_lora.core.variants import VARIANTS
 
 
 def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tuple[str, LoraLayer, list[str]]]:
@@ -26,14 +26,16 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
     for name, layer in layers:
         wanted = layer.active_adapters if adapter_names is None else adapter_names
         pending = [a for a in wanted if a in layer.lora_settings and a not in layer.merged_adapters]
-        # DoRA rescales everything computed before it, so a merge is only equivalent when it acts alone.
+        # A kind that rescales (DoRA) or transforms (OFT) acts on everything computed before it, so its merge is
+        # only equivalent when it acts alone.
         involved = set(pending) | set(layer.merged_adapters) | set(layer.active_adapters)
-        uses_dora = any(layer.lora_settings[a].variant == "dora" for a in involved)
-        if pending and uses_dora and len(involved) > 1:
+        kinds = [layer.lora_settings[a].kind for a in involved]
+        not_additive = sorted({kind.display_name for kind in kinds if kind.action != "add"})
+        if pending and not_additive and len(involved) > 1:
             raise ValueError(
-                f"{name}: a DoRA adapter can only be merged when it is the layer's only active or merged adapter "
-                f"(it has {sorted(involved)}): choose one with set_active_adapters(model, name) and unmerge_lora(model) "
-                "first."
+                f"{name}: a {'/'.join(not_additive)} adapter can only be merged when it is the layer's only active or "
+                f"merged adapter (it has {sorted(involved)}): choose one with set_active_adapters(model, name) and "
+                "unmerge_lora(model) first."
             )
         if pending:
             plan.append((name, layer, pending))
@@ -75,7 +77,7 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
         for name, layer, pending in plan:
             weight = dense_weight(layer)
             for adapter in pending:
-                weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight, {})
+                weight = layer.lora_settings[adapter].kind.merged_weight(layer, adapter, weight, {})
                 if not torch.isfinite(weight).all():
                     raise ValueError(
                         f"Merging adapter {adapter!r} into {name or 'the model'} gives NaN/Inf weights; nothing was "
@@ -84,8 +86,8 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
     for _, layer, pending in plan:
         weight = dense_weight(layer)
         for adapter in pending:
-            variant = VARIANTS[layer.lora_settings[adapter].variant]
-            weight = variant.merged_weight(layer, adapter, weight, layer.merge_state)
+            kind = layer.lora_settings[adapter].kind
+            weight = kind.merged_weight(layer, adapter, weight, layer.merge_state)
             layer.merged_adapters.append(adapter)
         assign_dense_weight(layer, weight)
     return model
@@ -102,8 +104,8 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
             continue
         weight = dense_weight(layer)
         for adapter in reversed(layer.merged_adapters):
-            variant = VARIANTS[layer.lora_settings[adapter].variant]
-            weight = variant.unmerged_weight(layer, adapter, weight, layer.merge_state)
+            kind = layer.lora_settings[adapter].kind
+            weight = kind.unmerged_weight(layer, adapter, weight, layer.merge_state)
         assign_dense_weight(layer, weight)
         layer.merged_adapters.clear()
     return model
@@ -122,4 +124,48 @@ def merge_and_unload(model: nn.Module, adapter_names: Optional[list[str]] = None
         The same ``model``, now free of adapters.
     """
     merge_lora(model, adapter_names=adapter_names, safe=safe)
+    return strip_adapters(model)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: inside it the model computes as its base model (merged adapters are taken out and put back).
+
+    Args:
+        model: A model with LoRA adapters.
+
+    Example::
+
+        with disable_adapters(model):
+            reference = model(x)  # base-model output
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = {layer: list(layer.merged_adapters) for layer in layers if layer.merged_adapters}
+    previous = [layer.adapters_disabled for layer in layers]
+    if merged:
+        unmerge_lora(model)
+    for layer in layers:
+        layer.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.adapters_disabled = flag
+        for layer, names in merged.items():
+            merge_lora(layer, adapter_names=names)
+
+
+def unload_lora(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging (merged ones are unmerged first): the base model again, in place.
+
+    Base weights that hold the residual of an SVD init get the adapter's initial part back.
+
+    Args:
+        model: A model with LoRA adapters.
+    """
+    if any(layer.merged_adapters for _, layer in lora_layers(model)):
+        unmerge_lora(model)
+    for _, layer in lora_layers(model):
+        for adapter_name in reversed(list(layer.lora_settings)):
+            layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
     return strip_adapters(model)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight, is_plain_weight
-from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.layers import AdapterDict, LoraLayer, lora_layers
 from lightning_lora.core.merge import _merge_plan
 from lightning_lora.core.peft_format import full_tensor
 from lightning_lora.core.safe_files import (
@@ -33,7 +33,6 @@ from lightning_lora.core.safe_files import (
     staging_directory,
     write_safetensors,
 )
-from lightning_lora.core.variants import VARIANTS
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -139,8 +138,8 @@ def _merged_sources(
     adapter_prefixes = tuple(
         f"{name}.{child}." if name else f"{child}."
         for name, layer in lora_layers(model)
-        for child, _ in layer.named_children()
-        if child.startswith("lora_")
+        for child, module in layer.named_children()
+        if isinstance(module, AdapterDict)
     )
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(adapter_prefixes)}
     sources = {
@@ -166,7 +165,7 @@ def _merged_weight_source(name: str, layer: LoraLayer, pending: list[str], safe:
     def merged_weight() -> torch.Tensor:
         weight = dense_weight(layer)
         for adapter in pending:
-            weight = VARIANTS[layer.lora_settings[adapter].variant].merged_weight(layer, adapter, weight, {})
+            weight = layer.lora_settings[adapter].kind.merged_weight(layer, adapter, weight, {})
         weight = full_tensor(weight)
         if safe and not torch.isfinite(weight).all():
             raise ValueError(

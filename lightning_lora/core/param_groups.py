@@ -8,12 +8,13 @@ groups, usable with any ``torch.optim`` optimizer and in any training loop.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import nn
 
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layers import EmbeddingAdapters, lora_layers
+from lightning_lora.core.kinds import AdapterTensor
+from lightning_lora.core.layers import LoraLayer, lora_layers
 
 # The reference implementation's (and PEFT's) learning rate for embedding adapters under LoRA+.
 LORAPLUS_LR_EMBEDDING = 1e-6
@@ -40,12 +41,9 @@ def freeze_lora_A(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
             f"The model has no adapter {unknown or adapter_name!r} (it has {adapter_names(model)}); "
             "add one with apply_lora(model, config) first."
         )
-    for _, layer in lora_layers(model):
-        if isinstance(layer, EmbeddingAdapters):
-            continue
-        for name in names:
-            if name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(False)
+    for _, layer, adapter, tensor in _declared_tensors(model):
+        if adapter in names and tensor.role == "A":
+            getattr(layer, tensor.name)[adapter].requires_grad_(False)
     return model
 
 
@@ -65,6 +63,7 @@ def lora_param_groups(
     - ``lora_B``: ``B`` of linear and conv adapters, at ``lr * loraplus_lr_ratio`` with ``weight_decay``.
     - ``lora_embedding``: ``A`` and ``B`` of embedding adapters, at ``loraplus_lr_embedding`` with ``weight_decay``.
     - ``lora_magnitude``: DoRA magnitudes, at ``lr * loraplus_lr_ratio`` without weight decay.
+    - ``adapter``: the tensors of other adapter kinds (LoHa, ...), at ``lr`` with ``weight_decay``.
     - ``decay``: other trainable tensors with 2 or more dimensions (``modules_to_save`` weights), at ``lr`` with
       ``weight_decay``.
     - ``no_decay``: other trainable 1-dim tensors (biases, norms), at ``lr`` without weight decay.
@@ -110,6 +109,7 @@ def lora_param_groups(
         "lora_B": (lr * ratio, weight_decay),
         "lora_embedding": (embedding_lr, weight_decay),
         "lora_magnitude": (lr * ratio, 0.0),
+        "adapter": (lr, weight_decay),
         "decay": (lr, weight_decay),
         "no_decay": (lr, 0.0),
     }
@@ -144,19 +144,24 @@ def check_loraplus_arguments(loraplus_lr_ratio: Optional[float], loraplus_lr_emb
             )
 
 
+_GROUP_OF_ROLE = {"A": "lora_A", "B": "lora_B", "embedding": "lora_embedding", "magnitude": "lora_magnitude"}
+
+
+def _declared_tensors(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str, AdapterTensor]]:
+    """``(layer name, layer, adapter name, declaration)`` of every adapter tensor present in ``model``."""
+    for layer_name, layer in lora_layers(model):
+        for adapter, settings in layer.lora_settings.items():
+            for tensor in settings.kind.tensors(layer, settings):
+                if adapter in getattr(layer, tensor.name, ()):
+                    yield layer_name, layer, adapter, tensor
+
+
 def _adapter_roles(model: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> group name`` for every adapter tensor of every LoRA layer."""
-    roles: dict[int, str] = {}
-    for _, layer in lora_layers(model):
-        embedding = isinstance(layer, EmbeddingAdapters)
-        for parameter in layer.lora_A.values():
-            roles[id(parameter)] = "lora_embedding" if embedding else "lora_A"
-        for parameter in layer.lora_B.values():
-            roles[id(parameter)] = "lora_embedding" if embedding else "lora_B"
-        magnitudes = getattr(layer, "lora_magnitude", None)
-        for parameter in magnitudes.values() if magnitudes is not None else ():
-            roles[id(parameter)] = "lora_magnitude"
-    return roles
+    """``id(parameter) -> group name`` for every adapter tensor of every adapted layer, from the kinds' roles."""
+    return {
+        id(getattr(layer, tensor.name)[adapter]): _GROUP_OF_ROLE.get(tensor.role, "adapter")
+        for _, layer, adapter, tensor in _declared_tensors(model)
+    }
 
 
 def _check_positive(name: str, value: Any) -> None:

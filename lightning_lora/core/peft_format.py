@@ -1,9 +1,11 @@
 """The Hugging Face PEFT adapter format: config and tensor names to and from PEFT, and a vLLM-ready variant.
 
-A PEFT adapter is ``adapter_config.json`` plus ``adapter_model.safetensors`` with keys such as
-``base_model.model.<module>.lora_A.weight`` (``[r, in]``), ``.lora_B.weight`` (``[out, r]``), embeddings'
-``.lora_embedding_A`` / ``.lora_embedding_B``, DoRA's ``.lora_magnitude_vector``, the full state of
-``modules_to_save`` modules under their own names and trained biases of adapted layers as ``.base_layer.bias``.
+A PEFT adapter is ``adapter_config.json`` (``peft_type`` names the kind) plus ``adapter_model.safetensors`` with
+keys ``base_model.model.<module>.<leaf>``, where each kind names its leaves (LoRA: ``lora_A.weight`` ``[r, in]``,
+``lora_B.weight`` ``[out, r]``, embeddings' ``lora_embedding_A``/``_B``, DoRA's ``lora_magnitude_vector``; LoHa:
+``hada_w1_a``, ...), the full state of ``modules_to_save`` modules under their own names and trained biases of
+adapted layers as ``.base_layer.bias``. This module holds what is the same for every kind; the kinds
+(:mod:`lightning_lora.core.kinds`) hold their names, fields and conversions.
 
 PEFT loads adapters with ``strict=False``, so a wrong name would be dropped silently. The exporter therefore reads
 its own config back with the import rules and checks that it selects exactly the adapted layers, with the same
@@ -21,36 +23,22 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LoraConfig, pattern_matches
+from lightning_lora.core.config import AdapterConfig, pattern_matches
 from lightning_lora.core.distributed import full_tensor
-from lightning_lora.core.initializers import check_init_name, weight_dependent_init
-from lightning_lora.core.inject import (
-    SAVED_WITH,
-    WHOLE_MODULE,
-    adapter_names,
-    adapter_tensor_dicts,
-    get_lora_config,
-    saved_module_state,
-)
-from lightning_lora.core.layers import (
-    INIT_FACTOR_DICTS,
-    ConvAdapters,
-    EmbeddingAdapters,
-    LoraLayer,
-    TransposedLinearAdapters,
-    lora_layers,
-)
+from lightning_lora.core.inject import SAVED_WITH, WHOLE_MODULE, adapter_names, get_lora_config, saved_module_state
+from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.layers import AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
 
 PEFT_PREFIX = "base_model.model."
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
-# PEFT config fields this module translates, and fields that carry no meaning for the weights.
-_TRANSLATED_FIELDS = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "layers_to_transform", "layers_pattern", "bias", "modules_to_save", "use_rslora", "use_dora",
-    "init_lora_weights",
+# PEFT config fields every kind shares (each kind reads its own: AdapterKind.peft_fields), and fields that carry no
+# meaning for the weights.
+_TARGETING_FIELDS = {
+    "peft_type", "r", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "layers_pattern", "modules_to_save",
 }
 _IGNORED_FIELDS = {
     "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
@@ -63,14 +51,9 @@ def _join(*parts: str) -> str:
     return ".".join(part for part in parts if part)
 
 
-def peft_tensor_key(layer_name: str, layer: LoraLayer, dict_name: str) -> str:
-    """PEFT's key for one adapter tensor (``lora_A``, ``lora_B`` or ``lora_magnitude``) of the layer ``layer_name``."""
-    if dict_name == "lora_magnitude":
-        leaf = "lora_magnitude_vector"
-    elif isinstance(layer, EmbeddingAdapters):
-        leaf = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[dict_name]
-    else:
-        leaf = f"{dict_name}.weight"
+def peft_tensor_key(layer_name: str, layer: LoraLayer, adapter_name: str, container: str) -> str:
+    """PEFT's key for one tensor of an adapter (``lora_A``, ``hada_w1_a``, ...) of the layer ``layer_name``."""
+    leaf = layer.lora_settings[adapter_name].kind.peft_tensor_leaf(layer, container)
     return PEFT_PREFIX + _join(layer_name, leaf)
 
 
@@ -83,13 +66,6 @@ def peft_base_key(model_key: str, lora_layer_names: set[str]) -> str:
     return PEFT_PREFIX + model_key
 
 
-def _magnitude_shape(layer: LoraLayer, out_features: int) -> tuple[int, ...]:
-    # PEFT keeps conv DoRA magnitudes as [1, out, 1, ...] (the layout of its norm), all others as [out].
-    if isinstance(layer, ConvAdapters):
-        return (1, out_features, *(1 for _ in layer.kernel_size))
-    return (out_features,)
-
-
 def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tuple[int, ...]]]:
     """``{model state-dict key: (PEFT key, PEFT shape)}`` for every tensor of ``adapter_name`` as the model holds it
     (adapter tensors, ``modules_to_save`` state and trained biases)."""
@@ -98,10 +74,10 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
     for name, layer in layers:
         if adapter_name not in layer.lora_settings:
             continue
-        for dict_name in peft_tensor_dicts(layer, adapter_name):
-            tensor = getattr(layer, dict_name)[adapter_name]
-            shape = _magnitude_shape(layer, tensor.shape[0]) if dict_name == "lora_magnitude" else tuple(tensor.shape)
-            mapping[_join(name, dict_name, adapter_name)] = (peft_tensor_key(name, layer, dict_name), shape)
+        kind = layer.lora_settings[adapter_name].kind
+        for container in peft_tensor_dicts(layer, adapter_name):
+            shape = kind.peft_tensor_shape(layer, container, tuple(getattr(layer, container)[adapter_name].shape))
+            mapping[_join(name, container, adapter_name)] = (peft_tensor_key(name, layer, adapter_name, container), shape)
     lora_names = {name for name, _ in layers}
     for key, value in saved_module_state(model, adapter_name):
         mapping[key] = (peft_base_key(key, lora_names), tuple(value.shape))
@@ -109,48 +85,22 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
 
 
 def peft_tensor_dicts(layer: LoraLayer, adapter_name: str) -> list[str]:
-    """The adapter's tensor dicts that PEFT stores; initial SVD factors are folded into ``lora_A``/``lora_B``."""
-    return [d for d in adapter_tensor_dicts(layer, adapter_name) if d not in INIT_FACTOR_DICTS]
-
-
-def svd_init_factors(layer: LoraLayer, adapter_name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """``(A0 [r, in], B0 [out, r])`` of an adapter whose SVD init (PiSSA, OLoRA, MiLoRA) moved ``scaling * B0 @ A0``
-    out of the base weight, or None. Such layers keep them in ``layer.lora_init_A`` / ``layer.lora_init_B``."""
-    init_A, init_B = getattr(layer, "lora_init_A", None), getattr(layer, "lora_init_B", None)
-    if init_A is None or init_B is None or adapter_name not in init_A:
-        return None
-    return init_A[adapter_name], init_B[adapter_name]
+    """The adapter's containers that PEFT stores: the trainable ones (LoRA's frozen initial SVD factors are folded
+    into ``lora_A``/``lora_B`` instead)."""
+    settings = layer.lora_settings[adapter_name]
+    trainable = {t.name for t in settings.kind.tensors(layer, settings) if t.trainable}
+    return [c for c in layer.adapter_containers(adapter_name) if c in trainable]
 
 
 # ----- export -----
 class _ExportedLayer:
-    """One adapted layer as it will be written: rank, alpha and factors after SVD-init conversion and vLLM folding."""
+    """One adapted layer as it will be written: the kind's tensors, rank and alpha after its conversions (LoRA's
+    SVD-init conversion) and, for vLLM, the global rank and scaling."""
 
     def __init__(self, name: str, layer: LoraLayer, adapter_name: str) -> None:
         settings = layer.lora_settings[adapter_name]
-        self.name, self.layer, self.scaling = name, layer, settings.scaling
-        self.A = full_tensor(layer.lora_A[adapter_name].detach())
-        self.B = full_tensor(layer.lora_B[adapter_name].detach())
-        self.r, self.alpha = settings.r, settings.alpha
-        factors = svd_init_factors(layer, adapter_name)
-        if factors is not None:
-            # W_orig = W_res + s B0 A0, so W_res + s B A = W_orig + s [B, -B0] [A; A0]: a plain LoRA of rank 2r with
-            # the same scaling (alpha doubled, or times sqrt(2) under rsLoRA's alpha / sqrt(r)).
-            A0, B0 = (full_tensor(t.detach()) for t in factors)
-            self.A = torch.cat([self.A, A0.to(self.A.dtype)], dim=0)
-            self.B = torch.cat([self.B, -B0.to(self.B.dtype)], dim=1)
-            self.r *= 2
-            self.alpha *= math.sqrt(2) if settings.use_rslora else 2.0
-
-    def fold_for_vllm(self, rank: int, scaling: float) -> None:
-        """Give this layer the global ``rank`` (zero padding, exact) and ``scaling`` (folded into B)."""
-        if self.scaling != scaling:
-            self.B = self.B * (self.scaling / scaling)
-        pad = rank - self.r
-        if pad:
-            self.A = torch.cat([self.A, self.A.new_zeros(pad, *self.A.shape[1:])], dim=0)
-            self.B = torch.cat([self.B, self.B.new_zeros(self.B.shape[0], pad, *self.B.shape[2:])], dim=1)
-        self.r, self.alpha, self.scaling = rank, scaling * rank, scaling
+        self.name, self.layer, self.kind, self.scaling = name, layer, settings.kind, settings.scaling
+        self.tensors, self.r, self.alpha = settings.kind.peft_export(layer, adapter_name)
 
 
 def peft_adapter_state(
@@ -160,20 +110,21 @@ def peft_adapter_state(
     ``adapter_model.safetensors``, checked against the model.
 
     Names are relative to ``model``: pass the module PEFT would wrap (for a LightningModule holding a Hugging Face
-    model as ``self.model``, pass ``module.model``). SVD-initialised adapters (PiSSA, OLoRA, MiLoRA) become plain
-    LoRA deltas against the original base weights (``A' = [A; A0]``, ``B' = [B, -B0]``, rank doubled, same scaling).
-    ``init_lora_weights`` is always ``true`` so PEFT does not re-run an SVD at load.
+    model as ``self.model``, pass ``module.model``). SVD-initialised LoRA adapters (PiSSA, OLoRA, MiLoRA) become
+    plain LoRA deltas against the original base weights (``A' = [A; A0]``, ``B' = [B, -B0]``, rank doubled, same
+    scaling); ``init_lora_weights`` is always ``true`` so PEFT does not re-run an SVD at load.
 
     Args:
         model: The model holding the adapter.
         adapter_name: Which adapter.
-        vllm: Write what vLLM reads: one global rank and scaling (per-layer scalings folded into B, smaller ranks
-            zero-padded, both exact), only ``lora_A``/``lora_B`` tensors.
+        vllm: Write what vLLM reads (LoRA only): one global rank and scaling (per-layer scalings folded into B,
+            smaller ranks zero-padded, both exact), only ``lora_A``/``lora_B`` tensors.
 
     Raises:
-        ValueError: Unknown adapter; DoRA combined with an SVD init (not expressible as a LoRA delta); an adapter
-            whose init rewrote the base weights without keeping its initial factors; for ``vllm``: DoRA,
-            ``modules_to_save`` or trained biases; names PEFT could not select unambiguously.
+        ValueError: Unknown adapter; an adapter the kind cannot express in PEFT's format (DoRA with an SVD init, an
+            init that rewrote the base weights without keeping its factors, trained biases on a kind whose PEFT
+            config has no ``bias``); for ``vllm``: another kind than plain LoRA, ``modules_to_save`` or trained
+            biases; names PEFT could not select unambiguously.
     """
     if adapter_name not in adapter_names(model):
         raise ValueError(
@@ -181,63 +132,50 @@ def peft_adapter_state(
             "add one with apply_lora(model, config, adapter_name)."
         )
     config = get_lora_config(model, adapter_name)
+    kind = kind_of(config)
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
-    _check_exportable(adapter_name, config, layers, vllm)
+    kind.check_peft_export(adapter_name, config, layers)
+    _check_exportable(adapter_name, config, vllm)
     exported = [_ExportedLayer(name, layer, adapter_name) for name, layer in layers]
     if vllm:
         rank = max(e.r for e in exported)
         scaling = Counter(e.scaling for e in exported).most_common(1)[0][0]
         for entry in exported:
-            entry.fold_for_vllm(rank, scaling)
+            entry.tensors = kind.fold_for_vllm(entry.tensors, entry.r, entry.scaling, rank, scaling)
+            entry.r, entry.alpha, entry.scaling = rank, scaling * rank, scaling
 
     peft_config = _peft_config(model, config, exported, adapter_name, vllm)
     key_map = peft_key_map(model, adapter_name)
     tensors: dict[str, torch.Tensor] = {}
     for entry in exported:
-        for dict_name in peft_tensor_dicts(entry.layer, adapter_name):
-            peft_key, peft_shape = key_map[_join(entry.name, dict_name, adapter_name)]
-            value = {"lora_A": entry.A, "lora_B": entry.B}.get(dict_name)
-            if value is None:  # DoRA magnitude: unchanged by the conversions above
-                value = full_tensor(getattr(entry.layer, dict_name)[adapter_name].detach()).reshape(peft_shape)
-            tensors[peft_key] = value
+        for container, value in entry.tensors.items():
+            peft_key, peft_shape = key_map[_join(entry.name, container, adapter_name)]
+            tensors[peft_key] = value.reshape(peft_shape) if value.dim() != len(peft_shape) else value
     for key, value in saved_module_state(model, adapter_name):
         tensors[key_map[key][0]] = full_tensor(value.detach())
     _check_export(model, adapter_name, peft_config, exported, tensors)
     return peft_config, tensors
 
 
-def _check_exportable(
-    adapter_name: str,
-    config: LoraConfig,
-    layers: list[tuple[str, LoraLayer]],
-    vllm: bool,
-) -> None:
-    converted = [name for name, layer in layers if svd_init_factors(layer, adapter_name) is not None]
-    if config.use_dora and converted:
+def _check_exportable(adapter_name: str, config: AdapterConfig, vllm: bool) -> None:
+    kind = kind_of(config)
+    if config.bias != "none" and "bias" not in kind.peft_fields:
         raise ValueError(
-            f"Adapter {adapter_name!r} combines DoRA with init={config.init!r}: its base weights hold a residual and "
-            "a DoRA adapter cannot be re-expressed against the original weights. Save it with "
-            "format='lightning_lora', or export the merged model with save_merged_model."
-        )
-    missing = [name for name, layer in layers if name not in converted]
-    if weight_dependent_init(config.init) and missing:
-        raise ValueError(
-            f"Adapter {adapter_name!r} was initialised with init={config.init!r}, which rewrote the base weights, but "
-            f"{missing[:3]} keep no initial factors (layer.lora_init_A / lora_init_B), so no exact delta against the "
-            "original weights exists. Save it with format='lightning_lora', or export the merged model."
+            f"Adapter {adapter_name!r} trains biases (bias={config.bias!r}), which PEFT's {kind.peft_type} config "
+            "cannot express. Save it with format='lightning_lora', or train with bias='none'."
         )
     if not vllm:
         return
     problems = []
-    if config.use_dora:
-        problems.append("DoRA (use_dora=True)")
+    if not kind.vllm_servable:
+        problems.append(f"a {kind.display_name} adapter (vLLM serves plain LoRA)")
     if config.modules_to_save:
         problems.append(f"modules_to_save={config.modules_to_save}")
     if config.bias != "none":
         problems.append(f"trained biases (bias={config.bias!r})")
     if problems:
         raise ValueError(
-            f"A vLLM adapter holds only lora_A/lora_B tensors under one scaling; adapter {adapter_name!r} also has "
+            f"A vLLM adapter holds only lora_A/lora_B tensors under one scaling; adapter {adapter_name!r} is or has "
             + " and ".join(problems)
             + ". Train without them for vLLM, export with format='peft', or serve the merged model "
             "(save_merged_model)."
@@ -245,8 +183,9 @@ def _check_exportable(
 
 
 def _peft_config(
-    model: nn.Module, config: LoraConfig, exported: list[_ExportedLayer], adapter_name: str, vllm: bool
+    model: nn.Module, config: AdapterConfig, exported: list[_ExportedLayer], adapter_name: str, vllm: bool
 ) -> dict[str, Any]:
+    kind = kind_of(config)
     names = [entry.name for entry in exported]
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
@@ -259,26 +198,25 @@ def _peft_config(
             f"The layers of adapter {adapter_name!r} cannot be named unambiguously with PEFT's matching rules (a "
             "module's full name is the suffix of another's); export with format='lightning_lora'."
         )
-    is_conv1d = [isinstance(entry.layer, TransposedLinearAdapters) for entry in exported]
+    fields = kind.peft_config_fields(config)
+    if vllm:
+        fields.update(use_rslora=False, bias="none")
+    if "fan_in_fan_out" in kind.peft_fields:
+        fields["fan_in_fan_out"] = any(isinstance(entry.layer, TransposedLinearAdapters) for entry in exported)
     return {
-        "peft_type": "LORA",
+        "peft_type": kind.peft_type,
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
         "r": rank,
-        "lora_alpha": _plain_number(alpha),
-        "lora_dropout": config.dropout,
+        kind.peft_alpha_field: _plain_number(alpha),
         "target_modules": targets,
         "exclude_modules": None,
         "rank_pattern": _patterns({e.name: e.r for e in exported}, rank),
         "alpha_pattern": _patterns({e.name: _plain_number(e.alpha) for e in exported}, _plain_number(alpha)),
         "layers_to_transform": None,
         "layers_pattern": None,
-        "bias": "none" if vllm else config.bias,
         "modules_to_save": modules_to_save,
-        "use_rslora": config.use_rslora and not vllm,
-        "use_dora": config.use_dora,
-        "init_lora_weights": True,
-        "fan_in_fan_out": any(is_conv1d),
+        **fields,
         "inference_mode": True,
     }
 
@@ -354,13 +292,19 @@ def _check_export(
         )
     for name in set(selected) & set(by_name):
         entry = by_name[name]
-        r, alpha = parsed.rank_for(name), parsed.alpha_for(name)
-        scaling = alpha / math.sqrt(r) if parsed.use_rslora else alpha / r
-        if r != entry.r or not math.isclose(scaling, entry.scaling, rel_tol=1e-6):
-            problems.append(f"{name}: config gives r={r}, scaling={scaling:g}; tensors have r={entry.r}")
-        shape_A, shape_B = entry.layer.adapter_shapes(r)
-        if tuple(entry.A.shape) != shape_A or tuple(entry.B.shape) != shape_B:
-            problems.append(f"{name}: tensors {tuple(entry.A.shape)}, {tuple(entry.B.shape)} for r={r}")
+        read_back = AdapterSettings(parsed.rank_for(name), parsed.alpha_for(name), 0.0, kind_of(parsed), parsed)
+        if (read_back.kind.name, read_back.r) != (entry.kind.name, entry.r) or not math.isclose(
+            read_back.scaling, entry.scaling, rel_tol=1e-6
+        ):
+            kinds = "" if read_back.kind.name == entry.kind.name else f" for {read_back.kind.name}, not {entry.kind.name}"
+            problems.append(
+                f"{name}: config gives r={read_back.r}, scaling={read_back.scaling:g}{kinds}; tensors have r={entry.r}"
+            )
+            continue
+        shapes = {t.name: t.shape for t in read_back.kind.tensors(entry.layer, read_back) if t.trainable}
+        written = {container: tuple(value.shape) for container, value in entry.tensors.items()}
+        if written != shapes:
+            problems.append(f"{name}: tensors {written} for r={read_back.r}")
     saved = set(saved_module_names(model, adapter_name))
     if set(find_modules_to_save(model, parsed)) != saved:
         problems.append(f"modules_to_save {peft_config['modules_to_save']} does not select {sorted(saved)}")
@@ -375,8 +319,9 @@ def _check_export(
 
 
 # ----- import -----
-def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> LoraConfig:
-    """Translate a PEFT ``adapter_config.json`` (as a dict) into a :class:`LoraConfig` for ``model``.
+def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> AdapterConfig:
+    """Translate a PEFT ``adapter_config.json`` (as a dict) into the config of the kind its ``peft_type`` names
+    (``LORA``: :class:`LoraConfig`, ``LOHA``: ``LoHaConfig``, ...) for ``model``.
 
     ``modules_to_save`` entries are resolved with PEFT's rule (a module whose name ends with the entry) into full
     module names; entries that match nothing are dropped, as PEFT does (task heads such as ``"score"``).
@@ -386,20 +331,23 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> L
         model: The model the adapter is for (resolves ``modules_to_save``).
 
     Raises:
-        ValueError: Another ``peft_type`` than LoRA, PEFT options without a lightning_lora equivalent (listed), an
-            unsupported ``init_lora_weights``, or values ``LoraConfig`` rejects.
+        ValueError: A ``peft_type`` lightning_lora does not read, PEFT options without a lightning_lora equivalent
+            (listed by name), or values the kind's config rejects.
     """
     values = dict(peft_config)
-    peft_type = values.get("peft_type")
-    if str(peft_type).upper() != "LORA":
+    peft_type = str(values.get("peft_type")).upper()
+    kinds = {kind.peft_type: kind for kind in KINDS.values()}  # DoRA shares LoRA's type and config class
+    if peft_type not in kinds:
         raise ValueError(
-            f"This adapter has peft_type={peft_type!r}; lightning_lora reads LoRA adapters (peft_type 'LORA', "
-            "including rsLoRA and DoRA) only. Load it with peft.PeftModel.from_pretrained instead."
+            f"This adapter has peft_type={values.get('peft_type')!r}; lightning_lora reads {sorted(kinds)} adapters. "
+            "Load it with peft.PeftModel.from_pretrained instead."
         )
+    kind = kinds[peft_type]
     unsupported = {
         key: value
         for key, value in values.items()
-        if key not in _TRANSLATED_FIELDS | _IGNORED_FIELDS and value not in (None, False, {}, [], "")
+        if key not in _TARGETING_FIELDS | kind.peft_fields | _IGNORED_FIELDS | {kind.peft_alpha_field}
+        and value not in (None, False, {}, [], "")
     }
     if unsupported:
         raise ValueError(
@@ -413,22 +361,18 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> L
         if len(layers_pattern) != 1:
             raise ValueError(f"layers_pattern={layers_pattern!r}: lightning_lora supports one layers_pattern.")
         layers_pattern = layers_pattern[0]
-    return LoraConfig(
-        r=values.get("r", 8),
-        alpha=values.get("lora_alpha", 8),
-        dropout=values.get("lora_dropout") or 0.0,
-        target_modules=values["target_modules"],
-        exclude_modules=values.get("exclude_modules"),
-        rank_pattern=dict(values.get("rank_pattern") or {}),
-        alpha_pattern=dict(values.get("alpha_pattern") or {}),
-        layers_to_transform=values.get("layers_to_transform"),
-        layers_pattern=layers_pattern,
-        bias=values.get("bias") or "none",
-        modules_to_save=_resolve_peft_modules_to_save(values.get("modules_to_save"), model),
-        use_rslora=bool(values.get("use_rslora")),
-        use_dora=bool(values.get("use_dora")),
-        init=_init_from_peft(values.get("init_lora_weights", True)),
-    )
+    targeting = {
+        "r": values.get("r", 8),
+        "alpha": values.get(kind.peft_alpha_field, 8),
+        "target_modules": values["target_modules"],
+        "exclude_modules": values.get("exclude_modules"),
+        "rank_pattern": dict(values.get("rank_pattern") or {}),
+        "alpha_pattern": dict(values.get("alpha_pattern") or {}),
+        "layers_to_transform": values.get("layers_to_transform"),
+        "layers_pattern": layers_pattern,
+        "modules_to_save": _resolve_peft_modules_to_save(values.get("modules_to_save"), model),
+    }
+    return kind.config_from_peft(values, targeting)
 
 
 def _resolve_peft_modules_to_save(entries: Optional[list[str]], model: nn.Module) -> Optional[list[str]]:
@@ -436,22 +380,6 @@ def _resolve_peft_modules_to_save(entries: Optional[list[str]], model: nn.Module
         return None
     found = [name for name in base_module_names(model) if any(name.endswith(entry) for entry in entries)]
     return found or None
-
-
-def _init_from_peft(init_lora_weights: Any) -> str:
-    if init_lora_weights in (True, False, None):
-        return "kaiming"  # the adapter's trained values replace the initial ones
-    try:
-        if str(init_lora_weights).startswith("loftq"):
-            # PEFT's LoftQ adapter belongs to the LoftQ-modified base PEFT saved with it (and ignores the scaling).
-            raise ValueError("a PEFT LoftQ adapter needs the base model PEFT saved with it")
-        check_init_name(str(init_lora_weights))
-    except ValueError as err:
-        raise ValueError(
-            f"init_lora_weights={init_lora_weights!r} is not supported by lightning_lora ({err}). Convert the adapter "
-            "to a plain LoRA in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))."
-        ) from None
-    return str(init_lora_weights)
 
 
 def adapter_state_from_peft(
@@ -473,8 +401,9 @@ def adapter_state_from_peft(
     for peft_key, value in tensors.items():
         our_key = by_peft_key.get(peft_key)
         if our_key is not None:
-            if "lora_magnitude" in our_key and value.dim() > 1 and value.numel() == value.shape[1]:
-                value = value.reshape(-1)  # PEFT's conv layout [1, out, 1, ...]
+            ours = model_state.get(our_key)
+            if ours is not None and tuple(value.shape) == key_map[our_key][1] != tuple(ours.shape):
+                value = value.reshape(ours.shape)  # a layout PEFT keeps differently (conv DoRA magnitudes)
             state[our_key] = value
             continue
         model_key = _model_key_of_peft_key(peft_key)

@@ -382,7 +382,7 @@ def quantize_linear(module: nn.Linear, options: QuantizationConfig) -> nn.Module
 
 
 def _set_base_class(module: nn.Module, base_class: type[nn.Module]) -> None:
-    module.__class__ = lora_class(module.kind_mixin, base_class) if isinstance(module, LoraLayer) else base_class
+    module.__class__ = lora_class(module.layer_type, base_class) if isinstance(module, LoraLayer) else base_class
 
 
 def _strip_quantization(module: nn.Module, weight: nn.Parameter) -> None:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from lightning_lora.core.distributed import copy_into
-from lightning_lora.core.inject import adapter_names, adapter_parameters, saved_module_state
-from lightning_lora.core.layers import INIT_FACTOR_DICTS, LoraLayer, lora_layers
+from lightning_lora.core.inject import adapter_names, adapter_parameters, get_lora_config, saved_module_state
+from lightning_lora.core.layers import lora_layers
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors of one adapter, keyed as in ``model.state_dict()``.
 
-    Holds ``<layer>.lora_A.<adapter>``, ``<layer>.lora_B.<adapter>`` (DoRA: ``<layer>.lora_magnitude.<adapter>``),
-    the full state of ``modules_to_save`` and the biases trained with the adapter. Values are detached references
+    Holds the adapter's tensors as its kind declares them (LoRA: ``<layer>.lora_A.<adapter>``,
+    ``<layer>.lora_B.<adapter>``; DoRA also ``<layer>.lora_magnitude.<adapter>``), the full state of ``modules_to_save`` and the biases trained with the adapter. Values are detached references
     (no copies), like ``state_dict()``.
 
     Args:
@@ -54,7 +54,8 @@ def check_adapter_state_dict(
     if problems:
         raise ValueError(
             f"The adapter state does not fit adapter {adapter_name!r} of this model: " + "; ".join(problems) + ". "
-            "It was made with another LoraConfig (r, target_modules, use_dora, modules_to_save) or another model: "
+            f"It was made with another {type(get_lora_config(model, adapter_name)).__name__} (kind, r, target_modules, "
+            "use_dora, modules_to_save) or another model: "
             "build the model with the config the adapter was trained with."
         )
     return expected
@@ -95,7 +96,7 @@ def load_adapter_state_dict(
     Every key and shape is checked before the first tensor is written, so a bad state dict leaves the model as it
     was. Tensors are copied in place (optimizers keep their references); sharded (DTensor) targets receive their
     shard of a full tensor. The adapter counts as initialised afterwards; for an SVD-initialised adapter the base
-    weight becomes the residual of the loaded initial factors (see :func:`prepare_layer_load`).
+    weight becomes the residual of the loaded initial factors (see ``LoraLayer.prepare_load``).
 
     Args:
         model: The model, with the adapter already added (``apply_lora`` with the same config).
@@ -115,61 +116,7 @@ def load_adapter_state_dict(
         )
     for name, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
-            prepare_layer_load(layer, state_dict, f"{name}." if name else "", adapter_names=[adapter_name])
+            layer.prepare_load(state_dict, f"{name}." if name else "", adapter_names=[adapter_name])
     for key, target in targets.items():
         copy_into(target, state_dict[key])
     return model
-
-
-def prepare_layer_load(
-    layer: LoraLayer, state_dict: Mapping[str, torch.Tensor], prefix: str, adapter_names: Optional[list[str]] = None
-) -> None:
-    """Get a layer ready for adapter tensors that a state dict is about to restore (before they are copied).
-
-    An adapter whose ``lora_A`` the state dict restores counts as initialised from then on, so
-    ``initialize_pending_adapters`` never re-runs its init over the restored values. When the state dict also
-    holds the adapter's initial factors, the base weight becomes their residual (see
-    :func:`~lightning_lora.core.svd_init.adopt_init_factors`), unless it restores the base weight too.
-
-    Args:
-        layer: The LoRA layer about to be loaded.
-        state_dict: The incoming state, keyed like the model's (``<prefix>lora_A.<adapter>``).
-        prefix: The layer's key prefix in ``state_dict`` (``"model.layers.0.q_proj."``).
-        adapter_names: Only these adapters (default: every adapter of the layer).
-    """
-    from lightning_lora.core.svd_init import adopt_init_factors, has_init_factors
-
-    for adapter_name, settings in layer.lora_settings.items():
-        if adapter_names is not None and adapter_name not in adapter_names:
-            continue
-        if not _restores(state_dict, f"{prefix}lora_A.{adapter_name}", layer.lora_A[adapter_name]):
-            continue
-        if has_init_factors(layer, adapter_name):
-            keys = [f"{prefix}{dict_name}.{adapter_name}" for dict_name in INIT_FACTOR_DICTS]
-            if not _fits(layer, adapter_name, state_dict, keys):
-                continue  # no factors to rebuild the residual from (or the load itself reports a shape error)
-            init_A, init_B = (state_dict[key] for key in keys)
-            weight_restored = _restores(state_dict, f"{prefix}weight", layer.weight)  # a full checkpoint's residual
-            adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=weight_restored)
-        settings.initialized = True
-
-
-def _restores(state_dict: Mapping[str, torch.Tensor], key: str, parameter: torch.Tensor) -> bool:
-    # A value that is the parameter's own storage carries nothing new: torch.distributed.checkpoint's
-    # set_model_state_dict passes the module's own parameters for keys its caller did not provide, and Lightning-
-    # layer loads fill what an adapter-only checkpoint leaves out with the model's own (detached) tensors.
-    if key not in state_dict:
-        return False
-    return _storage(state_dict[key]) != _storage(parameter)
-
-
-def _storage(tensor: torch.Tensor) -> tuple[int, str]:
-    from torch.distributed.tensor import DTensor
-
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.data_ptr(), str(local.device)
-
-
-def _fits(layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> bool:
-    targets = [getattr(layer, dict_name)[adapter_name] for dict_name in INIT_FACTOR_DICTS]
-    return all(key in state_dict and state_dict[key].shape == t.shape for key, t in zip(keys, targets))

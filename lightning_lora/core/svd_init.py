@@ -31,11 +31,16 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch import nn
 
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.distributed import copy_into, full_tensor
 from lightning_lora.core.initializers import register_initializer
-from lightning_lora.core.layers import INIT_FACTOR_DICTS, LinearAdapters, LoraLayer
+from lightning_lora.core.layers import AdapterDict, LinearAdapters, LoraLayer
+
+# Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``
+# out of the base weight (PiSSA, OLoRA, ...), saved with the adapter.
+INIT_FACTOR_DICTS = ("lora_init_A", "lora_init_B")
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A0 [r, in], B0 [out, r])
 FactorFunction = Callable[[torch.Tensor, int, float], Factors]
@@ -150,6 +155,27 @@ def svd_initialize(layer: LoraLayer, adapter_name: str, factors: FactorFunction)
     _write_weight(layer, init_residual(weight, init_A, init_B, settings.scaling))
 
 
+def add_init_factor_tensors(layer: LoraLayer, adapter_name: str) -> None:
+    """Give an adapter frozen, zero ``lora_init_A`` ([r, in]) and ``lora_init_B`` ([out, r]) tensors (for a file that
+    carries initial factors of an init its config does not name)."""
+    lora_A = layer.lora_A[adapter_name]
+    shapes = layer.adapter_shapes(layer.lora_settings[adapter_name].r)
+    for dict_name, shape in zip(INIT_FACTOR_DICTS, shapes):
+        if dict_name not in layer._modules:
+            setattr(layer, dict_name, AdapterDict())
+        zeros = torch.zeros(shape, device=lora_A.device, dtype=lora_A.dtype)
+        getattr(layer, dict_name)[adapter_name] = nn.Parameter(zeros, requires_grad=False)
+
+
+def svd_init_factors(layer: LoraLayer, adapter_name: str) -> Optional[Factors]:
+    """``(A0 [r, in], B0 [out, r])`` of an adapter whose SVD init (PiSSA, OLoRA, MiLoRA) moved ``scaling * B0 @ A0``
+    out of the base weight, or None. Such layers keep them in ``layer.lora_init_A`` / ``layer.lora_init_B``."""
+    if not has_init_factors(layer, adapter_name):
+        return None
+    init_A, init_B = (getattr(layer, name)[adapter_name] for name in INIT_FACTOR_DICTS)
+    return init_A, init_B
+
+
 def has_init_factors(layer: LoraLayer, adapter_name: str) -> bool:
     """Whether the adapter keeps initial factors (its init moved part of the base weight into the adapter)."""
     return all(adapter_name in getattr(layer, name, ()) for name in INIT_FACTOR_DICTS)
@@ -250,7 +276,8 @@ def adopt_init_factors(
 def _check_has_factors(layer: LoraLayer, adapter_name: str) -> None:
     if not has_init_factors(layer, adapter_name):
         raise ValueError(
-            f"Adapter {adapter_name!r} keeps no initial factors (init={layer.lora_settings[adapter_name].init!r}); "
+            f"Adapter {adapter_name!r} keeps no initial factors "
+            f"(init={layer.lora_settings[adapter_name].config.init!r}); "
             "only SVD-initialised adapters (pissa, pissa_niter_<K>, milora, olora) have a residual base weight."
         )
 
@@ -262,7 +289,7 @@ def pissa_init(layer: LoraLayer, adapter_name: str) -> None:
 
 def pissa_niter_init(layer: LoraLayer, adapter_name: str) -> None:
     """PiSSA with ``torch.svd_lowrank`` and the number of subspace iterations given in the name."""
-    niter = int(layer.lora_settings[adapter_name].init.rsplit("_", 1)[1])
+    niter = int(layer.lora_settings[adapter_name].config.init.rsplit("_", 1)[1])
     svd_initialize(layer, adapter_name, lambda w, r, s: pissa_factors(w, r, s, niter=niter))
 
 
@@ -279,7 +306,7 @@ def olora_init(layer: LoraLayer, adapter_name: str) -> None:
 # Defined for weights read as [out, in] matrices: nn.Linear and Hugging Face Conv1D (a LinearAdapters subclass).
 _SVD_INITS = {"pissa": pissa_init, "milora": milora_init, "olora": olora_init}
 for _name, _function in _SVD_INITS.items():
-    register_initializer(_name, _function, layer_kinds=(LinearAdapters,), keeps_init_factors=True)
+    register_initializer(_name, _function, layer_types=(LinearAdapters,), keeps_init_factors=True)
 register_initializer(
-    "pissa_niter_", pissa_niter_init, numbered=True, layer_kinds=(LinearAdapters,), keeps_init_factors=True
+    "pissa_niter_", pissa_niter_init, numbered=True, layer_types=(LinearAdapters,), keeps_init_factors=True
 )

@@ -1,4 +1,4 @@
-"""Which modules of a model a ``LoraConfig`` selects, with errors that show what the model does contain."""
+"""Which modules of a model an adapter config selects, with errors that show what the model does contain."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Optional, Union
 
 from torch import nn
 
-from lightning_lora.core.config import ALL_LINEAR, LoraConfig
-from lightning_lora.core.layers import ADAPTER_CONTAINERS, SUPPORTED_LAYERS, LoraLayer, _is_hf_conv1d, adapter_kind
+from lightning_lora.core.config import ALL_LINEAR, AdapterConfig
+from lightning_lora.core.layers import SUPPORTED_LAYERS, AdapterDict, LoraLayer, _is_hf_conv1d, layer_type_of
 
 # Leaf names of output heads that "all-linear" leaves alone when the model does not say which is its head.
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer", "embed_out")
@@ -63,11 +63,11 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if name and not any(part in ADAPTER_CONTAINERS for part in name.split("."))
+        if name and not isinstance(module, AdapterDict)
     ]
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` that ``config`` adapts, in model order.
 
     Raises:
@@ -98,7 +98,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             "and never calls out_proj's forward, so an adapter there would not change the output. Leave them out "
             "(exclude_modules), or list the attention module in modules_to_save to train it in full."
         )
-    unsupported = [(n, m) for n, m in selected if adapter_kind(m) is None]
+    unsupported = [(n, m) for n, m in selected if layer_type_of(m) is None]
     if unsupported:
         listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:5])
         raise ValueError(
@@ -109,7 +109,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return selected
 
 
-def find_modules_to_save(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
     """Modules named by ``config.modules_to_save`` (outermost matches only), keyed by name.
 
     Raises:
@@ -139,9 +139,9 @@ def _close_names(names: list[str], wanted: str) -> str:
     return f"; close names: {close}" if close else f"; module names look like: {leaves[:12]}"
 
 
-def _no_match_message(candidates: list[tuple[str, nn.Module]], config: LoraConfig) -> str:
+def _no_match_message(candidates: list[tuple[str, nn.Module]], config: AdapterConfig) -> str:
     names = [n for n, _ in candidates]
-    linear_leaves = sorted({n.split(".")[-1] for n, m in candidates if adapter_kind(m) is not None})
+    linear_leaves = sorted({n.split(".")[-1] for n, m in candidates if layer_type_of(m) is not None})
     message = f"target_modules={config.target_modules!r} matches no layer of the model"
     if config.exclude_modules is not None or config.layers_to_transform is not None:
         message += " (after exclude_modules / layers_to_transform)"

@@ -21,22 +21,16 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.distributed import (
-    barrier,
-    clean_name,
-    is_sharded,
-    register_zero3_external_parameters,
-    reshard_fsdp2,
-)
+from lightning_lora.core.distributed import barrier, clean_name, is_sharded, reshard_fsdp2
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
     check_adapter_name,
     get_lora_config,
     initialize_pending_adapters,
+    register_zero3_external_parameters,
 )
-from lightning_lora.core.initializers import initializer_keeps_factors
+from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
@@ -125,7 +119,7 @@ class LoraCallback(Callback):
 
     def __init__(
         self,
-        config: LoraConfig,
+        config: AnyAdapterConfig,
         adapter_name: str = "default",
         submodule: Optional[str] = None,
         lora_fa: bool = False,
@@ -134,9 +128,10 @@ class LoraCallback(Callback):
         merge_on_fit_end: bool = False,
         merged_weights_dir: Optional[Union[str, Path]] = None,
     ) -> None:
-        if not isinstance(config, LoraConfig):
+        if not isinstance(config, CONFIG_CLASSES):
             raise TypeError(
-                f"config must be a LoraConfig, got {type(config).__name__}; build one with "
+                f"config must be a LoraConfig or another kind's config "
+                f"({', '.join(c.__name__ for c in CONFIG_CLASSES[1:])}), got {type(config).__name__}; build one with "
                 "LoraConfig(r=..., target_modules=[...])."
             )
         check_adapter_name(adapter_name)
@@ -186,7 +181,8 @@ class LoraCallback(Callback):
             existing = get_lora_config(target, self.adapter_name)
             if existing != self.config:
                 raise ValueError(
-                    f"The model already has an adapter {self.adapter_name!r} made with another LoraConfig "
+                    f"The model already has an adapter {self.adapter_name!r} made with another "
+                    f"{type(existing).__name__} "
                     f"({existing}); give this callback another adapter_name or the same config."
                 )
             return False
@@ -199,7 +195,7 @@ class LoraCallback(Callback):
         # An SVD init (deterministic) waits for stage start: a resumed run restores the adapter and rebuilds its
         # residual base weights instead of computing an SVD it would overwrite. Random inits run now, before DDP
         # broadcasts rank 0's module state; with quantization every init runs now, on the full-precision weights.
-        defer = initializer_keeps_factors(self.config.init) and self.config.quantization is None
+        defer = kind_of(self.config).reads_base_weight(self.config) and self.config.quantization is None
         apply_lora(target, self.config, self.adapter_name, initialize=not defer)
         if self.lora_fa:
             freeze_lora_A(target, self.adapter_name)
@@ -349,7 +345,7 @@ class LoraCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"adapter_name": self.adapter_name, "config": self.config.to_dict()}
+        return {"adapter_name": self.adapter_name, "kind": self.config.kind, "config": self.config.to_dict()}
 
 
 def inject_adapters(pl_module: pl.LightningModule) -> None:

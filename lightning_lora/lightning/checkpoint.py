@@ -22,7 +22,8 @@ from torch import nn
 
 from lightning_lora.core.distributed import clean_name
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layers import ADAPTER_CONTAINERS, lora_layers
+from lightning_lora.core.kinds import ADAPTER_CONTAINERS
+from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems
 
 Shapes = dict[str, tuple[int, ...]]
@@ -95,13 +96,13 @@ def check_checkpoint_fits(module: nn.Module, checkpoint_shapes: Mapping[str, tup
         raise ValueError(
             f"The checkpoint {source} does not fit the model's LoRA adapters {adapter_names(module)}: "
             + "; ".join(problems)
-            + ". It was saved with another LoraConfig (r, target_modules, use_dora, modules_to_save, adapter name) "
-            "or another model: resume with the config the checkpoint was trained with. Nothing was loaded."
+            + ". It was saved with another LoraConfig or kind (r, target_modules, use_dora, modules_to_save, adapter "
+            "name) or another model: resume with the config the checkpoint was trained with. Nothing was loaded."
         )
 
 
 def check_saved_configs(callback_states: Mapping[str, Any], callbacks: Sequence[Any]) -> None:
-    """Raise when an adapter's ``LoraConfig`` in the checkpoint differs from the one the run uses.
+    """Raise when an adapter's config (kind and fields) in the checkpoint differs from the one the run uses.
 
     Args:
         callback_states: ``checkpoint["callbacks"]``, where each ``LoraCallback`` stored its adapter's config.
@@ -115,12 +116,14 @@ def check_saved_configs(callback_states: Mapping[str, Any], callbacks: Sequence[
         before = saved.get("config") if isinstance(saved, dict) else None
         if not isinstance(before, dict):
             continue  # a weights-only checkpoint: the key and shape check stands alone
-        now = callback.config.to_dict()
+        now = {"kind": callback.config.kind, **callback.config.to_dict()}
+        before = {"kind": saved.get("kind", "lora"), **before}  # checkpoints before the kinds existed hold LoRA
         differing = sorted(k for k in set(now) | set(before) if k != "dropout" and now.get(k) != before.get(k))
         if differing:
             changes = ", ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in differing)
             raise ValueError(
-                f"The checkpoint's adapter {callback.adapter_name!r} was trained with another LoraConfig ({changes}). "
+                f"The checkpoint's adapter {callback.adapter_name!r} was trained with another "
+                f"{type(callback.config).__name__} ({changes}). "
                 "Resume with the config it was trained with, or start a new run without ckpt_path. Nothing was "
                 "loaded."
             )

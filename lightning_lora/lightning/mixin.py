@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
 from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.kinds import AnyAdapterConfig
 from lightning_lora.core.param_groups import check_loraplus_arguments, lora_param_groups
 from lightning_lora.lightning.callback import LoraCallback
 from lightning_lora.lightning.checkpoint import check_and_complete_checkpoint
@@ -89,7 +90,7 @@ class LoraMixin:
 
     def __init__(
         self,
-        lora_config: Optional[LoraConfig] = None,
+        lora_config: Optional[AnyAdapterConfig] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -132,8 +133,8 @@ class LoraMixin:
             )
 
     @property
-    def lora_config(self) -> LoraConfig:
-        """The adapter's ``LoraConfig``."""
+    def lora_config(self) -> AnyAdapterConfig:
+        """The adapter's config (``LoraConfig`` or another kind's)."""
         return self.lora_callback.config
 
     def configure_callbacks(self) -> list[Callback]:

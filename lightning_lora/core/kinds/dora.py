@@ -7,21 +7,30 @@ base output ``Wx = result - bias`` the layer output becomes ``(m / n) * (Wx + s 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
-from lightning_lora.core.variants.base import AdapterVariant
+from lightning_lora.core.kinds.base import AdapterTensor
+from lightning_lora.core.kinds.lora import LoraKind
+from lightning_lora.core.svd_init import INIT_FACTOR_DICTS
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import LoraLayer
+    from lightning_lora.core.layers import AdapterSettings, LoraLayer
 
 
-class DoraVariant(AdapterVariant):
-    """Magnitudes live in ``layer.lora_magnitude[adapter]``, shape ``[out]``."""
+class DoraKind(LoraKind):
+    """LoRA factors plus magnitudes in ``layer.lora_magnitude[adapter]``, shape ``[out]``; rescales the output."""
 
-    parameter_dicts = ("lora_magnitude",)
+    name = "dora"
+    display_name = "DoRA"
+    action = "rescale"
+    vllm_servable = False
+    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude", *INIT_FACTOR_DICTS)
+
+    def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
+        out_features = layer.lora_dims()[1]
+        return [*super().tensors(layer, settings), AdapterTensor("lora_magnitude", (out_features,), "magnitude")]
 
     @torch.no_grad()
     def weight_norm(self, layer: LoraLayer, adapter_name: str, weight_out_in: torch.Tensor) -> torch.Tensor:
@@ -36,16 +45,12 @@ class DoraVariant(AdapterVariant):
         )
         return torch.linalg.vector_norm(combined, dim=1)
 
-    def add_parameters(self, layer: LoraLayer, adapter_name: str, **tensor_options: Any) -> None:
-        from lightning_lora.core.layers import AdapterDict  # layers imports the variants
-
-        if "lora_magnitude" not in layer._modules:
-            layer.lora_magnitude = AdapterDict()
-        out_features = layer.lora_dims()[1]
-        layer.lora_magnitude[adapter_name] = nn.Parameter(torch.zeros(out_features, **tensor_options))
+    def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
+        super().initialize(layer, adapter_name)
+        self.after_base_change(layer, adapter_name)
 
     @torch.no_grad()
-    def init(self, layer: LoraLayer, adapter_name: str) -> None:
+    def after_base_change(self, layer: LoraLayer, adapter_name: str) -> None:
         layer.lora_magnitude[adapter_name].copy_(self.weight_norm(layer, adapter_name, layer.base_weight_out_in()))
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -70,6 +75,7 @@ class DoraVariant(AdapterVariant):
     def merged_weight(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        """``m / ||W + s B A|| * (W + s B A)``; the norm goes into ``record`` for the unmerge."""
         weight_out_in = layer.weight_out_in(weight)
         norm = self.weight_norm(layer, adapter_name, weight_out_in)
         record[adapter_name] = norm  # the unmerge needs the norm of the weight before the merge
@@ -80,6 +86,7 @@ class DoraVariant(AdapterVariant):
     def unmerged_weight(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`, with the norm it recorded."""
         weight_out_in = layer.weight_out_in(weight)
         norm = record.pop(adapter_name)
         scale = self._per_row(layer, adapter_name, norm, weight_out_in)

@@ -1,0 +1,188 @@
+"""The adapter-kind protocol: what one kind of adapter (LoRA, DoRA, LoHa, ...) declares and computes on one layer.
+
+A kind is one :class:`AdapterKind` subclass in one file of this folder, plus one line in the registry
+(:data:`lightning_lora.core.kinds.KINDS`). Everything generic (injection and rollback, trainability, adapter state
+dicts, delete and unload, merging, native and PEFT files, parameter groups, checkpoints) asks the kind through this
+interface and never names a kind's tensors. Layer types (``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Embedding``,
+``nn.ConvNd``) are the other axis: :class:`~lightning_lora.core.layers.LoraLayer` mixins give the geometry (dims,
+weight layout, how to apply factors or a dense weight) and every kind works through them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+
+import torch
+from torch import nn
+
+from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.distributed import full_tensor
+
+if TYPE_CHECKING:
+    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+
+Action = Literal["add", "rescale", "transform"]
+
+
+@dataclass(frozen=True)
+class AdapterTensor:
+    """One tensor that an adapter keeps on a layer.
+
+    Args:
+        name: The layer attribute holding it, an ``nn.ParameterDict`` keyed by adapter name (``"lora_A"``); the
+            state-dict key is ``<layer>.<name>.<adapter>``.
+        shape: Its shape on this layer.
+        role: What it is to parameter groups: LoRA's ``"A"`` / ``"B"`` / ``"embedding"`` / ``"magnitude"`` (LoRA+
+            treats them apart), ``"adapter"`` for everything else.
+        trainable: False for tensors saved with the adapter that never train (frozen initial factors).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    role: str = "adapter"
+    trainable: bool = True
+
+
+class AdapterKind:
+    """How one kind of adapter lives on a layer, computes, merges and is written in PEFT's format.
+
+    Attributes:
+        name: Registry key, the ``kind`` of its config.
+        display_name: How messages name it (``"DoRA"``).
+        peft_type: PEFT's ``peft_type`` for files of this kind.
+        action: How it acts on the layer: ``"add"`` (adds to the base output: LoRA, LoHa, LoKr), ``"rescale"``
+            (rescales everything computed before it: DoRA) or ``"transform"`` (transforms the input or the weight
+            the base uses: OFT). Merge rules read this: only ``"add"`` kinds merge together with others.
+        containers: Every layer attribute the kind may create (static; the union over layers and options).
+        config_class: The kind's config class.
+    """
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    peft_type: ClassVar[str]
+    action: ClassVar[Action] = "add"
+    containers: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type[AdapterConfig]]
+    #: PEFT fields read by :meth:`config_from_peft` beyond the targeting fields and alpha; any other non-default
+    #: field of a PEFT file is refused by name.
+    peft_fields: ClassVar[frozenset[str]] = frozenset()
+    peft_alpha_field: ClassVar[str] = "alpha"
+    vllm_servable: ClassVar[bool] = False
+
+    def __deepcopy__(self, memo: dict) -> AdapterKind:
+        return self  # kinds hold no state: a copied model's layers share them
+
+    # ----- declarations -----
+    def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
+        """The tensors one adapter with ``settings`` keeps on ``layer``."""
+        raise NotImplementedError
+
+    def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
+        """Raise a ValueError naming the fix when the kind cannot adapt ``module`` with ``settings`` (layer type,
+        rank or block size that does not fit). ``module`` may still be the plain base layer."""
+
+    def layer_dropout(self, config: AdapterConfig) -> float:
+        """Dropout on the adapter's input (LoRA's ``dropout``); 0 for kinds without one."""
+        return 0.0
+
+    def scaling(self, settings: AdapterSettings) -> float:
+        """The factor applied to the adapter's update: ``alpha / r`` unless the kind says otherwise."""
+        return settings.alpha / settings.r
+
+    def describe(self, settings: AdapterSettings) -> str:
+        """A short description for ``repr``."""
+        return f"{self.name}, r={settings.r}, alpha={settings.alpha:g}"
+
+    # ----- initialisation -----
+    def reads_base_weight(self, config: AdapterConfig) -> bool:
+        """Whether the init reads (or rewrites) the base weight, so it must wait for the real weights."""
+        return False
+
+    def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
+        """Fill the adapter's tensors (under ``torch.no_grad``)."""
+        raise NotImplementedError
+
+    def after_base_change(self, layer: LoraLayer, adapter_name: str) -> None:
+        """The base weight changed under an initialised adapter (quantisation): refresh what depends on it."""
+
+    def prepare_load(
+        self, layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], prefix: str
+    ) -> None:
+        """Called before a state dict restores this adapter's tensors (``<prefix><container>.<adapter>``)."""
+
+    def release_base(self, layer: LoraLayer, adapter_name: str) -> None:
+        """Called before the adapter leaves the layer: give back what its init took from the base weight."""
+
+    # ----- computation -----
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Return ``result`` (the layer's output so far) with this adapter's contribution for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        """The adapter's dense update in the base weight's own layout and dtype (for ``"add"`` kinds)."""
+        raise NotImplementedError
+
+    def merged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The dense base ``weight`` (the layer's own layout) with this adapter folded in; ``weight`` is not changed.
+
+        Args:
+            layer: The adapted layer.
+            adapter_name: The adapter to fold in.
+            weight: The current dense weight.
+            record: Where to keep what :meth:`unmerged_weight` will need, under ``adapter_name`` (a merge into the
+                live layer passes ``layer.merge_state``; a merged copy passes a throwaway dict).
+        """
+        return weight + self.delta_weight(layer, adapter_name)
+
+    def unmerged_weight(
+        self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Inverse of :meth:`merged_weight`, given the ``record`` it filled."""
+        return weight - self.delta_weight(layer, adapter_name)
+
+    # ----- PEFT format -----
+    def peft_tensor_leaf(self, layer: LoraLayer, container: str) -> str:
+        """PEFT's key for one of the adapter's tensors, relative to the layer (``"lora_A.weight"``)."""
+        return container
+
+    def peft_tensor_shape(self, layer: LoraLayer, container: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape PEFT stores a tensor in (the same unless PEFT keeps another layout)."""
+        return shape
+
+    def peft_config_fields(self, config: AdapterConfig) -> dict[str, Any]:
+        """The kind's own fields of PEFT's ``adapter_config.json`` (the targeting fields are written generically)."""
+        raise NotImplementedError
+
+    def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> AdapterConfig:
+        """Build the kind's config from a PEFT config dict; ``targeting`` holds the shared fields already parsed.
+        Fields the kind cannot honour are refused by name (never loaded approximately)."""
+        raise NotImplementedError
+
+    def peft_export(self, layer: LoraLayer, adapter_name: str) -> tuple[dict[str, torch.Tensor], int, float]:
+        """``({container: whole tensor}, r, alpha)`` of one layer as PEFT stores it: the trainable tensors as they
+        are, unless the kind converts them (LoRA's SVD inits)."""
+        settings = layer.lora_settings[adapter_name]
+        trainable = [t.name for t in self.tensors(layer, settings) if t.trainable]
+        tensors = {name: full_tensor(getattr(layer, name)[adapter_name].detach()) for name in trainable}
+        return tensors, settings.r, settings.alpha
+
+    def check_peft_export(self, adapter_name: str, config: AdapterConfig, layers: list[tuple[str, LoraLayer]]) -> None:
+        """Raise a ValueError naming the fix when PEFT's format cannot hold this adapter exactly."""
+
+    def fold_for_vllm(
+        self, tensors: dict[str, torch.Tensor], r: int, scaling: float, rank: int, new_scaling: float
+    ) -> dict[str, torch.Tensor]:
+        """The tensors re-expressed at the global ``rank`` and ``new_scaling`` vLLM reads (``vllm_servable`` kinds)."""
+        raise NotImplementedError(f"vLLM does not serve {self.name} adapters.")
+
+
+def rank_fits(layer_name: str, module: nn.Module, r: int, max_rank: int) -> None:
+    """Raise the standard error for a rank larger than a layer allows."""
+    if r > max_rank:
+        raise ValueError(
+            f"Rank r={r} is too large for {layer_name} ({type(module).__name__}): at most {max_rank}. Lower r, or "
+            f"set a smaller rank for it with rank_pattern={{{layer_name.split('.')[-1]!r}: {max_rank}}}."
+        )

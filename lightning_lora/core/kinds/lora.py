@@ -1,0 +1,213 @@
+"""LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) and rsLoRA: ``result + scaling * B(A(dropout(x)))``.
+
+``A: [r, in, *kernel]``, ``B: [out, r, *ones]``, ``scaling = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). How the
+factors start is ``LoraConfig.init`` (:mod:`lightning_lora.core.initializers`, :mod:`lightning_lora.core.svd_init`,
+:mod:`lightning_lora.core.loftq`); SVD inits keep their initial factors as frozen ``lora_init_A``/``lora_init_B``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.init_names import check_init_name
+from lightning_lora.core.initializers import (
+    initializer_keeps_factors,
+    initializer_supports,
+    resolve_initializer,
+    weight_dependent_init,
+)
+from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
+from lightning_lora.core.layers import ConvAdapters, EmbeddingAdapters, layer_type_of, restores
+from lightning_lora.core.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
+from lightning_lora.core.svd_init import (
+    INIT_FACTOR_DICTS,
+    adopt_init_factors,
+    has_init_factors,
+    restore_base_weight,
+    svd_init_factors,
+)
+
+if TYPE_CHECKING:
+    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+
+
+class LoraKind(AdapterKind):
+    """Low-rank factors ``A`` and ``B`` added to the base output."""
+
+    name = "lora"
+    display_name = "LoRA"
+    peft_type = "LORA"
+    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", *INIT_FACTOR_DICTS)
+    config_class = LoraConfig
+    peft_fields = frozenset({"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out"})
+    peft_alpha_field = "lora_alpha"
+    vllm_servable = True
+
+    def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
+        shape_A, shape_B = layer.adapter_shapes(settings.r)
+        embedding = isinstance(layer, EmbeddingAdapters)
+        tensors = [
+            AdapterTensor("lora_A", shape_A, "embedding" if embedding else "A"),
+            AdapterTensor("lora_B", shape_B, "embedding" if embedding else "B"),
+        ]
+        if initializer_keeps_factors(settings.config.init):
+            frozen = zip(INIT_FACTOR_DICTS, (shape_A, shape_B))
+            tensors += [AdapterTensor(name, shape, trainable=False) for name, shape in frozen]
+        return tensors
+
+    def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
+        layer_type = layer_type_of(module)
+        in_features, out_features, kernel = layer_type.lora_dims(module)
+        rank_fits(layer_name, module, settings.r, min(in_features * math.prod(kernel), out_features))
+        if not initializer_supports(settings.config.init, layer_type):
+            raise ValueError(
+                f"init={settings.config.init!r} is not defined for {layer_name} ({type(module).__name__}). Use "
+                "init='kaiming' or leave such layers out with exclude_modules."
+            )
+
+    def layer_dropout(self, config: LoraConfig) -> float:
+        return config.dropout
+
+    def scaling(self, settings: AdapterSettings) -> float:
+        return settings.alpha / math.sqrt(settings.r) if settings.config.use_rslora else settings.alpha / settings.r
+
+    def describe(self, settings: AdapterSettings) -> str:
+        return f"r={settings.r}, alpha={settings.alpha:g}" + (", dora" if self.name == "dora" else "")
+
+    def reads_base_weight(self, config: LoraConfig) -> bool:
+        return weight_dependent_init(config.init)
+
+    def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
+        resolve_initializer(layer.lora_settings[adapter_name].config.init)(layer, adapter_name)
+
+    def prepare_load(
+        self, layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], prefix: str
+    ) -> None:
+        # Restored initial factors make the base weight their residual (no SVD is re-run), unless the same load
+        # restores the base weight too (a full checkpoint holds the residual).
+        if not has_init_factors(layer, adapter_name):
+            return
+        keys = [f"{prefix}{name}.{adapter_name}" for name in INIT_FACTOR_DICTS]
+        targets = [getattr(layer, name)[adapter_name] for name in INIT_FACTOR_DICTS]
+        if not all(key in state_dict and state_dict[key].shape == t.shape for key, t in zip(keys, targets)):
+            return  # no factors to rebuild the residual from (or the load itself reports a shape error)
+        weight_restored = restores(state_dict, f"{prefix}weight", layer.weight)
+        init_A, init_B = (state_dict[key] for key in keys)
+        adopt_init_factors(layer, adapter_name, init_A, init_B, base_weight_restored=weight_restored)
+
+    def release_base(self, layer: LoraLayer, adapter_name: str) -> None:
+        restore_base_weight(layer, adapter_name)
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        settings = layer.lora_settings[adapter_name]
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
+        update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
+        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+
+    def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's own layout and dtype."""
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
+        delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
+        in_features, out_features, kernel = layer.lora_dims()
+        delta = (delta * layer.scaling(adapter_name)).reshape(out_features, in_features, *kernel)
+        return layer.to_weight_layout(delta)
+
+    # ----- PEFT -----
+    def peft_tensor_leaf(self, layer: LoraLayer, container: str) -> str:
+        if container == "lora_magnitude":
+            return "lora_magnitude_vector"
+        if isinstance(layer, EmbeddingAdapters):
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[container]
+        return f"{container}.weight"
+
+    def peft_tensor_shape(self, layer: LoraLayer, container: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        # PEFT keeps conv DoRA magnitudes as [1, out, 1, ...] (the layout of its norm), all others as [out].
+        if container == "lora_magnitude" and isinstance(layer, ConvAdapters):
+            return (1, shape[0], *(1 for _ in layer.kernel_size))
+        return shape
+
+    def peft_export(self, layer: LoraLayer, adapter_name: str) -> tuple[dict[str, torch.Tensor], int, float]:
+        tensors, r, alpha = super().peft_export(layer, adapter_name)
+        factors = svd_init_factors(layer, adapter_name)
+        if factors is not None:
+            # W_orig = W_res + s B0 A0, so W_res + s B A = W_orig + s [B, -B0] [A; A0]: a plain LoRA of rank 2r with
+            # the same scaling (alpha doubled, or times sqrt(2) under rsLoRA's alpha / sqrt(r)).
+            A0, B0 = (full_tensor(t.detach()) for t in factors)
+            tensors["lora_A"] = torch.cat([tensors["lora_A"], A0.to(tensors["lora_A"].dtype)], dim=0)
+            tensors["lora_B"] = torch.cat([tensors["lora_B"], -B0.to(tensors["lora_B"].dtype)], dim=1)
+            r *= 2
+            alpha *= math.sqrt(2) if layer.lora_settings[adapter_name].config.use_rslora else 2.0
+        return tensors, r, alpha
+
+    def check_peft_export(self, adapter_name: str, config: LoraConfig, layers: list[tuple[str, LoraLayer]]) -> None:
+        converted = [name for name, layer in layers if has_init_factors(layer, adapter_name)]
+        if config.use_dora and converted:
+            raise ValueError(
+                f"Adapter {adapter_name!r} combines DoRA with init={config.init!r}: its base weights hold a residual "
+                "and a DoRA adapter cannot be re-expressed against the original weights. Save it with "
+                "format='lightning_lora', or export the merged model with save_merged_model."
+            )
+        missing = [name for name, _ in layers if name not in converted]
+        if weight_dependent_init(config.init) and missing:
+            raise ValueError(
+                f"Adapter {adapter_name!r} was initialised with init={config.init!r}, which rewrote the base weights, "
+                f"but {missing[:3]} keep no initial factors (layer.lora_init_A / lora_init_B), so no exact delta "
+                "against the original weights exists. Save it with format='lightning_lora', or export the merged "
+                "model."
+            )
+
+    def fold_for_vllm(
+        self, tensors: dict[str, torch.Tensor], r: int, scaling: float, rank: int, new_scaling: float
+    ) -> dict[str, torch.Tensor]:
+        """Zero-pad to ``rank`` (exact) and fold ``scaling / new_scaling`` into B."""
+        A, B = tensors["lora_A"], tensors["lora_B"]
+        if scaling != new_scaling:
+            B = B * (scaling / new_scaling)
+        pad = rank - r
+        if pad:
+            A = torch.cat([A, A.new_zeros(pad, *A.shape[1:])], dim=0)
+            B = torch.cat([B, B.new_zeros(B.shape[0], pad, *B.shape[2:])], dim=1)
+        return {"lora_A": A, "lora_B": B}
+
+    def peft_config_fields(self, config: LoraConfig) -> dict[str, Any]:
+        return {
+            "lora_dropout": config.dropout,
+            "bias": config.bias,
+            "use_rslora": config.use_rslora,
+            "use_dora": config.use_dora,
+            "init_lora_weights": True,  # PEFT would otherwise re-run an SVD init at load and change the base
+        }
+
+    def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> LoraConfig:
+        return LoraConfig(
+            **targeting,
+            dropout=values.get("lora_dropout") or 0.0,
+            bias=values.get("bias") or "none",
+            use_rslora=bool(values.get("use_rslora")),
+            use_dora=bool(values.get("use_dora")),
+            init=_init_from_peft(values.get("init_lora_weights", True)),
+        )
+
+
+def _init_from_peft(init_lora_weights: Any) -> str:
+    if init_lora_weights in (True, False, None):
+        return "kaiming"  # the adapter's trained values replace the initial ones
+    try:
+        if str(init_lora_weights).startswith("loftq"):
+            # PEFT's LoftQ adapter belongs to the LoftQ-modified base PEFT saved with it (and ignores the scaling).
+            raise ValueError("a PEFT LoftQ adapter needs the base model PEFT saved with it")
+        check_init_name(str(init_lora_weights))
+    except ValueError as err:
+        raise ValueError(
+            f"init_lora_weights={init_lora_weights!r} is not supported by lightning_lora ({err}). Convert the adapter "
+            "to a plain LoRA in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        ) from None
+    return str(init_lora_weights)

@@ -1,0 +1,136 @@
+"""The table of adapter kinds that the generic contract tests and the PEFT parity tests run over.
+
+Adding a kind adds a row: our config and the same adapter as a PEFT config (with PEFT's non-identity init), and the
+PEFT-style small models it runs on.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig
+
+
+class MLP(nn.Module):
+    """PEFT's test MLP shape: two adapted linears and an unadapted head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3)
+        self.lin0 = nn.Linear(36, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, 4, 8]
+        return self.lin0(torch.relu(self.conv(x)).flatten(1))
+
+
+class Conv2dNet(nn.Module):
+    """A 3x3 convolution, a 1x1 (pointwise) one and a linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.pointwise = nn.Conv2d(8, 12, 1)
+        self.lin0 = nn.Linear(12 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, 3, 6, 6]
+        return self.lin0(torch.relu(self.pointwise(torch.relu(self.conv(x)))).flatten(1))
+
+
+# name: (builder, adapted layers, input shape)
+MODELS: dict[str, tuple[Callable[[], nn.Module], list[str], tuple[int, ...]]] = {
+    "mlp": (MLP, ["lin0", "lin1"], (4, 10)),
+    "conv1d": (Conv1dNet, ["conv", "lin0"], (3, 4, 8)),
+    "conv2d": (Conv2dNet, ["conv", "pointwise", "lin0"], (2, 3, 6, 6)),
+}
+
+
+@dataclass
+class KindCase:
+    """One row: our config class and fields, PEFT's config class name and fields for the same adapter."""
+
+    config_class: type[AdapterConfig]
+    fields: dict[str, Any]
+    peft_class: str
+    peft_fields: dict[str, Any]
+    models: tuple[str, ...] = tuple(MODELS)
+    # Containers whose gradient PEFT computes wrongly on layers with a CP core (see test_kinds for the proof).
+    peft_wrong_cp_gradients: tuple[str, ...] = ()
+
+    def config(self, targets: list[str], **overrides: Any) -> AdapterConfig:
+        return self.config_class(target_modules=targets, **{**self.fields, **overrides})
+
+    def peft_config(self, targets: list[str]) -> Any:
+        import peft
+
+        return getattr(peft, self.peft_class)(target_modules=targets, **self.peft_fields)
+
+
+KIND_CASES: dict[str, KindCase] = {
+    "lora": KindCase(LoraConfig, dict(r=4, alpha=8), "LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False)),
+    "dora": KindCase(
+        LoraConfig, dict(r=4, alpha=8, use_dora=True),
+        "LoraConfig", dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False),
+    ),
+    "loha": KindCase(
+        LoHaConfig, dict(r=3, alpha=6), "LoHaConfig", dict(r=3, alpha=6, init_weights=False),
+    ),
+    "loha-effective-conv": KindCase(
+        LoHaConfig, dict(r=2, alpha=3, use_effective_conv2d=True),
+        "LoHaConfig", dict(r=2, alpha=3, use_effective_conv2d=True, init_weights=False),
+        peft_wrong_cp_gradients=("hada_w1_a", "hada_w2_a"),
+    ),
+    "lokr": KindCase(
+        LoKrConfig, dict(r=2, alpha=4), "LoKrConfig", dict(r=2, alpha=4, init_weights=False),
+    ),
+    "lokr-decomposed": KindCase(
+        LoKrConfig, dict(r=1, alpha=2, decompose_both=True, use_effective_conv2d=True, decompose_factor=4),
+        "LoKrConfig",
+        dict(r=1, alpha=2, decompose_both=True, use_effective_conv2d=True, decompose_factor=4, init_weights=False),
+    ),
+}
+
+CASE_MODEL_PAIRS = [(case, model) for case, row in KIND_CASES.items() for model in row.models]
+
+
+def build(model_name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[model_name][0]()
+
+
+def model_input(model_name: str, seed: int = 1) -> torch.Tensor:
+    return torch.randn(MODELS[model_name][2], generator=torch.Generator().manual_seed(seed))
+
+
+def targets(model_name: str) -> list[str]:
+    return list(MODELS[model_name][1])
+
+
+def randomized(model: nn.Module, seed: int = 3) -> nn.Module:
+    """Give every trainable adapter tensor random values (DoRA magnitudes: a random rescaling)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.mul_(1 + 0.1 * noise) if "lora_magnitude" in name else parameter.copy_(0.3 * noise)
+    return model
+
+
+def deep(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
