@@ -1,7 +1,8 @@
-"""Training-step cost of LoRA and DoRA: lightning_lora vs HF PEFT vs the floor, side by side in one run.
+"""Training-step cost of each adapter kind: lightning_lora vs HF PEFT vs the floor, side by side in one run.
 
 The model is a transformers Llama built from a config (768 hidden, 2048 intermediate, 6 layers, 12 heads,
-32000 vocab, fp32), batch 4 x 128 tokens, r=16 / alpha=32 on all linear layers, AdamW. The floor is the same
+32000 vocab, fp32), batch 4 x 128 tokens, AdamW, adapters on all linear layers: LoRA and DoRA r=16 / alpha=32,
+LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks. The floor is the same
 model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each measurement runs in
 its own process with fixed threads (every process imports the same libraries, so resident memory starts from the
 same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step (process time) and
@@ -12,6 +13,8 @@ Usage::
     python benchmarks/train_step.py                 # full run (about 15 minutes)
     python benchmarks/train_step.py --rounds 1 --steps 2 --warmup 1   # smoke run
     python benchmarks/train_step.py --only peft-lora ours-lora --rounds 5 --out benchmarks/results/train_step_lora_5rounds.json
+    python benchmarks/train_step.py --only peft-loha ours-loha peft-lokr ours-lokr peft-oft ours-oft \
+        --out benchmarks/results/train_step_kinds.json
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 import harness  # noqa: E402
 
-NAMES = ["floor", "peft-lora", "ours-lora", "peft-dora", "ours-dora"]
+KINDS = ["lora", "dora", "loha", "lokr", "oft"]
+NAMES = ["floor", *(f"{side}-{kind}" for kind in KINDS for side in ("peft", "ours"))]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 
 
@@ -40,20 +44,32 @@ def build_model(name: str) -> torch.nn.Module:
         num_key_value_heads=12, max_position_embeddings=256,
     )
     model = LlamaForCausalLM(config)
-    use_dora = name.endswith("dora")
+    kind = name.split("-", 1)[-1]
     if name == "floor":
         model.requires_grad_(False)
         model.enable_input_require_grads()
     elif name.startswith("peft"):
         import peft
 
-        model = peft.get_peft_model(
-            model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=use_dora)
-        )
+        peft_configs = {
+            "lora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+            "dora": lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", use_dora=True),
+            "loha": lambda: peft.LoHaConfig(r=8, alpha=16, target_modules="all-linear"),
+            "lokr": lambda: peft.LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
+            "oft": lambda: peft.OFTConfig(oft_block_size=32, target_modules="all-linear"),
+        }
+        model = peft.get_peft_model(model, peft_configs[kind]())
     else:
-        from lightning_lora import LoraConfig, apply_lora
+        from lightning_lora import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, apply_lora
 
-        apply_lora(model, LoraConfig(r=16, alpha=32, target_modules="all-linear", use_dora=use_dora))
+        our_configs = {
+            "lora": lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"),
+            "dora": lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear", use_dora=True),
+            "loha": lambda: LoHaConfig(r=8, alpha=16, target_modules="all-linear"),
+            "lokr": lambda: LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
+            "oft": lambda: OFTConfig(oft_block_size=32, target_modules="all-linear"),
+        }
+        apply_lora(model, our_configs[kind]())
     return model.train()
 
 

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig
+from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
 
 
 class MLP(nn.Module):
-    """PEFT's test MLP shape: two adapted linears and an unadapted head."""
+    """PEFT's test MLP shape: two adapted linears and an unadapted head (input sizes divisible by 4, for OFT)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin0 = nn.Linear(10, 20)
+        self.lin0 = nn.Linear(12, 20)
         self.lin1 = nn.Linear(20, 16)
         self.head = nn.Linear(16, 2)
 
@@ -44,19 +44,30 @@ class Conv2dNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
+        self.conv = nn.Conv2d(4, 8, 3)
         self.pointwise = nn.Conv2d(8, 12, 1)
         self.lin0 = nn.Linear(12 * 16, 4)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, 3, 6, 6]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, 4, 6, 6]
         return self.lin0(torch.relu(self.pointwise(torch.relu(self.conv(x)))).flatten(1))
 
 
-# name: (builder, adapted layers, input shape)
+class EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(30, 12)
+        self.lin0 = nn.Linear(12, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: [batch, length]
+        return self.lin0(self.embed(ids))
+
+
+# name: (builder, adapted layers, input shape; token ids for the embedding model)
 MODELS: dict[str, tuple[Callable[[], nn.Module], list[str], tuple[int, ...]]] = {
-    "mlp": (MLP, ["lin0", "lin1"], (4, 10)),
+    "mlp": (MLP, ["lin0", "lin1"], (4, 12)),
     "conv1d": (Conv1dNet, ["conv", "lin0"], (3, 4, 8)),
-    "conv2d": (Conv2dNet, ["conv", "pointwise", "lin0"], (2, 3, 6, 6)),
+    "conv2d": (Conv2dNet, ["conv", "pointwise", "lin0"], (2, 4, 6, 6)),
+    "embedding": (EmbeddingNet, ["embed", "lin0"], (2, 5)),
 }
 
 
@@ -68,7 +79,11 @@ class KindCase:
     fields: dict[str, Any]
     peft_class: str
     peft_fields: dict[str, Any]
-    models: tuple[str, ...] = tuple(MODELS)
+    models: tuple[str, ...] = ("mlp", "conv1d", "conv2d")
+    # Models on which PEFT's own unmerged forward is known wrong (PEFT's merged weights are compared instead).
+    peft_forward_wrong_on: tuple[str, ...] = ()
+    # A layer the kind cannot adapt (None: it adapts every supported layer type).
+    unsupported_layer: Optional[Callable[[], nn.Module]] = lambda: nn.Embedding(10, 8)
     # Containers whose gradient PEFT computes wrongly on layers with a CP core (see test_kinds for the proof).
     peft_wrong_cp_gradients: tuple[str, ...] = ()
 
@@ -82,10 +97,13 @@ class KindCase:
 
 
 KIND_CASES: dict[str, KindCase] = {
-    "lora": KindCase(LoraConfig, dict(r=4, alpha=8), "LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False)),
+    "lora": KindCase(
+        LoraConfig, dict(r=4, alpha=8), "LoraConfig", dict(r=4, lora_alpha=8, init_lora_weights=False),
+        models=tuple(MODELS), unsupported_layer=None,
+    ),
     "dora": KindCase(
         LoraConfig, dict(r=4, alpha=8, use_dora=True),
-        "LoraConfig", dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False),
+        "LoraConfig", dict(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False), unsupported_layer=None,
     ),
     "loha": KindCase(
         LoHaConfig, dict(r=3, alpha=6), "LoHaConfig", dict(r=3, alpha=6, init_weights=False),
@@ -103,6 +121,18 @@ KIND_CASES: dict[str, KindCase] = {
         "LoKrConfig",
         dict(r=1, alpha=2, decompose_both=True, use_effective_conv2d=True, decompose_factor=4, init_weights=False),
     ),
+    "oft": KindCase(
+        OFTConfig, dict(oft_block_size=4), "OFTConfig", dict(r=0, oft_block_size=4, init_weights=False),
+        models=("mlp", "conv2d", "embedding"), peft_forward_wrong_on=("conv2d",),
+        unsupported_layer=lambda: nn.Conv1d(8, 8, 1),
+    ),
+    "oft-exact-cayley-shared-coft": KindCase(
+        OFTConfig, dict(r=2, oft_block_size=0, use_cayley_neumann=False, block_share=True, coft=True, eps=0.5),
+        "OFTConfig",
+        dict(r=2, oft_block_size=0, use_cayley_neumann=False, block_share=True, coft=True, eps=0.5,
+             init_weights=False),
+        models=("mlp", "embedding"), unsupported_layer=lambda: nn.Conv1d(8, 8, 1),
+    ),
 }
 
 CASE_MODEL_PAIRS = [(case, model) for case, row in KIND_CASES.items() for model in row.models]
@@ -114,7 +144,10 @@ def build(model_name: str, seed: int = 0) -> nn.Module:
 
 
 def model_input(model_name: str, seed: int = 1) -> torch.Tensor:
-    return torch.randn(MODELS[model_name][2], generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    if model_name == "embedding":
+        return torch.randint(0, 30, MODELS[model_name][2], generator=generator)
+    return torch.randn(MODELS[model_name][2], generator=generator)
 
 
 def targets(model_name: str) -> list[str]:

@@ -63,18 +63,11 @@ class QuantizationConfig:
 
 
 TARGETING_ARGS = """
-        r: Rank of the update (LoRA: the inner dimension of ``B @ A``; each kind says what its factors share). At
-            least 1; checked against every adapted layer at injection.
-        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (LoRA's rsLoRA: ``alpha / sqrt(r)``).
-            Must be > 0.
         target_modules: Which layers get adapters. A list of names: a module matches when its full name equals an
             entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``). A string: a regular expression that must
             match the full module name (``r".*\\.attn\\.(q|v)_proj"``). The string ``"all-linear"``: every linear
             layer (``nn.Linear``, Hugging Face ``Conv1D``) except the output head.
         exclude_modules: Layers never adapted, with the same list/regex rules as ``target_modules``.
-        rank_pattern: Per-layer rank overrides, ``{pattern: r}``; a pattern matches a module name or a dotted suffix
-            of it (regex allowed, e.g. ``{"layers\\.0\\..*": 4}``). First matching entry wins.
-        alpha_pattern: Per-layer alpha overrides, same rules as ``rank_pattern``.
         layers_to_transform: Adapt only these layer indices (the number in ``...layers.3.q_proj``).
         layers_pattern: Name of the container holding the numbered layers (``"layers"``, ``"h"``); default: the
             last ``<name>.<number>.`` part of the module path.
@@ -83,32 +76,33 @@ TARGETING_ARGS = """
         modules_to_save: Modules trained in full beside the adapters (a new classification head, say); same name
             rules as a ``target_modules`` list. Their weights are saved with the adapter."""
 
+LOW_RANK_ARGS = """
+        r: Rank of the update (LoRA: the inner dimension of ``B @ A``; each kind says what its factors share). At
+            least 1; checked against every adapted layer at injection.
+        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Must be > 0.
+        rank_pattern: Per-layer rank overrides, ``{pattern: r}``; a pattern matches a module name or a dotted suffix
+            of it (regex allowed, e.g. ``{"layers\\.0\\..*": 4}``). First matching entry wins.
+        alpha_pattern: Per-layer alpha overrides, same rules as ``rank_pattern``."""
 
-@dataclass
+
+@dataclass(kw_only=True)
 class AdapterConfig:
-    """What every adapter kind shares: which layers it adapts, its rank and scale, what trains beside it.
+    """What every adapter kind shares: which layers it adapts and what trains beside it.
 
-    Each kind has a config class built on this one (:class:`LoraConfig`, :class:`~lightning_lora.core.kinds.loha.
-    LoHaConfig`, ...); the class chosen is the kind. Every field is checked when the config is built.
+    Each kind has a config class built on this one (:class:`LoraConfig`, ``LoHaConfig``, ``LoKrConfig``,
+    ``OFTConfig``, ...); the class chosen is the kind. Every field is checked when the config is built.
 
     Args:""" + TARGETING_ARGS + """
     """
 
-    r: int = 8
-    alpha: float = 16.0
     target_modules: Union[list[str], str] = ALL_LINEAR
     exclude_modules: Optional[Union[list[str], str]] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: Optional[list[int]] = None
     layers_pattern: Optional[str] = None
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
-        self.alpha = float(self.alpha)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
             if not self.target_modules:
@@ -116,12 +110,6 @@ class AdapterConfig:
         _check_patterns("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             _check_patterns("exclude_modules", self.exclude_modules)
-        for key, value in self.rank_pattern.items():
-            _check_regex("rank_pattern", key)
-            _check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            _check_regex("alpha_pattern", key)
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int):
                 self.layers_to_transform = [self.layers_to_transform]
@@ -148,12 +136,12 @@ class AdapterConfig:
         return None
 
     def rank_for(self, module_name: str) -> int:
-        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
-        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
+        """The kind's rank-like size on ``module_name`` (LoRA's rank; 0 where the kind derives it per layer)."""
+        return 0
 
     def alpha_for(self, module_name: str) -> float:
-        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
-        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
+        """The kind's scale numerator on ``module_name``; 1 for kinds without one."""
+        return 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of the fields."""
@@ -165,14 +153,47 @@ class AdapterConfig:
         return _from_dict(cls, values, cls.__name__)
 
 
-@dataclass
-class LoraConfig(AdapterConfig):
+@dataclass(kw_only=True)
+class LowRankConfig(AdapterConfig):
+    """The fields of kinds built from rank-``r`` factors scaled by ``alpha / r`` (LoRA, LoHa, LoKr).
+
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_rank("r", self.r)
+        _check_alpha("alpha", self.alpha)
+        self.alpha = float(self.alpha)
+        for key, value in self.rank_pattern.items():
+            _check_regex("rank_pattern", key)
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for key, value in self.alpha_pattern.items():
+            _check_regex("alpha_pattern", key)
+            _check_alpha(f"alpha_pattern[{key!r}]", value)
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
+        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
+        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
+
+
+@dataclass(kw_only=True)
+class LoraConfig(LowRankConfig):
     __doc__ = """Configuration of one LoRA adapter (and its variants rsLoRA and DoRA, and its initialisations).
 
     ``x -> W x + scaling * B A dropout(x)`` with ``A: [r, in]``, ``B: [out, r]``. Every field is checked when the
     config is built, so a mistake fails before any model is touched.
 
-    Args:""" + TARGETING_ARGS + """
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
         dropout: Dropout probability applied to the adapter's input, in ``[0, 1)``.
         use_rslora: Rank-stabilised scaling ``alpha / sqrt(r)`` instead of ``alpha / r``.
         use_dora: Weight-decomposed LoRA: a trainable magnitude per output unit rescales ``W + scaling * B @ A``.

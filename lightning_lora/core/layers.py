@@ -143,15 +143,27 @@ class LoraLayer(nn.Module):
         return self.lora_settings[adapter_name].kind.delta_weight(self, adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = super().forward(x, *args, **kwargs)
+        base_forward = super().forward
         if self.adapters_disabled:
-            return result
+            return base_forward(x, *args, **kwargs)
+        pending = []
+        transform = None  # a kind that transforms what the base computes (OFT) runs the base operation itself
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 settings = self.lora_settings[name]
                 if not settings.initialized:
                     self._raise_uninitialized(name)
-                result = settings.kind.forward(self, name, x, result)
+                if settings.kind.action == "transform":
+                    transform = name
+                else:
+                    pending.append(name)
+        if transform is None:
+            result = base_forward(x, *args, **kwargs)
+        else:
+            kind = self.lora_settings[transform].kind
+            result = kind.transformed_forward(self, transform, x, lambda inputs: base_forward(inputs, *args, **kwargs))
+        for name in pending:
+            result = self.lora_settings[name].kind.forward(self, name, x, result)
         return result
 
     def _raise_uninitialized(self, adapter_name: str) -> None:

@@ -33,9 +33,9 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
         not_additive = sorted({kind.display_name for kind in kinds if kind.action != "add"})
         if pending and not_additive and len(involved) > 1:
             raise ValueError(
-                f"{name}: a {'/'.join(not_additive)} adapter can only be merged when it is the layer's only active or "
-                f"merged adapter (it has {sorted(involved)}): choose one with set_active_adapters(model, name) and "
-                "unmerge_lora(model) first."
+                f"{name}: an adapter of kind {'/'.join(not_additive)} can only be merged when it is the layer's only "
+                f"active or merged adapter (it has {sorted(involved)}): choose one with set_active_adapters(model, "
+                "name) and unmerge_lora(model) first."
             )
         if pending:
             plan.append((name, layer, pending))

@@ -37,9 +37,9 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT config fields every kind shares (each kind reads its own: AdapterKind.peft_fields), and fields that carry no
 # meaning for the weights.
 _TARGETING_FIELDS = {
-    "peft_type", "r", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern", "layers_to_transform",
-    "layers_pattern", "modules_to_save",
+    "peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
 }
+_LOW_RANK_FIELDS = {"r", "rank_pattern", "alpha_pattern"}  # with the kind's alpha field (lora_alpha, alpha)
 _IGNORED_FIELDS = {
     "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "fan_in_fan_out", "megatron_core", "qalora_group_size", "runtime_config",
@@ -189,8 +189,6 @@ def _peft_config(
     names = [entry.name for entry in exported]
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
-    counts = Counter((e.r, e.alpha) for e in exported)
-    rank, alpha = max(counts, key=lambda pair: (counts[pair], pair == (config.r, config.alpha)))
     saved_modules = saved_module_names(model, adapter_name)
     modules_to_save = _shortest_names(saved_modules, universe, str.endswith) if saved_modules else None
     if targets is None or (saved_modules and modules_to_save is None):
@@ -199,6 +197,15 @@ def _peft_config(
             "module's full name is the suffix of another's); export with format='lightning_lora'."
         )
     fields = kind.peft_config_fields(config)
+    if kind.peft_alpha_field is not None:  # rank-r kinds: the most common r and alpha, the rest as patterns
+        counts = Counter((e.r, e.alpha) for e in exported)
+        rank, alpha = max(counts, key=lambda pair: (counts[pair], pair == (config.r, config.alpha)))
+        fields.update({
+            "r": rank,
+            kind.peft_alpha_field: _plain_number(alpha),
+            "rank_pattern": _patterns({e.name: e.r for e in exported}, rank),
+            "alpha_pattern": _patterns({e.name: _plain_number(e.alpha) for e in exported}, _plain_number(alpha)),
+        })
     if vllm:
         fields.update(use_rslora=False, bias="none")
     if "fan_in_fan_out" in kind.peft_fields:
@@ -207,12 +214,8 @@ def _peft_config(
         "peft_type": kind.peft_type,
         "task_type": None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "name_or_path", None) or None,
-        "r": rank,
-        kind.peft_alpha_field: _plain_number(alpha),
         "target_modules": targets,
         "exclude_modules": None,
-        "rank_pattern": _patterns({e.name: e.r for e in exported}, rank),
-        "alpha_pattern": _patterns({e.name: _plain_number(e.alpha) for e in exported}, _plain_number(alpha)),
         "layers_to_transform": None,
         "layers_pattern": None,
         "modules_to_save": modules_to_save,
@@ -343,10 +346,11 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> A
             "Load it with peft.PeftModel.from_pretrained instead."
         )
     kind = kinds[peft_type]
+    low_rank = _LOW_RANK_FIELDS | {kind.peft_alpha_field} if kind.peft_alpha_field is not None else set()
     unsupported = {
         key: value
         for key, value in values.items()
-        if key not in _TARGETING_FIELDS | kind.peft_fields | _IGNORED_FIELDS | {kind.peft_alpha_field}
+        if key not in _TARGETING_FIELDS | low_rank | kind.peft_fields | _IGNORED_FIELDS
         and value not in (None, False, {}, [], "")
     }
     if unsupported:
@@ -362,16 +366,19 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> A
             raise ValueError(f"layers_pattern={layers_pattern!r}: lightning_lora supports one layers_pattern.")
         layers_pattern = layers_pattern[0]
     targeting = {
-        "r": values.get("r", 8),
-        "alpha": values.get(kind.peft_alpha_field, 8),
         "target_modules": values["target_modules"],
         "exclude_modules": values.get("exclude_modules"),
-        "rank_pattern": dict(values.get("rank_pattern") or {}),
-        "alpha_pattern": dict(values.get("alpha_pattern") or {}),
         "layers_to_transform": values.get("layers_to_transform"),
         "layers_pattern": layers_pattern,
         "modules_to_save": _resolve_peft_modules_to_save(values.get("modules_to_save"), model),
     }
+    if kind.peft_alpha_field is not None:
+        targeting.update(
+            r=values.get("r", 8),
+            alpha=values.get(kind.peft_alpha_field, 8),
+            rank_pattern=dict(values.get("rank_pattern") or {}),
+            alpha_pattern=dict(values.get("alpha_pattern") or {}),
+        )
     return kind.config_from_peft(values, targeting)
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from lightning_lora.core.base_weights import dense_weight, register_weight_format
 from lightning_lora.core.config import ALL_LINEAR, LoraConfig, QuantizationConfig
 from lightning_lora.core.layers import LoraLayer, lora_class
+from lightning_lora.core.targeting import find_modules_to_save, output_head_names
 
 PARAMS_4BIT = "Params4bit"
 PARAMS_8BIT = "Int8Params"
@@ -269,8 +270,6 @@ def plan_quantization(model: nn.Module, config: LoraConfig, targets: list[tuple[
         return []
     import_bitsandbytes()
     if options.layers == ALL_LINEAR:
-        from lightning_lora.core.targeting import find_modules_to_save, output_head_names
-
         skipped = output_head_names(model) | set(find_modules_to_save(model, config))
         # nn.Linear subclasses (e.g. nn.MultiheadAttention's out_proj, whose weight is used directly) are left alone.
         candidates = [

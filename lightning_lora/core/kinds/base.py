@@ -11,7 +11,7 @@ weight layout, how to apply factors or a dense weight) and every kind works thro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ class AdapterKind:
     #: PEFT fields read by :meth:`config_from_peft` beyond the targeting fields and alpha; any other non-default
     #: field of a PEFT file is refused by name.
     peft_fields: ClassVar[frozenset[str]] = frozenset()
-    peft_alpha_field: ClassVar[str] = "alpha"
+    #: The PEFT field of the scale numerator of rank-``r`` kinds (``"lora_alpha"``, ``"alpha"``); None for kinds
+    #: without ranks and alphas per layer (their ``r`` and options are all in :meth:`peft_config_fields`).
+    peft_alpha_field: ClassVar[Optional[str]] = "alpha"
     vllm_servable: ClassVar[bool] = False
 
     def __deepcopy__(self, memo: dict) -> AdapterKind:

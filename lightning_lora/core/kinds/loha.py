@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
+from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, LowRankConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterTensor
 from lightning_lora.core.kinds.lycoris import LycorisKind
 
@@ -23,13 +23,13 @@ if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
 
 
-@dataclass
-class LoHaConfig(AdapterConfig):
+@dataclass(kw_only=True)
+class LoHaConfig(LowRankConfig):
     __doc__ = """Configuration of one LoHa adapter (PEFT's ``LoHaConfig``).
 
     Adapts ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
 
-    Args:""" + TARGETING_ARGS + """
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
         rank_dropout: In training, drop whole output rows of the update with this probability (rescaling the rest).
         module_dropout: In training, skip the whole adapter for a step with this probability.
         use_effective_conv2d: On convolutions with kernels larger than 1, factor the kernel with a CP decomposition

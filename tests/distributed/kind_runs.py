@@ -1,0 +1,94 @@
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr and OFT adapters under DDP and FSDP2
+(ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script for rank 1.
+
+    python kind_runs.py OUT_DIR
+
+For each ``<kind>-<strategy>`` it writes ``<name>-uninterrupted-rank<r>.pt`` (two epochs) and
+``<name>-resumed-rank<r>.pt`` (one epoch, adapter-only checkpoint, a new Trainer and module, one more epoch): the
+full adapter tensors as rank ``r`` holds them. Each rank reads its half of every batch in order
+(``DistributedSampler(shuffle=False)``, ``use_distributed_sampler=False``), so one process on whole batches is the
+reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, trainer_arguments
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_lora import AdapterConfig, LoKrConfig, LoraCallback, OFTConfig, adapter_state_dict
+from lightning_lora.core.distributed import full_tensor
+
+EPOCHS = 2
+BATCH_PER_RANK = 2
+CONFIGS: dict[str, AdapterConfig] = {
+    "lokr": LoKrConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_weights="lycoris"),
+    "oft": OFTConfig(oft_block_size=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+}
+
+
+class SeedBeforeInjection(L.Callback):
+    """Listed before the LoraCallback: the adapter's random init draws the same numbers in every run, whatever the
+    launcher and strategy consumed from the generator before."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        torch.manual_seed(1)
+
+
+class RankedData(L.LightningDataModule):
+    """Each rank's half of every global batch, in order (the sampler is built once the process group exists)."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = dataloader().dataset
+        return DataLoader(data, batch_size=BATCH_PER_RANK, sampler=DistributedSampler(data, shuffle=False))
+
+
+def fit(module: L.LightningModule, kind: str, strategy: Any, epochs: int, checkpoint_dir: Optional[Path] = None,
+        ckpt_path: Optional[Path] = None) -> int:
+    callbacks: list = [SeedBeforeInjection(), LoraCallback(CONFIGS[kind])]
+    if checkpoint_dir is not None:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch}", save_top_k=-1))
+    trainer = L.Trainer(**trainer_arguments(devices=2, strategy=strategy, max_epochs=epochs, callbacks=callbacks,
+                                            enable_checkpointing=checkpoint_dir is not None,
+                                            use_distributed_sampler=False))
+    trainer.fit(module, datamodule=RankedData(), ckpt_path=ckpt_path)
+    return trainer.global_rank
+
+
+def snapshot(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    return {k: full_tensor(v.detach()).cpu().clone() for k, v in adapter_state_dict(module).items()}
+
+
+def runs(out: Path, kind: str, name: str, module_class: type, strategy: Any) -> None:
+    L.seed_everything(0)
+    module = module_class()
+    rank = fit(module, kind, strategy(), EPOCHS)
+    torch.save(snapshot(module), out / f"{kind}-{name}-uninterrupted-rank{rank}.pt")
+    checkpoints = out / f"{kind}-{name}-checkpoints"
+    L.seed_everything(0)
+    fit(module_class(), kind, strategy(), 1, checkpoint_dir=checkpoints)
+    L.seed_everything(0)
+    module = module_class()
+    fit(module, kind, strategy(), EPOCHS, ckpt_path=checkpoints / "epochepoch=0.ckpt")
+    torch.save(snapshot(module), out / f"{kind}-{name}-resumed-rank{rank}.pt")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    fsdp2 = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)  # noqa: E731
+    for kind in CONFIGS:
+        runs(out, kind, "ddp", BuiltInInit, lambda: "ddp")
+        runs(out, kind, "fsdp2", ShardedBuiltInInit, fsdp2)
+
+
+if __name__ == "__main__":
+    main()

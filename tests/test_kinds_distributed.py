@@ -1,0 +1,98 @@
+"""LoKr and OFT adapters with two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2
+(ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter, training equals one process on the same
+batches, and resuming from an adapter-only checkpoint is exact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning_models import BuiltInInit, dataloader, trainer_arguments
+from torch.utils.data import DataLoader
+
+from lightning_lora import LoraCallback, adapter_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "distributed" / "kind_runs.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import kind_runs as runs  # noqa: E402
+
+RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in ("ddp", "fsdp2")]
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("kind_runs")
+    python_path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}
+    for variable in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(variable, None)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        pytest.fail(f"kind_runs.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process() -> dict[str, dict[str, torch.Tensor]]:
+    """One process per kind on whole batches (both ranks' halves of each step, in order)."""
+    torch.set_num_threads(1)
+    results = {}
+    for kind, config in runs.CONFIGS.items():
+        L.seed_everything(0)
+        module = BuiltInInit()
+        callbacks = [runs.SeedBeforeInjection(), LoraCallback(config)]
+        trainer = L.Trainer(**trainer_arguments(max_epochs=runs.EPOCHS, callbacks=callbacks))
+        whole = DataLoader(dataloader().dataset, batch_size=2 * runs.BATCH_PER_RANK, shuffle=False)
+        trainer.fit(module, _interleaved(whole))
+        results[kind] = {k: v.detach().clone() for k, v in adapter_state_dict(module).items()}
+    return results
+
+
+def _interleaved(loader: DataLoader) -> DataLoader:
+    """The samples of each global step in the order ``DistributedSampler(shuffle=False)`` splits them: rank 0 takes
+    the even positions, rank 1 the odd ones; a whole batch is the two halves."""
+    data = loader.dataset
+    order = list(range(0, len(data), 2)) + list(range(1, len(data), 2))
+    half = runs.BATCH_PER_RANK
+    batches = [
+        order[start:start + half] + order[len(data) // 2 + start:len(data) // 2 + start + half]
+        for start in range(0, len(data) // 2, half)
+    ]
+    return DataLoader(data, batch_sampler=batches)
+
+
+def _load(out: Path, kind: str, strategy: str, run: str, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"{kind}-{strategy}-{run}-rank{rank}.pt")
+
+
+@pytest.mark.parametrize("kind, strategy", RUNS)
+def test_every_rank_holds_the_same_adapter(out_dir: Path, kind: str, strategy: str) -> None:
+    rank0, rank1 = (_load(out_dir, kind, strategy, "uninterrupted", rank) for rank in (0, 1))
+    assert rank0.keys() == rank1.keys() and any(f".{'lokr_w1' if kind == 'lokr' else 'oft_R'}." in k for k in rank0)
+    assert all(torch.equal(rank1[key], value) for key, value in rank0.items())
+
+
+@pytest.mark.parametrize("kind, strategy", RUNS)
+def test_two_processes_train_like_one_on_the_same_batches(out_dir: Path, single_process, kind: str,
+                                                          strategy: str) -> None:
+    trained = _load(out_dir, kind, strategy, "uninterrupted", 0)
+    reference = single_process[kind]
+    assert trained.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("kind, strategy", RUNS)
+def test_resume_from_an_adapter_only_checkpoint_is_exact(out_dir: Path, kind: str, strategy: str) -> None:
+    for rank in (0, 1):
+        uninterrupted = _load(out_dir, kind, strategy, "uninterrupted", rank)
+        resumed = _load(out_dir, kind, strategy, "resumed", rank)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[key], value) for key, value in uninterrupted.items())
