@@ -12,7 +12,8 @@ Usage::
 
     python benchmarks/train_step.py                 # full run (about 15 minutes)
     python benchmarks/train_step.py --rounds 1 --steps 2 --warmup 1   # smoke run
-    python benchmarks/train_step.py --only peft-lora ours-lora --rounds 5 --out benchmarks/results/train_step_lora_5rounds.json
+    python benchmarks/train_step.py --only peft-lora ours-lora --rounds 5 \
+        --out benchmarks/results/train_step_lora_5rounds.json
     python benchmarks/train_step.py --only peft-loha ours-loha peft-lokr ours-lokr peft-oft ours-oft \
         --out benchmarks/results/train_step_kinds.json
 """

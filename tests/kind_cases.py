@@ -62,12 +62,27 @@ class EmbeddingNet(nn.Module):
         return self.lin0(self.embed(ids))
 
 
+class HFConv1DNet(nn.Module):
+    """GPT-2's Hugging Face ``Conv1D`` layers (weight stored ``[in, out]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.lin0 = Conv1D(20, 12)  # nf (out), nx (in)
+        self.lin1 = Conv1D(8, 20)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
 # name: (builder, adapted layers, input shape; token ids for the embedding model)
 MODELS: dict[str, tuple[Callable[[], nn.Module], list[str], tuple[int, ...]]] = {
     "mlp": (MLP, ["lin0", "lin1"], (4, 12)),
     "conv1d": (Conv1dNet, ["conv", "lin0"], (3, 4, 8)),
     "conv2d": (Conv2dNet, ["conv", "pointwise", "lin0"], (2, 4, 6, 6)),
     "embedding": (EmbeddingNet, ["embed", "lin0"], (2, 5)),
+    "hf-conv1d": (HFConv1DNet, ["lin0", "lin1"], (4, 12)),
 }
 
 

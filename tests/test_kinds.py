@@ -165,7 +165,8 @@ def test_our_adapter_loads_in_peft_with_our_outputs(case: str, model_name: str, 
 def _our_key(peft_name: str) -> str:
     """Our state-dict key for a PEFT parameter name (``base_model.model.conv.lora_A.default.weight``)."""
     key = peft_name.removeprefix("base_model.model.")
-    for theirs, ours in {"lora_magnitude_vector": "lora_magnitude", "lora_embedding_": "lora_", "oft_embedding_R": "oft_R"}.items():
+    renamed = {"lora_magnitude_vector": "lora_magnitude", "lora_embedding_": "lora_", "oft_embedding_R": "oft_R"}
+    for theirs, ours in renamed.items():
         key = key.replace(theirs, ours)
     return key.removesuffix(".weight") if key.endswith(".default.weight") else key
 

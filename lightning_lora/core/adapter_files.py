@@ -52,7 +52,15 @@ from lightning_lora.core.safe_files import (
     staging_directory,
     write_safetensors,
 )
-from lightning_lora.core.state import adapter_state_dict, check_adapter_state_dict, copy_into, load_adapter_state_dict
+from lightning_lora.core.state import (
+    adapter_state_dict,
+    check_adapter_state_dict,
+    copy_into,
+    load_adapter_state_dict,
+    load_shared_state,
+    shared_state_for_file,
+    take_shared_state,
+)
 from lightning_lora.core.svd_init import (
     INIT_FACTOR_DICTS,
     add_init_factor_tensors,
@@ -122,6 +130,7 @@ def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tup
         factors = svd_init_factors(layer, adapter_name) if adapter_name in layer.lora_settings else None
         for dict_name, value in zip(INIT_FACTOR_DICTS, factors or ()):
             tensors[f"{name}.{dict_name}" if name else dict_name] = full_tensor(value.detach())
+    tensors.update(shared_state_for_file(model, adapter_name, peft=False))
     adapter_config = get_lora_config(model, adapter_name)
     config = {
         NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
@@ -215,7 +224,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     injected = adapter_name not in adapter_names(model)
     if injected and getattr(config, "init", "").startswith("loftq"):
         raise ValueError(
-            f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which load_adapter "
+            f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which "
+            "load_adapter "
             "does not build. Build it first with apply_lora(model, read_adapter_config(directory, model), "
             "adapter_name), then call load_adapter."
         )
@@ -315,11 +325,13 @@ class _LoadPlan:
     state: dict[str, torch.Tensor]  # keyed like adapter_state_dict
     base: dict[str, torch.Tensor]  # base-model tensors PEFT stored beside the adapter, keyed like state_dict
     init_factors: dict[str, dict[str, torch.Tensor]]  # layer name -> {"lora_init_A": A0, "lora_init_B": B0}
+    shared: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # container -> tensor (VeRA's)
 
     @classmethod
     def build(
         cls, model: nn.Module, adapter_name: str, tensors: Mapping[str, torch.Tensor], native: bool, injected: bool
     ) -> _LoadPlan:
+        tensors, shared = take_shared_state(model, adapter_name, tensors, peft=not native)
         if native:
             plan = cls(*_native_state(model, adapter_name, tensors))
         else:
@@ -338,6 +350,7 @@ class _LoadPlan:
         not_float = [k for k, v in plan.state.items() if not v.is_floating_point()]
         if not_float:
             raise ValueError(f"Tensors {not_float[:3]} are not floating point; the file is not a LoRA adapter.")
+        plan.shared = shared
         return plan
 
     def load_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -404,6 +417,7 @@ def _apply(model: nn.Module, config: AdapterConfig, adapter_name: str, plan: _Lo
             layer.initialize_adapter(adapter_name)  # the method's own init on these base weights, as PEFT does
     # Rebuilds residual base weights from the file's initial factors (see LoraLayer.prepare_load).
     load_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
+    load_shared_state(model, adapter_name, plan.shared)
     if plan.base:
         model_state = model.state_dict()
         for key, value in plan.base.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Callable, Iterator, Optional, Union
 
@@ -14,7 +13,15 @@ from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import full_parameters, global_rank
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS, kind_of
-from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, layer_type_of, lora_class, lora_layers
+from lightning_lora.core.layers import (
+    AdapterDict,
+    AdapterSettings,
+    LoraLayer,
+    SharedTensors,
+    layer_type_of,
+    lora_class,
+    lora_layers,
+)
 from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets
 
@@ -66,6 +73,7 @@ def apply_lora(
     modules_to_save = find_modules_to_save(model, config)
     settings = {name: _settings_for(name, module, config) for name, module in targets}
     to_quantize = plan_quantization(model, config, targets)
+    shared = kind_of(config).shared_tensors(config, targets)
 
     still_training = [name for name in adapter_names(model) if _is_training(model, name)]
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -79,6 +87,7 @@ def apply_lora(
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
+        _attach_shared(model, adapter_name, shared, [m for _, m in targets])
         if initialize:
             initialize_pending_adapters(model, adapter_name)
         if to_quantize:
@@ -157,6 +166,36 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
     settings.initialized = False  # apply_lora initialises all new adapters together afterwards
 
 
+def _attach_shared(
+    model: nn.Module, adapter_name: str, shared: dict[str, torch.Tensor], layers: list[LoraLayer]
+) -> None:
+    """Put the adapter's shared tensors in the model's one :class:`SharedTensors` per container (made on first
+    use) and make it a child of every layer of the adapter."""
+    for container, tensor in shared.items():
+        holder = shared_holder(model, container) or SharedTensors()
+        holder[adapter_name] = tensor
+        for layer in layers:
+            layer._modules[container] = holder
+
+
+def shared_holder(model: nn.Module, container: str) -> Optional[SharedTensors]:
+    """The model's :class:`SharedTensors` for ``container`` (e.g. ``"vera_A"``), or None."""
+    return next(
+        (h for _, layer in lora_layers(model) if isinstance(h := layer._modules.get(container), SharedTensors)), None
+    )
+
+
+def shared_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{container: tensor}`` of the tensors ``adapter_name`` holds once for all its layers (VeRA's projections)."""
+    found: dict[str, torch.Tensor] = {}
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_settings:
+            for container, holder in layer._modules.items():
+                if isinstance(holder, SharedTensors) and adapter_name in holder:
+                    found.setdefault(container, holder[adapter_name])
+    return found
+
+
 def adapter_parameters(
     model: nn.Module, adapter_name: str, include_frozen: bool = True
 ) -> Iterator[tuple[str, nn.Parameter]]:
@@ -207,7 +246,7 @@ def register_zero3_external_parameters(model: nn.Module) -> int:
 
 def _mark_saved_modules(
     model: nn.Module,
-    config: LoraConfig,
+    config: AdapterConfig,
     adapter_name: str,
     modules_to_save: dict[str, nn.Module],
     adapted: list[nn.Module],
@@ -294,10 +333,12 @@ def _rollback(
 def _remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> None:
     for dict_name in ADAPTER_CONTAINERS:
         container = layer._modules.get(dict_name)
-        if container is not None and adapter_name in container:
-            del container[adapter_name]
-            if not len(container):
-                del layer._modules[dict_name]  # no empty containers left behind by another kind's adapter
+        if container is None:
+            continue
+        if adapter_name in container:
+            del container[adapter_name]  # a SharedTensors holder: for every layer at once
+        if not len(container):
+            del layer._modules[dict_name]  # no empty containers left behind by another kind's adapter
     layer.lora_settings.pop(adapter_name, None)
     layer.merge_state.pop(adapter_name, None)
     if adapter_name in layer.active_adapters:

@@ -60,6 +60,28 @@ class AdapterDict(nn.ParameterDict):
         pass
 
 
+class SharedTensors(nn.Module):
+    """``{adapter name: tensor}`` for a frozen tensor that an adapter kind holds once per model (VeRA's random
+    projections): one instance is a child of every layer that uses it, so the tensor exists once in memory and moves
+    with ``.to()`` once. Its tensors are non-persistent buffers: state dicts and checkpoints leave them out (the kind
+    rebuilds them deterministically; adapter files hold them once)."""
+
+    def __contains__(self, adapter_name: object) -> bool:
+        return adapter_name in self._buffers
+
+    def __getitem__(self, adapter_name: str) -> torch.Tensor:
+        return self._buffers[adapter_name]
+
+    def __setitem__(self, adapter_name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(adapter_name, tensor, persistent=False)
+
+    def __delitem__(self, adapter_name: str) -> None:
+        del self._buffers[adapter_name]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
 class LoraLayer(nn.Module):
     """Adapter bookkeeping and forward shared by every adapted layer type. Never instantiated directly.
 
@@ -135,8 +157,13 @@ class LoraLayer(nn.Module):
         return self.weight_out_in(dense_weight(self))
 
     def adapter_containers(self, adapter_name: str) -> list[str]:
-        """Names of the ``ParameterDict`` attributes holding tensors of ``adapter_name``, in the kind's order."""
-        return [c for c in self.lora_settings[adapter_name].kind.containers if adapter_name in getattr(self, c, ())]
+        """Names of the ``ParameterDict`` attributes holding this layer's own tensors of ``adapter_name``, in the
+        kind's order (tensors shared by all layers, :class:`SharedTensors`, are not among them)."""
+        return [
+            c
+            for c in self.lora_settings[adapter_name].kind.containers
+            if isinstance(container := self._modules.get(c), AdapterDict) and adapter_name in container
+        ]
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's layout and dtype (see the kind's ``delta_weight``)."""
@@ -169,8 +196,9 @@ class LoraLayer(nn.Module):
     def _raise_uninitialized(self, adapter_name: str) -> None:
         if self.weight.is_meta:
             return
+        settings = self.lora_settings[adapter_name]
         raise RuntimeError(
-            f"Adapter {adapter_name!r} ({self.lora_settings[adapter_name].kind.describe(self.lora_settings[adapter_name])}) "
+            f"Adapter {adapter_name!r} ({settings.kind.describe(settings)}) "
             "is not initialised yet: it was added on the meta device, re-created by reset_parameters(), or added "
             "with initialize=False. Load the real base weights, then call "
             "lightning_lora.initialize_pending_adapters(model) (or load the adapter's saved state)."
@@ -226,7 +254,8 @@ class LoraLayer(nn.Module):
                 continue
             containers = self.adapter_containers(adapter_name)
             keys = [f"{prefix}{name}.{adapter_name}" for name in containers]
-            if not any(restores(state_dict, key, getattr(self, name)[adapter_name]) for key, name in zip(keys, containers)):
+            targets = [getattr(self, name)[adapter_name] for name in containers]
+            if not any(restores(state_dict, key, target) for key, target in zip(keys, targets)):
                 continue
             settings.kind.prepare_load(self, adapter_name, state_dict, prefix)
             settings.initialized = True

@@ -62,7 +62,8 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     options = settings.config.quantization
     if options is None:
         raise ValueError(
-            f"init={settings.config.init!r} needs LoraConfig.quantization (it chooses the quantised base and the adapter "
+            f"init={settings.config.init!r} needs LoraConfig.quantization (it chooses the quantised base and the "
+            "adapter "
             "together); load the model in full precision and set quantization."
         )
     if quantized_bits(layer) is not None:

@@ -28,6 +28,7 @@ from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.inject import SAVED_WITH, WHOLE_MODULE, adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.layers import AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
+from lightning_lora.core.state import shared_state_for_file
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
 
 PEFT_PREFIX = "base_model.model."
@@ -77,7 +78,8 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
         kind = layer.lora_settings[adapter_name].kind
         for container in peft_tensor_dicts(layer, adapter_name):
             shape = kind.peft_tensor_shape(layer, container, tuple(getattr(layer, container)[adapter_name].shape))
-            mapping[_join(name, container, adapter_name)] = (peft_tensor_key(name, layer, adapter_name, container), shape)
+            peft_key = peft_tensor_key(name, layer, adapter_name, container)
+            mapping[_join(name, container, adapter_name)] = (peft_key, shape)
     lora_names = {name for name, _ in layers}
     for key, value in saved_module_state(model, adapter_name):
         mapping[key] = (peft_base_key(key, lora_names), tuple(value.shape))
@@ -153,6 +155,7 @@ def peft_adapter_state(
             tensors[peft_key] = value.reshape(peft_shape) if value.dim() != len(peft_shape) else value
     for key, value in saved_module_state(model, adapter_name):
         tensors[key_map[key][0]] = full_tensor(value.detach())
+    tensors.update(shared_state_for_file(model, adapter_name, peft=True))
     _check_export(model, adapter_name, peft_config, exported, tensors)
     return peft_config, tensors
 
@@ -299,7 +302,8 @@ def _check_export(
         if (read_back.kind.name, read_back.r) != (entry.kind.name, entry.r) or not math.isclose(
             read_back.scaling, entry.scaling, rel_tol=1e-6
         ):
-            kinds = "" if read_back.kind.name == entry.kind.name else f" for {read_back.kind.name}, not {entry.kind.name}"
+            same_kind = read_back.kind.name == entry.kind.name
+            kinds = "" if same_kind else f" for {read_back.kind.name}, not {entry.kind.name}"
             problems.append(
                 f"{name}: config gives r={read_back.r}, scaling={read_back.scaling:g}{kinds}; tensors have r={entry.r}"
             )

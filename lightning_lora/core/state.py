@@ -7,8 +7,15 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from lightning_lora.core.distributed import copy_into
-from lightning_lora.core.inject import adapter_names, adapter_parameters, get_lora_config, saved_module_state
+from lightning_lora.core.distributed import copy_into, full_tensor
+from lightning_lora.core.kinds import kind_of
+from lightning_lora.core.inject import (
+    adapter_names,
+    adapter_parameters,
+    get_lora_config,
+    saved_module_state,
+    shared_adapter_tensors,
+)
 from lightning_lora.core.layers import lora_layers
 
 
@@ -16,7 +23,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The tensors of one adapter, keyed as in ``model.state_dict()``.
 
     Holds the adapter's tensors as its kind declares them (LoRA: ``<layer>.lora_A.<adapter>``,
-    ``<layer>.lora_B.<adapter>``; DoRA also ``<layer>.lora_magnitude.<adapter>``), the full state of ``modules_to_save`` and the biases trained with the adapter. Values are detached references
+    ``<layer>.lora_B.<adapter>``; DoRA also ``<layer>.lora_magnitude.<adapter>``), the full state of
+    ``modules_to_save`` and the biases trained with the adapter. Values are detached references
     (no copies), like ``state_dict()``.
 
     Args:
@@ -120,3 +128,53 @@ def load_adapter_state_dict(
     for key, target in targets.items():
         copy_into(target, state_dict[key])
     return model
+
+
+SHARED_PEFT_PREFIX = "base_model."  # PEFT keeps model-level tensors (VeRA's vera_A / vera_B) beside base_model.model
+
+
+def shared_file_keys(model: nn.Module, adapter_name: str, peft: bool) -> dict[str, str]:
+    """``{file key: container}`` of the tensors ``adapter_name`` holds once for all its layers: ``vera_A`` in our
+    files, ``base_model.vera_A`` in PEFT's."""
+    prefix = SHARED_PEFT_PREFIX if peft else ""
+    return {prefix + container: container for container in shared_adapter_tensors(model, adapter_name)}
+
+
+def shared_state_for_file(model: nn.Module, adapter_name: str, peft: bool) -> dict[str, torch.Tensor]:
+    """The shared tensors a file of ``adapter_name`` holds, keyed for the file; empty when the kind rebuilds them
+    from its config instead (VeRA with ``save_projection=False``)."""
+    config = get_lora_config(model, adapter_name)
+    if not kind_of(config).saves_shared(config):
+        return {}
+    shared = shared_adapter_tensors(model, adapter_name)
+    keys = shared_file_keys(model, adapter_name, peft)
+    return {key: full_tensor(shared[container]) for key, container in keys.items()}
+
+
+def take_shared_state(
+    model: nn.Module, adapter_name: str, tensors: Mapping[str, torch.Tensor], peft: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split a file's tensors into ``(the rest, {container: shared tensor})``, checking the shared ones' shapes.
+
+    Raises:
+        ValueError: A shared tensor whose shape is not the one the model's adapter built.
+    """
+    keys = shared_file_keys(model, adapter_name, peft)
+    model_shared = shared_adapter_tensors(model, adapter_name)
+    shared = {keys[key]: value for key, value in tensors.items() if key in keys}
+    wrong = [f"{c}: file {tuple(v.shape)} vs model {tuple(model_shared[c].shape)}"
+             for c, v in shared.items() if v.shape != model_shared[c].shape]
+    if wrong:
+        raise ValueError(
+            f"The shared tensors do not fit adapter {adapter_name!r}: {'; '.join(wrong)}. The adapter was saved with "
+            "other ranks or targets: build it with the config it was trained with."
+        )
+    return {k: v for k, v in tensors.items() if k not in keys}, shared
+
+
+@torch.no_grad()
+def load_shared_state(model: nn.Module, adapter_name: str, shared: Mapping[str, torch.Tensor]) -> None:
+    """Copy checked shared tensors (from :func:`take_shared_state`) into the adapter's."""
+    model_shared = shared_adapter_tensors(model, adapter_name)
+    for container, value in shared.items():
+        model_shared[container].copy_(value)

@@ -15,7 +15,9 @@ from lightning_lora.core.kinds.lokr import LoKrConfig, LoKrKind
 from lightning_lora.core.kinds.lora import LoraKind
 from lightning_lora.core.kinds.oft import OFTConfig, OFTKind
 
-KINDS: dict[str, AdapterKind] = {kind.name: kind for kind in (LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind())}
+KINDS: dict[str, AdapterKind] = {
+    kind.name: kind for kind in (LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind())
+}
 
 # Every ParameterDict an adapted layer may hold, keyed by adapter name: the one list to consult for "is this an
 # adapter tensor" (state-dict keys end in ``.<container>.<adapter>``).

@@ -70,6 +70,7 @@ class AdapterKind:
     #: The PEFT field of the scale numerator of rank-``r`` kinds (``"lora_alpha"``, ``"alpha"``); None for kinds
     #: without ranks and alphas per layer (their ``r`` and options are all in :meth:`peft_config_fields`).
     peft_alpha_field: ClassVar[Optional[str]] = "alpha"
+    peft_bias_only: ClassVar[str] = "lora_only"  # PEFT's name for "biases of adapted layers" (OFT: "oft_only")
     vllm_servable: ClassVar[bool] = False
 
     def __deepcopy__(self, memo: dict) -> AdapterKind:
@@ -79,6 +80,16 @@ class AdapterKind:
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
         """The tensors one adapter with ``settings`` keeps on ``layer``."""
         raise NotImplementedError
+
+    def shared_tensors(self, config: AdapterConfig, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+        """Frozen tensors held once per model for all the adapter's layers (``{container: tensor}``, VeRA's
+        projections), built from the config and every targeted layer; raise a ValueError naming the fix when they
+        cannot be. Each layer sees them as ``layer.<container>[adapter]``."""
+        return {}
+
+    def saves_shared(self, config: AdapterConfig) -> bool:
+        """Whether adapter files hold the shared tensors (once), rather than rebuilding them from the config."""
+        return True
 
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
         """Raise a ValueError naming the fix when the kind cannot adapt ``module`` with ``settings`` (layer type,
@@ -159,9 +170,17 @@ class AdapterKind:
         raise NotImplementedError
 
     def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> AdapterConfig:
-        """Build the kind's config from a PEFT config dict; ``targeting`` holds the shared fields already parsed.
-        Fields the kind cannot honour are refused by name (never loaded approximately)."""
-        raise NotImplementedError
+        """Build the kind's config from a PEFT config dict; ``targeting`` holds the shared fields already parsed
+        (fields outside ``peft_fields`` were refused by name before). By default each of ``peft_fields`` is the
+        config field of the same name; PEFT's ``<kind>_only`` bias is ``lora_only`` here."""
+        fields = {name: values[name] for name in self.peft_fields - {"fan_in_fan_out"} if values.get(name) is not None}
+        if fields.get("bias") == self.peft_bias_only:
+            fields["bias"] = "lora_only"
+        return self.config_class(**targeting, **fields)
+
+    def peft_bias(self, config: AdapterConfig) -> str:
+        """``config.bias`` as PEFT's config of this kind names it."""
+        return self.peft_bias_only if config.bias == "lora_only" else config.bias
 
     def peft_export(self, layer: LoraLayer, adapter_name: str) -> tuple[dict[str, torch.Tensor], int, float]:
         """``({container: whole tensor}, r, alpha)`` of one layer as PEFT stores it: the trainable tensors as they

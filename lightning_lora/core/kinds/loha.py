@@ -15,38 +15,25 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, LowRankConfig, check_dropout
+from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS
 from lightning_lora.core.kinds.base import AdapterTensor
-from lightning_lora.core.kinds.lycoris import LycorisKind
+from lightning_lora.core.kinds.lycoris import LYCORIS_ARGS, LycorisConfig, LycorisKind
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
 
 
 @dataclass(kw_only=True)
-class LoHaConfig(LowRankConfig):
+class LoHaConfig(LycorisConfig):
     __doc__ = """Configuration of one LoHa adapter (PEFT's ``LoHaConfig``).
 
-    Adapts ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
+    Adapts ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``. Rank dropout rescales the rows it keeps.
 
-    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
-        rank_dropout: In training, drop whole output rows of the update with this probability (rescaling the rest).
-        module_dropout: In training, skip the whole adapter for a step with this probability.
-        use_effective_conv2d: On convolutions with kernels larger than 1, factor the kernel with a CP decomposition
-            (cores ``hada_t1``/``hada_t2``) instead of flattening it into the input dimension.
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + LYCORIS_ARGS + """
         init_weights: True: the update starts at zero (``hada_w2_b`` zero); False: random, non-zero (for tests).
     """
 
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
     init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_dropout("rank_dropout", self.rank_dropout)
-        check_dropout("module_dropout", self.module_dropout)
 
     @property
     def kind(self) -> str:
@@ -87,8 +74,7 @@ class LoHaKind(LycorisKind):
             else:
                 nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
-    def dense_delta(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        t = {name: getattr(layer, name)[adapter_name] for name in layer.adapter_containers(adapter_name)}
+    def dense_delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         if "hada_t1" in t:
             first = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
             second = torch.einsum("i j k l, j r, i p -> p r k l", t["hada_t2"], t["hada_w2_b"], t["hada_w2_a"])

@@ -15,26 +15,22 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 import torch
 from torch import nn
 
-from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, LowRankConfig, check_dropout
+from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS
 from lightning_lora.core.kinds.base import AdapterTensor
-from lightning_lora.core.kinds.lycoris import LycorisKind
+from lightning_lora.core.kinds.lycoris import LYCORIS_ARGS, LycorisConfig, LycorisKind
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
 
 
 @dataclass(kw_only=True)
-class LoKrConfig(LowRankConfig):
+class LoKrConfig(LycorisConfig):
     __doc__ = """Configuration of one LoKr adapter (PEFT's ``LoKrConfig``).
 
     Adapts ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``.
 
-    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
-        rank_dropout: In training, drop whole output rows of the update with this probability.
-        module_dropout: In training, skip the whole adapter for a step with this probability.
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + LYCORIS_ARGS + """
         rank_dropout_scale: Rescale the kept rows after rank dropout (LoHa always does).
-        use_effective_conv2d: On convolutions with kernels larger than 1, give the low-rank ``W2`` a CP core
-            (``lokr_t2``) instead of flattening the kernel into its input dimension.
         decompose_both: Also factor ``W1`` into a low-rank product when ``r`` is small enough.
         decompose_factor: Largest factor for :func:`factorization` of the input and output sizes (-1: as balanced as
             possible).
@@ -42,19 +38,13 @@ class LoKrConfig(LowRankConfig):
             convention); False: random, non-zero (for tests).
     """
 
-    alpha: float = 8.0
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
     rank_dropout_scale: bool = False
-    use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1
     init_weights: Union[bool, Literal["lycoris"]] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_dropout("rank_dropout", self.rank_dropout)
-        check_dropout("module_dropout", self.module_dropout)
         if self.init_weights not in (True, False, "lycoris"):
             raise ValueError(f"init_weights must be True, False or 'lycoris', got {self.init_weights!r}.")
         factor = self.decompose_factor
@@ -131,8 +121,7 @@ class LoKrKind(LycorisKind):
             else:
                 nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
-    def dense_delta(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        t = {name: getattr(layer, name)[adapter_name] for name in layer.adapter_containers(adapter_name)}
+    def dense_delta(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         if "lokr_w2" in t:
             w2 = t["lokr_w2"]

@@ -3,12 +3,14 @@ factors, applied with the base layer's own operation, with rank dropout and modu
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, AdapterConfig, LowRankConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind
 from lightning_lora.core.layers import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
 
@@ -16,6 +18,29 @@ if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
 
 LYCORIS_LAYERS = "nn.Linear, nn.Conv1d and nn.Conv2d"
+LYCORIS_ARGS = """
+        rank_dropout: In training, drop whole output rows of the update with this probability.
+        module_dropout: In training, skip the whole adapter for a step with this probability.
+        use_effective_conv2d: On convolutions with kernels larger than 1, factor the kernel with a CP core instead
+            of flattening it into the input dimension."""
+
+
+@dataclass(kw_only=True)
+class LycorisConfig(LowRankConfig):
+    __doc__ = """The fields LoHa and LoKr share (PEFT's ``LycorisConfig``).
+
+    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + LYCORIS_ARGS + """
+    """
+
+    alpha: float = 8.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dropout("rank_dropout", self.rank_dropout)
+        check_dropout("module_dropout", self.module_dropout)
 
 
 class LycorisKind(AdapterKind):
@@ -34,8 +59,8 @@ class LycorisKind(AdapterKind):
         )
         if not supported or layer_type is TransposedLinearAdapters:
             raise ValueError(
-                f"A {self.display_name} adapter cannot go on {layer_name} ({type(module).__name__}): {self.display_name} "
-                f"adapts "
+                f"A {self.display_name} adapter cannot go on {layer_name} ({type(module).__name__}): "
+                f"{self.display_name} adapts "
                 f"{LYCORIS_LAYERS} (as PEFT). Leave it out with exclude_modules, or use LoraConfig for it."
             )
 
@@ -45,15 +70,29 @@ class LycorisKind(AdapterKind):
         kernel = layer.lora_dims()[2]
         return bool(kernel) and config.use_effective_conv2d and any(k != 1 for k in kernel)
 
-    def dense_delta(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        """The unscaled update of one adapter, any shape with ``out * in * prod(kernel)`` elements in row-major
-        ``[out, in, *kernel]`` order."""
+    def dense_delta(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unscaled update from one adapter's tensors (``{container: tensor}``), any shape with
+        ``out * in * prod(kernel)`` elements in row-major ``[out, in, *kernel]`` order."""
         raise NotImplementedError
 
     def delta_out_in(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
-        """``scaling * dW`` as ``[out, in, *kernel]``."""
+        """``scaling * dW`` as ``[out, in, *kernel]``.
+
+        Under autograd the products between the factors are recomputed in the backward pass instead of being
+        kept (as PEFT's custom autograd functions do): only the factors and the dense update stay in memory.
+        """
+        names = layer.adapter_containers(adapter_name)
+        factors = [getattr(layer, name)[adapter_name] for name in names]
+        scaling = layer.scaling(adapter_name)
+
+        def update(*values: torch.Tensor) -> torch.Tensor:
+            return self.dense_delta(dict(zip(names, values))) * scaling
+
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            delta = checkpoint(update, *factors, use_reentrant=False)
+        else:
+            delta = update(*factors)
         in_features, out_features, kernel = layer.lora_dims()
-        delta = self.dense_delta(layer, adapter_name) * layer.scaling(adapter_name)
         return delta.reshape(out_features, in_features, *kernel)
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -75,6 +114,3 @@ class LycorisKind(AdapterKind):
     def peft_config_fields(self, config: AdapterConfig) -> dict[str, Any]:
         raise NotImplementedError
 
-    def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> AdapterConfig:
-        fields = {name: values[name] for name in self.peft_fields if name in values and values[name] is not None}
-        return self.config_class(**targeting, **fields)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -96,6 +96,7 @@ class OFTKind(AdapterKind):
     containers: ClassVar[tuple[str, ...]] = ("oft_R",)
     config_class = OFTConfig
     peft_alpha_field = None
+    peft_bias_only = "oft_only"
     peft_fields = frozenset({
         "r", "oft_block_size", "module_dropout", "init_weights", "coft", "eps", "block_share", "use_cayley_neumann",
         "num_cayley_neumann_terms", "bias", "fan_in_fan_out",
@@ -250,7 +251,7 @@ class OFTKind(AdapterKind):
             "r": config.r,
             "oft_block_size": config.oft_block_size,
             "module_dropout": config.module_dropout,
-            "bias": "oft_only" if config.bias == "lora_only" else config.bias,
+            "bias": self.peft_bias(config),
             "init_weights": config.init_weights,
             "coft": config.coft,
             "eps": config.eps,
@@ -259,11 +260,6 @@ class OFTKind(AdapterKind):
             "num_cayley_neumann_terms": config.num_cayley_neumann_terms,
         }
 
-    def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> OFTConfig:
-        fields = {name: values[name] for name in self.peft_fields - {"fan_in_fan_out"} if values.get(name) is not None}
-        if fields.get("bias") == "oft_only":
-            fields["bias"] = "lora_only"
-        return OFTConfig(**targeting, **fields)
 
 
 def _cayley(skew: torch.Tensor, config: OFTConfig) -> torch.Tensor:
