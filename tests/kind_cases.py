@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig
+from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
 
 
 class MLP(nn.Module):
@@ -147,6 +147,14 @@ KIND_CASES: dict[str, KindCase] = {
         dict(r=2, oft_block_size=0, use_cayley_neumann=False, block_share=True, coft=True, eps=0.5,
              init_weights=False),
         models=("mlp", "embedding"), unsupported_layer=lambda: nn.Conv1d(8, 8, 1),
+    ),
+    "vera": KindCase(
+        VeraConfig, dict(r=4), "VeraConfig", dict(r=4, init_weights=False), models=("mlp", "hf-conv1d"),
+    ),
+    "vera-projection-from-key": KindCase(
+        VeraConfig, dict(r=6, projection_prng_key=3, save_projection=False, d_initial=0.5),
+        "VeraConfig", dict(r=6, projection_prng_key=3, save_projection=False, d_initial=0.5, init_weights=False),
+        models=("mlp",),
     ),
 }
 

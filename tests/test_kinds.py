@@ -15,6 +15,7 @@ from lightning_lora import (
     LoKrConfig,
     LoraConfig,
     OFTConfig,
+    VeraConfig,
     adapter_state_dict,
     apply_lora,
     delete_adapter,
@@ -261,6 +262,42 @@ def test_oft_on_a_3x3_conv_computes_its_merged_weight_where_peft_does_not(tmp_pa
     trained = randomized(identity_ours)
     expected = merge_and_unload(deep(trained))(x)
     torch.testing.assert_close(trained(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_vera_projections_are_held_once_in_memory_and_once_in_files(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    base = build("mlp")
+    model = apply_lora(deep(base), VeraConfig(r=4, target_modules=["lin0", "lin1"]))
+    apply_lora(model, VeraConfig(r=2, projection_prng_key=5, target_modules=["lin1"]), "second")
+    assert model.lin0.vera_A is model.lin1.vera_A  # one holder, a child of both layers
+    assert model.lin0.vera_A["default"].shape == (4, 20)  # [r, the largest in_features]
+    assert model.lin1.vera_A["second"].shape == (2, 20)
+    assert not any("vera_A" in key or "vera_B" in key for key in model.state_dict())  # rebuilt from the key
+    save_adapter(model, tmp_path / "peft")
+    save_adapter(model, tmp_path / "native", format="lightning_lora")
+    peft_keys = [k for k in load_file(tmp_path / "peft" / "adapter_model.safetensors") if "vera_A" in k]
+    native_keys = [k for k in load_file(tmp_path / "native" / "adapter_model.safetensors") if "vera_A" in k]
+    assert peft_keys == ["base_model.vera_A"] and native_keys == ["vera_A"]
+    delete_adapter(model, "default")
+    assert "default" not in model.lin1.vera_A and "second" in model.lin1.vera_A
+    assert not hasattr(model.lin0, "vera_A")  # lin0 has no VeRA adapter left
+
+
+def test_a_vera_file_with_other_projections_loads_them_and_refuses_other_shapes(tmp_path) -> None:
+    base = build("mlp")
+    saved = randomized(apply_lora(deep(base), VeraConfig(r=4, target_modules=["lin0", "lin1"])))
+    with torch.no_grad():
+        saved.lin0.vera_A["default"].mul_(2.0)  # projections that the key does not rebuild
+    save_adapter(saved, tmp_path)
+    loaded = load_adapter(deep(base), tmp_path)
+    x = model_input("mlp")
+    torch.testing.assert_close(loaded(x), saved(x), atol=0, rtol=0)
+    other = apply_lora(deep(base), VeraConfig(r=4, target_modules=["lin0"]))  # smaller max_in: [4, 12]
+    before = plain_state(other)
+    with pytest.raises(ValueError, match=r"vera_A: file \(4, 20\) vs model \(4, 12\)"):
+        load_adapter(other, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 # ----- kinds side by side -----

@@ -14,7 +14,7 @@ from lightning_lora.core.inject import (
     mark_only_adapters_trainable,
     set_active_adapters,
 )
-from lightning_lora.core.kinds import KINDS, AdapterKind, LoHaConfig, LoKrConfig, OFTConfig
+from lightning_lora.core.kinds import KINDS, AdapterKind, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
@@ -43,6 +43,7 @@ __all__ = [
     "LoraLayer",
     "QuantizationConfig",
     "TrainableSummary",
+    "VeraConfig",
     "adapter_names",
     "adapter_state_dict",
     "apply_init_residual",

@@ -14,9 +14,10 @@ from lightning_lora.core.kinds.loha import LoHaConfig, LoHaKind
 from lightning_lora.core.kinds.lokr import LoKrConfig, LoKrKind
 from lightning_lora.core.kinds.lora import LoraKind
 from lightning_lora.core.kinds.oft import OFTConfig, OFTKind
+from lightning_lora.core.kinds.vera import VeraConfig, VeraKind
 
 KINDS: dict[str, AdapterKind] = {
-    kind.name: kind for kind in (LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind())
+    kind.name: kind for kind in (LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind(), VeraKind())
 }
 
 # Every ParameterDict an adapted layer may hold, keyed by adapter name: the one list to consult for "is this an
@@ -44,5 +45,6 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "OFTConfig",
+    "VeraConfig",
     "kind_of",
 ]
