@@ -134,6 +134,36 @@ def test_a_layer_type_the_kind_cannot_adapt_is_refused_and_the_model_untouched(c
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_an_option_a_kind_does_not_have_is_refused_by_name() -> None:
+    with pytest.raises(TypeError, match="use_dora"):
+        LoHaConfig(r=4, use_dora=True)
+    with pytest.raises(ValueError, match="Give exactly one of r .* and oft_block_size"):
+        OFTConfig(r=4, oft_block_size=8)
+
+
+def test_a_block_size_that_does_not_fit_the_layer_is_refused_with_divisors_and_the_model_untouched() -> None:
+    model = build("mlp")  # lin0 reads 12 features
+    before = plain_state(model)
+    with pytest.raises(ValueError, match=r"oft_block_size=5 does not divide the 12 features .* lin0 .*\[4, 6\]"):
+        apply_lora(model, OFTConfig(oft_block_size=5, target_modules=["lin0", "lin1"]))
+    assert not lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["loha", "oft", "vera"])
+def test_a_peft_file_with_an_option_we_lack_is_refused_by_name(case: str, tmp_path) -> None:
+    import json
+
+    base = build("mlp")
+    save_adapter(adapted(case, "mlp")[1], tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["some_future_option"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = deep(base)
+    with pytest.raises(ValueError, match="some_future_option"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+
+
 # ----- each kind against PEFT -----
 @pytest.mark.parametrize("case, model_name", CASE_MODEL_PAIRS)
 def test_a_peft_adapter_loads_with_peft_outputs_and_merges_like_peft(case: str, model_name: str, tmp_path) -> None:

@@ -35,7 +35,7 @@ from lightning_lora import (  # noqa: E402
 )
 from lightning_lora.core import quantization  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
-from lightning_lora.core.inject import adapter_parameters  # noqa: E402
+from lightning_lora.core.adapter_tensors import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
 from quantized_models import (  # noqa: E402
     CHAIN_LAYERS,

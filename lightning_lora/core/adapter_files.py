@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
     adapter_names,
-    adapter_parameters,
     apply_lora,
     get_lora_config,
 )

@@ -1,13 +1,11 @@
-"""LoRA layers: named low-rank adapters added in place to an existing base layer.
+"""Adapted layers: named adapters of any kind added in place to an existing base layer.
 
-``x -> base(x) + scaling * B(A(dropout(x)))`` with ``A: [r, in]``, ``B: [out, r]`` and ``scaling = alpha / r``
-(``alpha / sqrt(r)`` for rsLoRA).
-
-A LoRA layer is the user's own module with its class swapped for a subclass that puts :class:`LoraLayer` in front
+An adapted layer ("LoRA layer", whatever the kind) is the user's own module with its class swapped for a subclass that puts :class:`LoraLayer` in front
 of the original class (``nn.Linear`` becomes ``LoraLinear(LinearAdapters, nn.Linear)``), the same idiom FSDP2's
 ``fully_shard`` uses. So the module keeps its parameters, its state-dict keys (``q_proj.weight``), its own forward
 (reached through ``super().forward``), ``isinstance`` checks and quantised storage; the adapters live beside the
-weight as ``q_proj.lora_A.<adapter>`` and ``q_proj.lora_B.<adapter>``. Removing the adapters swaps the class back.
+weight (LoRA: ``q_proj.lora_A.<adapter>`` and ``q_proj.lora_B.<adapter>``). Removing the adapters swaps the class
+back.
 
 The adapters themselves are of a kind (LoRA, DoRA, LoHa, ...: :mod:`lightning_lora.core.kinds`): the kind declares
 its tensors, computes and merges. One mixin per layer type below (linear, Hugging Face ``Conv1D``, embedding,

@@ -22,13 +22,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lora.core.distributed import barrier, clean_name, is_sharded, reshard_fsdp2
+from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
     check_adapter_name,
     get_lora_config,
     initialize_pending_adapters,
-    register_zero3_external_parameters,
 )
 from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
 from lightning_lora.core.layers import lora_layers

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.init_names import check_init_name
@@ -65,11 +66,18 @@ class LoraKind(AdapterKind):
         layer_type = layer_type_of(module)
         in_features, out_features, kernel = layer_type.lora_dims(module)
         rank_fits(layer_name, module, settings.r, min(in_features * math.prod(kernel), out_features))
-        if not initializer_supports(settings.config.init, layer_type):
+        init = settings.config.init
+        if not initializer_supports(init, layer_type):
             raise ValueError(
-                f"init={settings.config.init!r} is not defined for {layer_name} ({type(module).__name__}). Use "
-                "init='kaiming' or leave such layers out with exclude_modules."
+                f"init={init!r} is not defined for {layer_name} ({type(module).__name__}). Use init='kaiming' or "
+                "leave such layers out with exclude_modules."
             )
+        if weight_dependent_init(init) and not module.weight.is_meta and is_plain_weight(module):
+            if not torch.isfinite(module.weight).all():
+                raise ValueError(
+                    f"init={init!r} reads the base weight of {layer_name}, which holds NaN/Inf: load the real weights "
+                    "first, or use init='kaiming'."
+                )
 
     def layer_dropout(self, config: LoraConfig) -> float:
         return config.dropout
