@@ -1,11 +1,18 @@
 """Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA, PiSSA with
-LoRA+, QLoRA.
+LoRA+, QLoRA, and the family leaderboard: LoHa, LoKr, OFT and VeRA at budgets close to LoRA's (VeRA trains far
+fewer numbers by design), and full fine-tuning of the encoder as the upper anchor.
 
 Each variant is ``configs/quickstart.yaml`` with one change, run through the ``lightning-lora`` CLI in this process
 (fit, then test of the final model). Prints a table and writes JSON. From the repository root::
 
-    python benchmarks/quickstart_variants.py                    # all six variants
+    python benchmarks/quickstart_variants.py                    # every variant
     python benchmarks/quickstart_variants.py --variants lora dora --out benchmarks/results/quickstart.json
+    python benchmarks/quickstart_variants.py --variants head_only lora dora pissa loha lokr oft vera full_finetune \
+        --out benchmarks/results/family_leaderboard.json --plot benchmarks/results/family_leaderboard.png
+
+Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32
+with decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024
+1,408. Adapters train at lr 1e-3 (scale alpha/r = 2 where a kind has one), full fine-tuning at 5e-5.
 """
 
 from __future__ import annotations
@@ -73,6 +80,36 @@ def qlora(config: dict[str, Any]) -> None:
     }
 
 
+def _choose_kind(config: dict[str, Any], class_path: str, **fields: Any) -> None:
+    targeting = {k: v for k, v in _lora_config(config).items() if k in ("target_modules", "modules_to_save")}
+    callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LoraCallback"))
+    callback["init_args"]["config"] = {"class_path": class_path, "init_args": {**targeting, **fields}}
+
+
+def loha(config: dict[str, Any]) -> None:
+    _choose_kind(config, "lightning_lora.LoHaConfig", r=4, alpha=8)
+
+
+def lokr(config: dict[str, Any]) -> None:
+    _choose_kind(config, "lightning_lora.LoKrConfig", r=32, alpha=64, decompose_factor=4)
+
+
+def oft(config: dict[str, Any]) -> None:
+    _choose_kind(config, "lightning_lora.OFTConfig", oft_block_size=32)
+
+
+def vera(config: dict[str, Any]) -> None:
+    _choose_kind(config, "lightning_lora.VeraConfig", r=1024)
+
+
+def full_finetune(config: dict[str, Any]) -> None:
+    """No adapter: every encoder weight and the head train, at lr 5e-5 (the upper anchor)."""
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith(("LoraCallback", "AdapterExport"))
+    ]
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 5e-5
+
+
 VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "head_only": head_only,
     "lora": lora,
@@ -80,6 +117,11 @@ VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "pissa": pissa,
     "pissa_loraplus": pissa_loraplus,
     "qlora": qlora,
+    "loha": loha,
+    "lokr": lokr,
+    "oft": oft,
+    "vera": vera,
+    "full_finetune": full_finetune,
 }
 
 
@@ -123,6 +165,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=Path("lightning_logs/quickstart_variants"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quickstart_variants.json"))
+    parser.add_argument("--plot", type=Path, help="also draw accuracy against trainable parameters (matplotlib)")
     args = parser.parse_args()
     base = yaml.safe_load(QUICKSTART.read_text())
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +190,31 @@ def main() -> None:
     report = {"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
 
 
-if __name__ == "__main__":
-    main()
+def plot(rows: list[dict[str, Any]], path: Path, test_size: int = 1000) -> None:
+    """Test accuracy per variant, best first, with one binomial standard error (``test_size`` tweets) as the error
+    bar, and the trainable parameters beside each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(rows, key=lambda row: row["test_acc"])
+    accuracy = [100 * row["test_acc"] for row in ordered]
+    error = [100 * (row["test_acc"] * (1 - row["test_acc"]) / test_size) ** 0.5 for row in ordered]
+    figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.2))
+    axes.barh([row["variant"] for row in ordered], accuracy, xerr=error, color="#4c72b0", capsize=3)
+    for index, row in enumerate(ordered):
+        axes.text(accuracy[index] + error[index] + 0.15, index, f"{row['trainable_params']:,} trainable",
+                  va="center", fontsize=8)
+    low = min(accuracy) - 4
+    axes.set_xlim(low, max(accuracy) + 5)
+    axes.set_xlabel("test accuracy (%) on 1,000 held-out tweets (bars: one standard error)")
+    axes.set_title("Quickstart task: MiniLM, 3-class tweet sentiment, 150 steps", fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

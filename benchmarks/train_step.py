@@ -2,10 +2,10 @@
 
 The model is a transformers Llama built from a config (768 hidden, 2048 intermediate, 6 layers, 12 heads,
 32000 vocab, fp32), batch 4 x 128 tokens, AdamW, adapters on all linear layers: LoRA and DoRA r=16 / alpha=32,
-LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks. The floor is the same
-model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each measurement runs in
-its own process with fixed threads (every process imports the same libraries, so resident memory starts from the
-same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step (process time) and
+LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks, VeRA r=256.
+The floor is the same model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each
+measurement runs in its own process with fixed threads (every process imports the same libraries, so resident
+memory starts from the same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step (process time) and
 the peak RSS, as ratios; and the MiB of activations autograd saves for the backward pass.
 
 Usage::
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 import harness  # noqa: E402
 
-KINDS = ["lora", "dora", "loha", "lokr", "oft"]
+KINDS = ["lora", "dora", "loha", "lokr", "oft", "vera"]
 NAMES = ["floor", *(f"{side}-{kind}" for kind in KINDS for side in ("peft", "ours"))]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 
@@ -58,10 +58,11 @@ def build_model(name: str) -> torch.nn.Module:
             "loha": lambda: peft.LoHaConfig(r=8, alpha=16, target_modules="all-linear"),
             "lokr": lambda: peft.LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
             "oft": lambda: peft.OFTConfig(oft_block_size=32, target_modules="all-linear"),
+            "vera": lambda: peft.VeraConfig(r=256, target_modules="all-linear"),
         }
         model = peft.get_peft_model(model, peft_configs[kind]())
     else:
-        from lightning_lora import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, apply_lora
+        from lightning_lora import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, apply_lora
 
         our_configs = {
             "lora": lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"),
@@ -69,6 +70,7 @@ def build_model(name: str) -> torch.nn.Module:
             "loha": lambda: LoHaConfig(r=8, alpha=16, target_modules="all-linear"),
             "lokr": lambda: LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
             "oft": lambda: OFTConfig(oft_block_size=32, target_modules="all-linear"),
+            "vera": lambda: VeraConfig(r=256, target_modules="all-linear"),
         }
         apply_lora(model, our_configs[kind]())
     return model.train()
@@ -179,7 +181,8 @@ def main() -> None:
     rows = report(results)
     harness.write_json(
         args.out,
-        {"machine": harness.machine(), "settings": vars(args), "medians": rows, "raw": results},
+        {"machine": harness.machine(), "settings": {**vars(args), "out": str(args.out)}, "medians": rows,
+         "raw": results},
     )
     print(f"wrote {args.out}")
 

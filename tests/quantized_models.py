@@ -44,6 +44,14 @@ def bitsandbytes_chain(bits: int) -> nn.Module:
     return model
 
 
+def validation_pass(model: nn.Module) -> None:
+    """What Lightning's sanity check and validation loop do: eval mode, no grad, then back to training."""
+    model.eval()
+    with torch.no_grad():
+        model(chain_batch(seed=5))
+    model.train()
+
+
 def chain_batch(seed: int = 1, rows: int = 6) -> torch.Tensor:
     return torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed))
 

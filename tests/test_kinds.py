@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from kind_cases import CASE_MODEL_PAIRS, KIND_CASES, build, deep, model_input, randomized, targets
-from lightning_lora.core.kinds import kind_of
-from quantized_models import bitsandbytes_chain, chain_batch
+from quantized_models import bitsandbytes_chain, chain_batch, validation_pass
+
 from lightning_lora import (
     LoHaConfig,
     LoKrConfig,
@@ -29,16 +29,9 @@ from lightning_lora import (
     set_active_adapters,
     unmerge_lora,
 )
+from lightning_lora.core.kinds import kind_of
 
 peft = pytest.importorskip("peft")
-
-
-def validation_pass(model: nn.Module) -> None:
-    """What Lightning's sanity check and validation loop do: eval mode, no grad, then back to training."""
-    model.eval()
-    with torch.no_grad():
-        model(chain_batch(seed=5))
-    model.train()
 
 
 def adapted(case: str, model_name: str, random: bool = True, **overrides) -> tuple[nn.Module, nn.Module]:

@@ -45,6 +45,7 @@ from quantized_models import (  # noqa: E402
     checkpointed_stack,
     llama64,
     reference_dequantize_4bit,
+    validation_pass,
 )
 
 OPTIONS = {
@@ -76,14 +77,6 @@ def adapter_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad()
     model(x).square().mean().backward()
     return {key: p.grad.clone() for key, p in adapter_parameters(model, "default")}
-
-
-def validation_pass(model: nn.Module) -> None:
-    """What Lightning's sanity check and validation loop do: eval mode, no grad, then back to training."""
-    model.eval()
-    with torch.no_grad():
-        model(chain_batch(seed=5))
-    model.train()
 
 
 def test_targeted_layers_are_quantized_in_place_and_stay_close_to_their_weights() -> None:

@@ -18,6 +18,7 @@ from torch import nn
 from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS
 from lightning_lora.core.kinds.base import AdapterTensor
 from lightning_lora.core.kinds.lycoris import LYCORIS_ARGS, LycorisConfig, LycorisKind
+from lightning_lora.core.layers import LinearAdapters
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
@@ -134,6 +135,25 @@ class LoKrKind(LycorisKind):
         # A 3-d W2 (Conv1d with a full W2) meets a 2-d W1 as in PEFT: torch.kron pads W1 to [1, a, c] and the
         # product is read row-major as [out, in, k], the layout PEFT's files are trained in.
         return torch.kron(w1, w2.contiguous())
+
+    def update(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """On linear layers ``(W1 kron W2) x`` without building the dense update: the input viewed as ``[c, d]``
+        goes through ``W2`` (or its two factors) and then ``W1``, ``(c d b + a c b)`` multiply-adds per token instead
+        of ``a b c d`` (about 13x fewer for a 768 x 768 layer). Convolutions and rank dropout use the dense update."""
+        config = layer.lora_settings[adapter_name].config
+        if not isinstance(layer, LinearAdapters) or (layer.training and config.rank_dropout > 0):
+            return super().update(layer, adapter_name, x)
+        t = {name: getattr(layer, name)[adapter_name] for name in layer.adapter_containers(adapter_name)}
+        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+        a, c = w1.shape
+        h = x if x.dtype == w1.dtype else x.to(w1.dtype)
+        blocks = h.reshape(*h.shape[:-1], c, -1)  # [..., c, d]
+        if "lokr_w2" in t:
+            mixed = blocks @ t["lokr_w2"].t()  # [..., c, b]
+        else:
+            mixed = (blocks @ t["lokr_w2_b"].t()) @ t["lokr_w2_a"].t()
+        out = torch.einsum("ij,...jp->...ip", w1 * layer.scaling(adapter_name), mixed)  # [..., a, b]
+        return out.reshape(*h.shape[:-1], -1)
 
     def peft_config_fields(self, config: LoKrConfig) -> dict[str, Any]:
         return {

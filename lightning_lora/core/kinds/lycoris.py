@@ -102,14 +102,20 @@ class LycorisKind(AdapterKind):
         config = layer.lora_settings[adapter_name].config
         if layer.training and config.module_dropout > 0 and not torch.rand(1) > config.module_dropout:
             return result
+        update = self.update(layer, adapter_name, x)
+        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+
+    def update(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution to the output for input ``x``: the base operation with the dense update
+        (rank dropout applied in training)."""
+        config = layer.lora_settings[adapter_name].config
         delta = self.delta_out_in(layer, adapter_name)
         if layer.training and config.rank_dropout > 0:
             keep = (torch.rand(delta.shape[0]) > config.rank_dropout).to(delta.dtype)
             if self.rescales_rank_dropout or getattr(config, "rank_dropout_scale", False):
                 keep = keep / keep.mean()
             delta = delta * keep.view(-1, *([1] * (delta.dim() - 1))).to(delta.device)
-        update = layer.dense_output(x if x.dtype == delta.dtype else x.to(delta.dtype), delta)
-        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+        return layer.dense_output(x if x.dtype == delta.dtype else x.to(delta.dtype), delta)
 
     def peft_config_fields(self, config: AdapterConfig) -> dict[str, Any]:
         raise NotImplementedError
