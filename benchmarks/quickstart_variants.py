@@ -218,3 +218,7 @@ def plot(rows: list[dict[str, Any]], path: Path, test_size: int = 1000) -> None:
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
