@@ -350,11 +350,6 @@ class EmbeddingAdapters(LoraLayer):
         )
         return self._embed_scaled((looked_up * scaling) @ lora_B.t())
 
-    def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
-        table = weight_out_in.t()
-        looked_up = F.embedding(h, table, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq)
-        return self._embed_scaled(looked_up)
-
     def _embed_scaled(self, output: torch.Tensor) -> torch.Tensor:
         embed_scale = getattr(self, "embed_scale", None)
         return output if embed_scale is None else output * embed_scale.to(output.dtype)

@@ -4,7 +4,7 @@ factors, applied with the base layer's own operation, with rank dropout and modu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -116,7 +116,4 @@ class LycorisKind(AdapterKind):
                 keep = keep / keep.mean()
             delta = delta * keep.view(-1, *([1] * (delta.dim() - 1))).to(delta.device)
         return layer.dense_output(x if x.dtype == delta.dtype else x.to(delta.dtype), delta)
-
-    def peft_config_fields(self, config: AdapterConfig) -> dict[str, Any]:
-        raise NotImplementedError
 
