@@ -5,7 +5,8 @@
 
 from lightning_lora.core import *  # noqa: F401,F403
 from lightning_lora.core import __all__ as _core_all
-from lightning_lora.lightning import AdapterExport, LoraCallback, LoraMixin, inject_adapters
+from lightning_lora.lightning import __all__ as _lightning_all
+from lightning_lora.lightning import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "AdapterExport", "LoraCallback", "LoraMixin", "inject_adapters"]
+__all__ = [*_core_all, *_lightning_all]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora import AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
+from lightning_lora import AdaLoraConfig, AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
 
 
 class MLP(nn.Module):
@@ -155,6 +155,10 @@ KIND_CASES: dict[str, KindCase] = {
         VeraConfig, dict(r=6, projection_prng_key=3, save_projection=False, d_initial=0.5),
         "VeraConfig", dict(r=6, projection_prng_key=3, save_projection=False, d_initial=0.5, init_weights=False),
         models=("mlp",),
+    ),
+    "adalora": KindCase(
+        AdaLoraConfig, dict(init_r=4, target_r=2, alpha=6, total_step=10), "AdaLoraConfig",
+        dict(init_r=4, target_r=2, lora_alpha=6, total_step=10, init_lora_weights=False), models=("mlp", "hf-conv1d"),
     ),
 }
 

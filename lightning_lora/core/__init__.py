@@ -14,9 +14,18 @@ from lightning_lora.core.inject import (
     mark_only_adapters_trainable,
     set_active_adapters,
 )
-from lightning_lora.core.kinds import KINDS, AdapterKind, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
+from lightning_lora.core.kinds import (
+    KINDS,
+    AdaLoraConfig,
+    AdapterKind,
+    LoHaConfig,
+    LoKrConfig,
+    OFTConfig,
+    VeraConfig,
+)
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
+from lightning_lora.core.lorafa import LoraFAOptimizer, lorafa_optimizer
 from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
@@ -34,11 +43,13 @@ from lightning_lora.core.svd_init import apply_init_residual, restore_base_weigh
 
 __all__ = [
     "KINDS",
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterKind",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "LoraFAOptimizer",
     "OFTConfig",
     "LoraLayer",
     "QuantizationConfig",
@@ -63,6 +74,7 @@ __all__ = [
     "lora_config_from_peft",
     "lora_layers",
     "lora_param_groups",
+    "lorafa_optimizer",
     "mark_only_adapters_trainable",
     "restore_base_weight",
     "merge_and_unload",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from lightning_lora.core.init_names import check_init_name
 
@@ -94,6 +94,10 @@ class AdapterConfig:
 
     Args:""" + TARGETING_ARGS + """
     """
+
+    #: Fields a training-time schedule fills in (AdaLoRA's final ``rank_pattern``): a resumed run's config need not
+    #: have them, and they are not compared with a checkpoint's.
+    filled_in_training: ClassVar[tuple[str, ...]] = ()
 
     target_modules: Union[list[str], str] = ALL_LINEAR
     exclude_modules: Optional[Union[list[str], str]] = None

@@ -200,6 +200,7 @@ def _peft_config(
             "module's full name is the suffix of another's); export with format='lightning_lora'."
         )
     fields = kind.peft_config_fields(config)
+    fields.update(kind.peft_layer_fields(adapter_name, config, [(entry.name, entry.layer) for entry in exported]))
     if kind.peft_alpha_field is not None:  # rank-r kinds: the most common r and alpha, the rest as patterns
         counts = Counter((e.r, e.alpha) for e in exported)
         rank, alpha = max(counts, key=lambda pair: (counts[pair], pair == (config.r, config.alpha)))
@@ -308,7 +309,7 @@ def _check_export(
                 f"{name}: config gives r={read_back.r}, scaling={read_back.scaling:g}{kinds}; tensors have r={entry.r}"
             )
             continue
-        shapes = {t.name: t.shape for t in read_back.kind.tensors(entry.layer, read_back) if t.trainable}
+        shapes = read_back.kind.peft_file_shapes(entry.layer, read_back, name, peft_config)
         written = {container: tuple(value.shape) for container, value in entry.tensors.items()}
         if written != shapes:
             problems.append(f"{name}: tensors {written} for r={read_back.r}")
@@ -406,6 +407,9 @@ def adapter_state_from_peft(
     """
     key_map = peft_key_map(model, adapter_name)
     by_peft_key = {peft_key: our_key for our_key, (peft_key, _) in key_map.items()}
+    layers = {_join(name, container, adapter_name): (name, layer, container)
+              for name, layer in lora_layers(model) if adapter_name in layer.lora_settings
+              for container in layer.adapter_containers(adapter_name)}
     model_state = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     base: dict[str, torch.Tensor] = {}
@@ -415,6 +419,11 @@ def adapter_state_from_peft(
             ours = model_state.get(our_key)
             if ours is not None and tuple(value.shape) == key_map[our_key][1] != tuple(ours.shape):
                 value = value.reshape(ours.shape)  # a layout PEFT keeps differently (conv DoRA magnitudes)
+            if our_key in layers:
+                name, layer, container = layers[our_key]
+                value = layer.lora_settings[adapter_name].kind.peft_import_tensor(
+                    layer, adapter_name, name, container, value
+                )
             state[our_key] = value
             continue
         model_key = _model_key_of_peft_key(peft_key)

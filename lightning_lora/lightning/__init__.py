@@ -3,5 +3,13 @@
 from lightning_lora.lightning.callback import LoraCallback, inject_adapters
 from lightning_lora.lightning.export import AdapterExport
 from lightning_lora.lightning.mixin import LoraMixin
+from lightning_lora.lightning.schedules import AdaLoraSchedule, AdapterSchedule
 
-__all__ = ["AdapterExport", "LoraCallback", "LoraMixin", "inject_adapters"]
+__all__ = [
+    "AdaLoraSchedule",
+    "AdapterExport",
+    "AdapterSchedule",
+    "LoraCallback",
+    "LoraMixin",
+    "inject_adapters",
+]

@@ -118,7 +118,8 @@ def check_saved_configs(callback_states: Mapping[str, Any], callbacks: Sequence[
             continue  # a weights-only checkpoint: the key and shape check stands alone
         now = {"kind": callback.config.kind, **callback.config.to_dict()}
         before = {"kind": saved.get("kind", "lora"), **before}  # checkpoints before the kinds existed hold LoRA
-        differing = sorted(k for k in set(now) | set(before) if k != "dropout" and now.get(k) != before.get(k))
+        free = {"dropout", *callback.config.filled_in_training}  # may change between runs
+        differing = sorted(k for k in set(now) | set(before) if k not in free and now.get(k) != before.get(k))
         if differing:
             changes = ", ".join(f"{k}: checkpoint {before.get(k)!r} vs now {now.get(k)!r}" for k in differing)
             raise ValueError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Union
 
 from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.kinds.adalora import AdaLoraConfig, AdaLoraKind
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.kinds.dora import DoraKind
 from lightning_lora.core.kinds.loha import LoHaConfig, LoHaKind
@@ -17,7 +18,9 @@ from lightning_lora.core.kinds.oft import OFTConfig, OFTKind
 from lightning_lora.core.kinds.vera import VeraConfig, VeraKind
 
 KINDS: dict[str, AdapterKind] = {
-    kind.name: kind for kind in (LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind(), VeraKind())
+    kind.name: kind for kind in (
+        LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind(), VeraKind(), AdaLoraKind()
+    )
 }
 
 # Every ParameterDict an adapted layer may hold, keyed by adapter name: the one list to consult for "is this an
@@ -37,6 +40,7 @@ def kind_of(config: AdapterConfig) -> AdapterKind:
 
 __all__ = [
     "ADAPTER_CONTAINERS",
+    "AdaLoraConfig",
     "AdapterKind",
     "AdapterTensor",
     "AnyAdapterConfig",

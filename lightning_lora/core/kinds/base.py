@@ -169,6 +169,25 @@ class AdapterKind:
         """The kind's own fields of PEFT's ``adapter_config.json`` (the targeting fields are written generically)."""
         raise NotImplementedError
 
+    def peft_layer_fields(
+        self, adapter_name: str, config: AdapterConfig, layers: list[tuple[str, LoraLayer]]
+    ) -> dict[str, Any]:
+        """Fields of ``adapter_config.json`` that describe the exported ``layers`` one by one (AdaLoRA's
+        ``rank_pattern``), named relative to the exported model."""
+        return {}
+
+    def peft_file_shapes(
+        self, layer: LoraLayer, settings: AdapterSettings, layer_name: str, peft_config: Mapping[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """Shapes (our layout) of the tensors PEFT keeps for ``layer_name`` under ``peft_config``."""
+        return {t.name: t.shape for t in self.tensors(layer, settings) if t.trainable}
+
+    def peft_import_tensor(
+        self, layer: LoraLayer, adapter_name: str, layer_name: str, container: str, value: torch.Tensor
+    ) -> torch.Tensor:
+        """A tensor read from a PEFT file, in the shape the layer holds it (AdaLoRA: pruned ranks put back)."""
+        return value
+
     def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> AdapterConfig:
         """Build the kind's config from a PEFT config dict; ``targeting`` holds the shared fields already parsed
         (fields outside ``peft_fields`` were refused by name before). By default each of ``peft_fields`` is the
