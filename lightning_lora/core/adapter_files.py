@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.base_updates import check_base_untouched
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
@@ -102,6 +103,7 @@ def save_adapter(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    check_base_untouched(model, adapter_name)
     if format == "lightning_lora":
         config, tensors = native_adapter_state(model, adapter_name)
     else:

@@ -3,13 +3,22 @@
 from lightning_lora.lightning.callback import LoraCallback, inject_adapters
 from lightning_lora.lightning.export import AdapterExport
 from lightning_lora.lightning.mixin import LoraMixin
-from lightning_lora.lightning.schedules import AdaLoraSchedule, AdapterSchedule
+from lightning_lora.lightning.schedules import (
+    AdaLoraSchedule,
+    AdapterSchedule,
+    BaseMovingSchedule,
+    DeltaLoraSchedule,
+    ReLoraSchedule,
+)
 
 __all__ = [
     "AdaLoraSchedule",
     "AdapterExport",
     "AdapterSchedule",
+    "BaseMovingSchedule",
+    "DeltaLoraSchedule",
     "LoraCallback",
     "LoraMixin",
+    "ReLoraSchedule",
     "inject_adapters",
 ]

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_lora.core.base_updates import trained_base_weight_names
 from lightning_lora.core.distributed import clean_name
 from lightning_lora.core.inject import adapter_names
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS
@@ -53,10 +54,11 @@ def remember_adapter_shapes(module: nn.Module) -> None:
 
 
 def adapter_checkpoint_keys(module: nn.Module) -> set[str]:
-    """State-dict keys an adapter-only checkpoint keeps: every adapter's tensors and saved state, and every other
-    parameter that trains."""
+    """State-dict keys an adapter-only checkpoint keeps: every adapter's tensors and saved state, every other
+    parameter that trains, and the base weights that training moves (Delta-LoRA)."""
     keys = set(required_adapter_shapes(module))
     keys.update(clean_name(name) for name, parameter in module.named_parameters() if parameter.requires_grad)
+    keys.update(clean_name(name) for name in trained_base_weight_names(module))
     return keys
 
 

@@ -1,6 +1,8 @@
-"""Callbacks that change adapters while a Trainer fits: one class per algorithm on :class:`AdapterSchedule`."""
+"""Callbacks that change adapters (and, for some, the base weights) while a ``Trainer`` fits."""
 
 from lightning_lora.lightning.schedules.adalora import AdaLoraSchedule
-from lightning_lora.lightning.schedules.base import AdapterSchedule
+from lightning_lora.lightning.schedules.base import AdapterSchedule, BaseMovingSchedule
+from lightning_lora.lightning.schedules.delta_lora import DeltaLoraSchedule
+from lightning_lora.lightning.schedules.relora import ReLoraSchedule
 
-__all__ = ["AdaLoraSchedule", "AdapterSchedule"]
+__all__ = ["AdaLoraSchedule", "AdapterSchedule", "BaseMovingSchedule", "DeltaLoraSchedule", "ReLoraSchedule"]

@@ -25,6 +25,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from typing_extensions import override
 
+from lightning_lora.core.base_updates import mark_base_trained
+from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.inject import adapter_names, get_lora_config
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.lightning.callback import lora_callbacks
@@ -118,11 +120,18 @@ class AdapterSchedule(Callback):
         self.start(trainer, pl_module)
 
     @override
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_loaded_state(trainer, pl_module)  # a resumed run's sanity check sees the restored model
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._steps_seen = trainer.global_step
+        self._restore_loaded_state(trainer, pl_module)
+
+    def _restore_loaded_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loaded_state is not None:
-            self.restore_state(self._loaded_state, trainer, pl_module)
-            self._loaded_state = None
+            state, self._loaded_state = self._loaded_state, None
+            self.restore_state(state, trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -143,6 +152,39 @@ class AdapterSchedule(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded_state = dict(state_dict)
+
+
+class BaseMovingSchedule(AdapterSchedule):
+    """A schedule that also changes the base weights of its adapter's layers (ReLoRA, Delta-LoRA).
+
+    At fit start it refuses what cannot hold the result (quantised base weights, an :class:`AdapterExport` of the
+    adapter: an adapter file against the original base would not reproduce the model) and marks the layers, so
+    adapter files are refused later too and checkpoints keep what the base needs.
+    """
+
+    #: The algorithm's name, for messages.
+    algorithm: ClassVar[str] = ""
+    #: Adapter-only checkpoints keep the whole weights of the adapted layers (False: the schedule keeps a record).
+    checkpoint_weights: ClassVar[bool] = False
+
+    @override
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_lora.lightning.export import AdapterExport
+
+        if any(isinstance(c, AdapterExport) and c.adapter_name == self.adapter_name for c in trainer.callbacks):
+            raise ValueError(
+                f"{self.algorithm} changes the base weights, so an adapter file of {self.adapter_name!r} (AdapterExport) "
+                "would not reproduce the trained model. Drop AdapterExport and export the merged model: "
+                "LoraCallback(merge_on_fit_end=True, merged_weights_dir=...)."
+            )
+        quantised = [name for name, layer in self.layers if not is_plain_weight(layer)]
+        if quantised:
+            raise ValueError(
+                f"{self.algorithm} adds updates to the base weights, but {quantised[:3]} are quantised (QLoRA): the "
+                "updates would be rounded away. Load the base in floating point for this schedule."
+            )
+        for _, layer in self.layers:
+            mark_base_trained(layer, self.adapter_name, self.algorithm, self.checkpoint_weights)
 
 
 def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,90 @@
+"""Delta-LoRA as a callback: the base weight of each adapted layer follows the adapter's step-to-step change
+(Zi et al. 2023, https://arxiv.org/abs/2309.02411)."""
+
+from __future__ import annotations
+
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_lora.core.base_updates import add_to_base_weight, lora_factor_delta, whole_factors
+from lightning_lora.core.distributed import reshard_fsdp2
+from lightning_lora.lightning.schedules.base import BaseMovingSchedule
+
+
+class DeltaLoraSchedule(BaseMovingSchedule):
+    """After every optimizer step from ``start_step`` on: ``W += update_ratio * (s B' A' - s B A)``, where ``B A``
+    is the adapter before the step and ``B' A'`` after it (``s`` its scaling).
+
+    The base weights of the adapted layers then train at full rank for the memory of LoRA's optimizer state, at the
+    cost of one dense ``B A`` product per layer and step. The paper trains such adapters without dropout (so the
+    adapter's gradient is the weight's); a ``dropout > 0`` is refused. Adapter-only checkpoints keep the whole
+    weights of the adapted layers (their change is not low-rank), not the rest of the model, and resume exactly. Export
+    the merged model (``LoraCallback(merge_on_fit_end=True, merged_weights_dir=...)``): no adapter file holds it.
+    Logged: ``delta_lora/update_norm`` (the Frobenius norm of the last step's base change, all layers).
+
+    Args:
+        update_ratio: The paper's lambda: how far the base moves per unit of adapter change (the paper uses 2).
+        start_step: The first optimizer step (0-based) whose change moves the base (the paper's K: the adapter
+            first warms up alone).
+        adapter_name: The LoRA adapter (LoRA, rsLoRA; not DoRA).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LoraCallback(LoraConfig(r=8, target_modules=["q_proj", "v_proj"])),
+                                       DeltaLoraSchedule(update_ratio=2.0, start_step=500)])
+    """
+
+    kinds = ("lora",)
+    metric_prefix = "delta_lora"
+    algorithm = "Delta-LoRA"
+    checkpoint_weights = True
+
+    def __init__(self, update_ratio: float = 2.0, start_step: int = 0, adapter_name: str = "default") -> None:
+        super().__init__(adapter_name)
+        if not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a step index >= 0, got {start_step!r}.")
+        if not update_ratio > 0:
+            raise ValueError(f"update_ratio must be > 0, got {update_ratio!r} (without it, train plain LoRA).")
+        self.update_ratio = float(update_ratio)
+        self.start_step = start_step
+        self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @override
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        config = self.layers[0][1].lora_settings[self.adapter_name].config
+        if config.use_dora or config.dropout > 0:
+            raise ValueError(
+                f"Delta-LoRA moves the base by the adapter's change, which stands for the weight's own update only "
+                f"for a plain LoRA without dropout; adapter {self.adapter_name!r} has "
+                f"{'use_dora=True' if config.use_dora else f'dropout={config.dropout}'}. Use LoraConfig(dropout=0.0) "
+                "without use_dora."
+            )
+        super().start(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._before = self._snapshot()  # after a resume: the restored adapter
+
+    def _snapshot(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: tuple(t.clone() for t in whole_factors(layer, self.adapter_name)) for name, layer in self.layers}
+
+    @override
+    @torch.no_grad()
+    def after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
+        after = self._snapshot()
+        if step < self.start_step:
+            self._before = after
+            return {}
+        reshard_fsdp2(pl_module)  # edits must reach the FSDP2 shards, not an unsharded copy
+        squared_norm = 0.0
+        for name, layer in self.layers:
+            scaling = layer.scaling(self.adapter_name)
+            change = lora_factor_delta(layer, *after[name], scaling) - lora_factor_delta(layer, *self._before[name], scaling)
+            change = self.update_ratio * change
+            add_to_base_weight(layer, change)
+            squared_norm += float(change.float().pow(2).sum())
+        self._before = after
+        return {"update_norm": squared_norm**0.5}
