@@ -1,6 +1,7 @@
-"""LoKr and OFT adapters with two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2
-(ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter, training equals one process on the same
-batches, and resuming from an adapter-only checkpoint is exact."""
+"""LoKr, OFT and AdaLoRA adapters and ReLoRA with two processes, for real (one launch of
+tests/distributed/kind_runs.py): DDP and FSDP2 (ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter
+(AdaLoRA: the same ranks; ReLoRA: the same folded base), training equals one process on the same batches, and
+resuming from an adapter-only checkpoint is exact."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import torch
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
 from torch.utils.data import DataLoader
 
-from lightning_lora import LoraCallback, adapter_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "kind_runs.py"
@@ -23,6 +23,8 @@ sys.path.insert(0, str(SCRIPT.parent))
 import kind_runs as runs  # noqa: E402
 
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in ("ddp", "fsdp2")]
+# A tensor each kind's adapter must hold (the runs really trained that kind).
+MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A"}
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +46,13 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
     """One process per kind on whole batches (both ranks' halves of each step, in order)."""
     torch.set_num_threads(1)
     results = {}
-    for kind, config in runs.CONFIGS.items():
+    for kind in runs.CONFIGS:
         L.seed_everything(0)
         module = BuiltInInit()
-        callbacks = [runs.SeedBeforeInjection(), LoraCallback(config)]
-        trainer = L.Trainer(**trainer_arguments(max_epochs=runs.EPOCHS, callbacks=callbacks))
+        trainer = L.Trainer(**trainer_arguments(max_epochs=runs.EPOCHS, callbacks=runs.callbacks_of(kind)))
         whole = DataLoader(dataloader().dataset, batch_size=2 * runs.BATCH_PER_RANK, shuffle=False)
         trainer.fit(module, _interleaved(whole))
-        results[kind] = {k: v.detach().clone() for k, v in adapter_state_dict(module).items()}
+        results[kind] = runs.snapshot(module)
     return results
 
 
@@ -75,7 +76,7 @@ def _load(out: Path, kind: str, strategy: str, run: str, rank: int) -> dict[str,
 @pytest.mark.parametrize("kind, strategy", RUNS)
 def test_every_rank_holds_the_same_adapter(out_dir: Path, kind: str, strategy: str) -> None:
     rank0, rank1 = (_load(out_dir, kind, strategy, "uninterrupted", rank) for rank in (0, 1))
-    assert rank0.keys() == rank1.keys() and any(f".{'lokr_w1' if kind == 'lokr' else 'oft_R'}." in k for k in rank0)
+    assert rank0.keys() == rank1.keys() and any(f".{MARKERS[kind]}." in k for k in rank0)
     assert all(torch.equal(rank1[key], value) for key, value in rank0.items())
 
 
@@ -96,3 +97,19 @@ def test_resume_from_an_adapter_only_checkpoint_is_exact(out_dir: Path, kind: st
         resumed = _load(out_dir, kind, strategy, "resumed", rank)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[key], value) for key, value in uninterrupted.items())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_adalora_ranks_and_relora_restarts_are_the_same_decisions_as_one_process(
+    out_dir: Path, single_process, strategy: str
+) -> None:
+    def ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {key: int((value != 0).sum()) for key, value in tensors.items() if ".lora_E." in key}
+
+    adalora = _load(out_dir, "adalora", strategy, "uninterrupted", 1)
+    assert ranks(adalora) == ranks(single_process["adalora"]) and sum(ranks(adalora).values()) == 4  # pruned 8 -> 4
+    relora = _load(out_dir, "relora", strategy, "resumed", 1)
+    L.seed_everything(0)
+    initial = BuiltInInit().model.fc1.weight  # the restarts moved the base, the same way in every process
+    assert not torch.allclose(relora["model.fc1.weight"], initial)
+    torch.testing.assert_close(relora["model.fc1.weight"], single_process["relora"]["model.fc1.weight"])

@@ -1,11 +1,11 @@
-"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr and OFT adapters under DDP and FSDP2
-(ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script for rank 1.
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT and AdaLoRA adapters, and LoRA under
+ReLoRA, with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script for rank 1.
 
     python kind_runs.py OUT_DIR
 
 For each ``<kind>-<strategy>`` it writes ``<name>-uninterrupted-rank<r>.pt`` (two epochs) and
 ``<name>-resumed-rank<r>.pt`` (one epoch, adapter-only checkpoint, a new Trainer and module, one more epoch): the
-full adapter tensors as rank ``r`` holds them. Each rank reads its half of every batch in order
+full adapter tensors and adapted base weights as rank ``r`` holds them. Each rank reads its half of every batch in order
 (``DistributedSampler(shuffle=False)``, ``use_distributed_sampler=False``), so one process on whole batches is the
 reference.
 """
@@ -24,7 +24,17 @@ from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, traine
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from lightning_lora import AdapterConfig, LoKrConfig, LoraCallback, OFTConfig, adapter_state_dict
+from lightning_lora import (
+    AdaLoraConfig,
+    AdaLoraSchedule,
+    AdapterConfig,
+    LoKrConfig,
+    LoraCallback,
+    LoraConfig,
+    OFTConfig,
+    ReLoraSchedule,
+    adapter_state_dict,
+)
 from lightning_lora.core.distributed import full_tensor
 
 EPOCHS = 2
@@ -32,7 +42,23 @@ BATCH_PER_RANK = 2
 CONFIGS: dict[str, AdapterConfig] = {
     "lokr": LoKrConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_weights="lycoris"),
     "oft": OFTConfig(oft_block_size=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    # total_step fixed: the stopped run (one epoch, standing in for a kill) must follow the 8-step schedule too
+    "adalora": AdaLoraConfig(init_r=4, target_r=2, alpha=8, tinit=1, tfinal=2, delta_t=1, total_step=8,
+                             target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    "relora": LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
 }
+# Schedules that change the adapter (and ReLoRA the base) while training: 8 steps, so AdaLoRA re-allocates at
+# steps 2-5 and finalises at 6, and ReLoRA restarts after steps 3 and 6 (one restart before the resume point).
+SCHEDULES: dict[str, Any] = {
+    "adalora": lambda: AdaLoraSchedule(heatmap=False),
+    "relora": lambda: ReLoraSchedule(restart_every=3, restart_warmup_steps=1, optimizer_pruning=0.5),
+}
+
+
+def callbacks_of(kind: str) -> list[L.Callback]:
+    """The seeding callback, the adapter and the kind's schedule, if any."""
+    schedule = SCHEDULES.get(kind)
+    return [SeedBeforeInjection(), LoraCallback(CONFIGS[kind]), *([schedule()] if schedule else [])]
 
 
 class SeedBeforeInjection(L.Callback):
@@ -53,7 +79,7 @@ class RankedData(L.LightningDataModule):
 
 def fit(module: L.LightningModule, kind: str, strategy: Any, epochs: int, checkpoint_dir: Optional[Path] = None,
         ckpt_path: Optional[Path] = None) -> int:
-    callbacks: list = [SeedBeforeInjection(), LoraCallback(CONFIGS[kind])]
+    callbacks = callbacks_of(kind)
     if checkpoint_dir is not None:
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="epoch{epoch}", save_top_k=-1))
     trainer = L.Trainer(**trainer_arguments(devices=2, strategy=strategy, max_epochs=epochs, callbacks=callbacks,
@@ -64,7 +90,10 @@ def fit(module: L.LightningModule, kind: str, strategy: Any, epochs: int, checkp
 
 
 def snapshot(module: L.LightningModule) -> dict[str, torch.Tensor]:
-    return {k: full_tensor(v.detach()).cpu().clone() for k, v in adapter_state_dict(module).items()}
+    """The adapter and the base weights of the adapted layers (ReLoRA moves those)."""
+    tensors = {**adapter_state_dict(module), "model.fc1.weight": module.model.fc1.weight,
+               "model.fc2.weight": module.model.fc2.weight}
+    return {k: full_tensor(v.detach()).cpu().clone() for k, v in tensors.items()}
 
 
 def runs(out: Path, kind: str, name: str, module_class: type, strategy: Any) -> None:
