@@ -1,18 +1,21 @@
 """Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA, PiSSA with
-LoRA+, QLoRA, and the family leaderboard: LoHa, LoKr, OFT and VeRA at budgets close to LoRA's (VeRA trains far
-fewer numbers by design), and full fine-tuning of the encoder as the upper anchor.
+LoRA+, QLoRA, and the family leaderboard: LoHa, LoKr, OFT, VeRA and AdaLoRA at budgets close to LoRA's (VeRA trains
+far fewer numbers by design), LoRA trained with ReLoRA, Delta-LoRA and DyLoRA (one adapter tested at ranks 1, 2, 4
+and 8), and full fine-tuning of the encoder as the upper anchor.
 
 Each variant is ``configs/quickstart.yaml`` with one change, run through the ``lightning-lora`` CLI in this process
 (fit, then test of the final model). Prints a table and writes JSON. From the repository root::
 
-    python benchmarks/quickstart_variants.py                    # every variant
+    python benchmarks/quickstart_variants.py                    # the README's quickstart table
     python benchmarks/quickstart_variants.py --variants lora dora --out benchmarks/results/quickstart.json
-    python benchmarks/quickstart_variants.py --variants head_only lora dora pissa loha lokr oft vera full_finetune \
-        --out benchmarks/results/family_leaderboard.json --plot benchmarks/results/family_leaderboard.png
+    python benchmarks/quickstart_variants.py --variants head_only lora dora pissa loha lokr oft vera adalora relora \
+        delta_lora dylora full_finetune --out benchmarks/results/family_leaderboard.json \
+        --plot benchmarks/results/family_leaderboard.png
 
 Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32
 with decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024
-1,408. Adapters train at lr 1e-3 (scale alpha/r = 2 where a kind has one), full fine-tuning at 5e-5.
+1,408; AdaLoRA trains 12 ranks (9,228) and keeps 8 per layer on average (6,152); ReLoRA, Delta-LoRA and DyLoRA
+train LoRA r=8's 6,144 (DyLoRA's rank-b adapter is b/8 of that). Adapters train at lr 1e-3 (scale alpha/r = 2 where a kind has one), full fine-tuning at 5e-5.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
-from lightning_lora import trainable_parameters_summary  # noqa: E402
+from lightning_lora import lora_layers, set_active_rank, trainable_parameters_summary  # noqa: E402
 from lightning_lora.lightning.cli import LoraLightningCLI  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +105,44 @@ def vera(config: dict[str, Any]) -> None:
     _choose_kind(config, "lightning_lora.VeraConfig", r=1024)
 
 
+def _add_schedule(config: dict[str, Any], class_path: str, merged_export: bool = False, **init_args: Any) -> None:
+    """Add a schedule callback; ``merged_export``: the schedule moves the base, so the adapter file (AdapterExport,
+    refused for such runs) gives way to a merge at the end of fit."""
+    callbacks = config["trainer"]["callbacks"]
+    if merged_export:
+        callbacks[:] = [c for c in callbacks if not c["class_path"].endswith("AdapterExport")]
+        next(c for c in callbacks if c["class_path"].endswith("LoraCallback"))["init_args"]["merge_on_fit_end"] = True
+    callbacks.append({"class_path": class_path, "init_args": init_args})
+
+
+def adalora(config: dict[str, Any]) -> None:
+    """AdaLoRA from 12 ranks per layer down to 8 on average (LoRA r=8's final budget), re-allocated every 5 steps
+    between steps 20 and 120 of 150."""
+    _choose_kind(config, "lightning_lora.AdaLoraConfig", init_r=12, target_r=8, alpha=16, tinit=20, tfinal=30,
+                 delta_t=5)
+    _add_schedule(config, "lightning_lora.AdaLoraSchedule", heatmap=False)
+
+
+def relora(config: dict[str, Any]) -> None:
+    """LoRA r=8 restarted every 50 steps (2 restarts), 10 warm-up steps after each."""
+    _add_schedule(config, "lightning_lora.ReLoraSchedule", merged_export=True, restart_every=50,
+                  restart_warmup_steps=10)
+
+
+def delta_lora(config: dict[str, Any]) -> None:
+    """LoRA r=8 whose base weights follow twice the adapter's change from step 20 on."""
+    _add_schedule(config, "lightning_lora.DeltaLoraSchedule", merged_export=True, update_ratio=2.0, start_step=20)
+
+
+def dylora(config: dict[str, Any]) -> None:
+    """LoRA r=8 trained for every rank (a rank drawn each step, only its last row and column learning); tested at
+    ranks 1, 2, 4 and 8 (:data:`EVALUATED_RANKS`) of the one trained adapter."""
+    _add_schedule(config, "lightning_lora.DyLoraSchedule")
+
+
+EVALUATED_RANKS = {"dylora": (1, 2, 4, 8)}
+
+
 def full_finetune(config: dict[str, Any]) -> None:
     """No adapter: every encoder weight and the head train, at lr 5e-5 (the upper anchor)."""
     config["trainer"]["callbacks"] = [
@@ -121,8 +162,15 @@ VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "lokr": lokr,
     "oft": oft,
     "vera": vera,
+    "adalora": adalora,
+    "relora": relora,
+    "delta_lora": delta_lora,
+    "dylora": dylora,
     "full_finetune": full_finetune,
 }
+
+
+README_TABLE = ("head_only", "lora", "dora", "pissa", "pissa_loraplus", "qlora")  # the default: the README's table
 
 
 def _relocate(value: Any, old: str, new: str) -> Any:
@@ -135,7 +183,8 @@ def _relocate(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def run_variant(name: str, base: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def run_variant(name: str, base: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
+    """Fit and test one variant: one row, or one per evaluated rank (DyLoRA, sharing one fit)."""
     config = _relocate(copy.deepcopy(base), LOG_PREFIX, str(workdir / name))
     config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir), name=name)
     VARIANTS[name](config)
@@ -145,31 +194,44 @@ def run_variant(name: str, base: dict[str, Any], workdir: Path) -> dict[str, Any
     cli = LoraLightningCLI(args=["--config", str(config_file)], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
-    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     summary = trainable_parameters_summary(cli.model)
-    return {
-        "variant": name,
-        "test_acc": results["test_acc"],
-        "test_loss": results["test_loss"],
-        "trainable_params": summary.trainable,
-        "total_params": summary.total,
-        "trainable_percent": summary.percent,
-        "steps": cli.trainer.global_step,
-        "fit_seconds": fit_seconds,
-        "total_seconds": time.perf_counter() - start,
-    }
+    rows = []
+    for rank in EVALUATED_RANKS.get(name, (None,)):
+        trainable = summary.trainable
+        if rank is not None:  # test at this rank; count the parameters a rank-`rank` LoRA would train
+            set_active_rank(cli.model, rank)
+            lora = sum(p.numel() for n, p in cli.model.named_parameters() if ".lora_A." in n or ".lora_B." in n)
+            trainable -= lora - lora * rank // active_factor_rank(cli.model)
+        (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        rows.append({
+            "variant": name if rank is None else f"{name}_r{rank}",
+            "test_acc": results["test_acc"],
+            "test_loss": results["test_loss"],
+            "trainable_params": trainable,
+            "total_params": summary.total,
+            "trainable_percent": 100.0 * trainable / summary.total,
+            "steps": cli.trainer.global_step,
+            "fit_seconds": fit_seconds,
+            "total_seconds": time.perf_counter() - start,
+        })
+    return rows
+
+
+def active_factor_rank(model: torch.nn.Module) -> int:
+    """The full rank ``r`` of the model's LoRA adapter."""
+    return next(layer.lora_settings["default"].r for _, layer in lora_layers(model))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(README_TABLE))
     parser.add_argument("--workdir", type=Path, default=Path("lightning_logs/quickstart_variants"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quickstart_variants.json"))
     parser.add_argument("--plot", type=Path, help="also draw accuracy against trainable parameters (matplotlib)")
     args = parser.parse_args()
     base = yaml.safe_load(QUICKSTART.read_text())
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows = [run_variant(name, base, args.workdir) for name in args.variants]
+    rows = [row for name in args.variants for row in run_variant(name, base, args.workdir)]
 
     header = ("variant", "test acc", "trainable", "trainable %", "steps", "fit s", "total s")
     print("\n{:<15} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))

@@ -207,3 +207,18 @@ def test_a_kind_is_chosen_in_yaml_by_the_class_path_of_its_config(tiny_run: Tiny
     assert any(".lokr_w1." in name for name, _ in cli.model.named_parameters())
     exported = yaml.safe_load((Path("lightning_logs") / "lokr" / "adapter" / "adapter_config.json").read_text())
     assert exported["peft_type"] == "LOKR"
+
+
+def test_a_schedule_runs_from_yaml_and_its_allocation_reaches_the_peft_export(tiny_run: TinyRun, tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "configs" / "adalora.yaml").read_text())
+    lora_callback = config["trainer"]["callbacks"][0]["init_args"]["config"]["init_args"]
+    lora_callback.update(tinit=0, tfinal=1, delta_t=1)  # the tiny run has 3 steps: allocate at 1, finalise at 2
+    short = tmp_path / "adalora.yaml"
+    short.write_text(yaml.safe_dump(config))
+    args = [a.replace(str(QUICKSTART), str(short)) for a in tiny_run.args]
+    cli = LoraLightningCLI(args=["fit", *args])
+    (schedule,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "AdaLoraSchedule"]
+    assert cli.trainer.global_step == 3 and schedule.allocator is not None
+    exported = yaml.safe_load((Path("lightning_logs") / "adalora" / "adapter" / "adapter_config.json").read_text())
+    kept = [sum(mask) for mask in exported["rank_pattern"].values()]
+    assert exported["peft_type"] == "ADALORA" and sum(kept) == 8 * len(kept)  # target_r per layer on average

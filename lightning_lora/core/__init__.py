@@ -26,6 +26,7 @@ from lightning_lora.core.kinds import (
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.lorafa import LoraFAOptimizer, lorafa_optimizer
+from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
 from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
@@ -55,6 +56,7 @@ __all__ = [
     "QuantizationConfig",
     "TrainableSummary",
     "VeraConfig",
+    "active_rank",
     "adapter_names",
     "adapter_state_dict",
     "apply_init_residual",
@@ -86,7 +88,9 @@ __all__ = [
     "save_adapter",
     "save_merged_model",
     "set_active_adapters",
+    "set_active_rank",
     "trainable_parameters_summary",
+    "truncate_adapter",
     "unload_lora",
     "unmerge_lora",
 ]

@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class AdapterSettings:
-    """What one adapter is on one layer: its kind, resolved rank, scale and dropout, and the config it came from."""
+    """What one adapter is on one layer: its kind, resolved rank, scale and dropout, and the config it came from.
+
+    ``active_rank`` (LoRA only, :mod:`lightning_lora.core.nested_rank`): compute with the first ``active_rank`` ranks
+    (DyLoRA); ``active_rank_update`` says which of them get gradients (``"nested"``: all, ``"last"``: the last one).
+    """
 
     r: int
     alpha: float
@@ -41,6 +45,8 @@ class AdapterSettings:
     kind: AdapterKind
     config: AdapterConfig
     initialized: bool = False
+    active_rank: Optional[int] = None
+    active_rank_update: str = "nested"
 
     @property
     def scaling(self) -> float:

@@ -8,6 +8,7 @@ from lightning_lora.lightning.schedules import (
     AdapterSchedule,
     BaseMovingSchedule,
     DeltaLoraSchedule,
+    DyLoraSchedule,
     ReLoraSchedule,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "AdapterSchedule",
     "BaseMovingSchedule",
     "DeltaLoraSchedule",
+    "DyLoraSchedule",
     "LoraCallback",
     "LoraMixin",
     "ReLoraSchedule",

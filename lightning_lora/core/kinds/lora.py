@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from lightning_lora.core.base_updates import lora_factor_delta
 from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import full_tensor
@@ -26,6 +27,7 @@ from lightning_lora.core.initializers import (
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
 from lightning_lora.core.layers import ConvAdapters, EmbeddingAdapters, layer_type_of, restores
 from lightning_lora.core.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
+from lightning_lora.core.nested_rank import nested_factors
 from lightning_lora.core.svd_init import (
     INIT_FACTOR_DICTS,
     adopt_init_factors,
@@ -83,7 +85,8 @@ class LoraKind(AdapterKind):
         return config.dropout
 
     def scaling(self, settings: AdapterSettings) -> float:
-        return settings.alpha / math.sqrt(settings.r) if settings.config.use_rslora else settings.alpha / settings.r
+        r = settings.r if settings.active_rank is None else settings.active_rank  # DyLoRA: a rank-b LoRA's scaling
+        return settings.alpha / math.sqrt(r) if settings.config.use_rslora else settings.alpha / r
 
     def describe(self, settings: AdapterSettings) -> str:
         return f"r={settings.r}, alpha={settings.alpha:g}" + (", dora" if self.name == "dora" else "")
@@ -112,20 +115,22 @@ class LoraKind(AdapterKind):
     def release_base(self, layer: LoraLayer, adapter_name: str) -> None:
         restore_base_weight(layer, adapter_name)
 
-    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``B`` as computed with: all ranks, or the first ``active_rank`` (DyLoRA's nested ranks)."""
         settings = layer.lora_settings[adapter_name]
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        return (lora_A, lora_B) if settings.active_rank is None else nested_factors(lora_A, lora_B, settings)
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        settings = layer.lora_settings[adapter_name]
+        lora_A, lora_B = self.factors(layer, adapter_name)
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
         update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's own layout and dtype."""
-        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
-        delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
-        in_features, out_features, kernel = layer.lora_dims()
-        delta = (delta * layer.scaling(adapter_name)).reshape(out_features, in_features, *kernel)
+        delta = lora_factor_delta(layer, *self.factors(layer, adapter_name), layer.scaling(adapter_name))
         return layer.to_weight_layout(delta)
 
     # ----- PEFT -----
@@ -144,6 +149,10 @@ class LoraKind(AdapterKind):
 
     def peft_export(self, layer: LoraLayer, adapter_name: str) -> tuple[dict[str, torch.Tensor], int, float]:
         tensors, r, alpha = super().peft_export(layer, adapter_name)
+        rank = layer.lora_settings[adapter_name].active_rank
+        if rank is not None:  # DyLoRA's nested rank: write the rank-b LoRA the layer computes
+            tensors.update(lora_A=tensors["lora_A"][:rank], lora_B=tensors["lora_B"][:, :rank])
+            r = rank
         factors = svd_init_factors(layer, adapter_name)
         if factors is not None:
             # W_orig = W_res + s B0 A0, so W_res + s B A = W_orig + s [B, -B0] [A; A0]: a plain LoRA of rank 2r with

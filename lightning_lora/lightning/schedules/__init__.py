@@ -3,6 +3,14 @@
 from lightning_lora.lightning.schedules.adalora import AdaLoraSchedule
 from lightning_lora.lightning.schedules.base import AdapterSchedule, BaseMovingSchedule
 from lightning_lora.lightning.schedules.delta_lora import DeltaLoraSchedule
+from lightning_lora.lightning.schedules.dylora import DyLoraSchedule
 from lightning_lora.lightning.schedules.relora import ReLoraSchedule
 
-__all__ = ["AdaLoraSchedule", "AdapterSchedule", "BaseMovingSchedule", "DeltaLoraSchedule", "ReLoraSchedule"]
+__all__ = [
+    "AdaLoraSchedule",
+    "AdapterSchedule",
+    "BaseMovingSchedule",
+    "DeltaLoraSchedule",
+    "DyLoraSchedule",
+    "ReLoraSchedule",
+]
