@@ -149,6 +149,7 @@ def check_base_untouched(model: nn.Module, adapter_name: Optional[str] = None) -
             raise ValueError(
                 f"{algorithm} changed the base weights of the adapted layers ({name or 'the model'}, ...): the "
                 "adapter alone, applied to the original base, does not reproduce the trained model, and what was "
-                "folded into the base exceeds the adapter's rank, so no LoRA file can hold it. Export the merged model instead: "
-                "LoraCallback(merge_on_fit_end=True, merged_weights_dir=...) or save_merged_model(model, directory)."
+                "folded into the base exceeds the adapter's rank, so no LoRA file can hold it. Export the merged "
+                "model instead: LoraCallback(merge_on_fit_end=True, merged_weights_dir=...) or "
+                "save_merged_model(model, directory)."
             )

@@ -80,9 +80,9 @@ class RankAllocator:
                         "backward and the optimizer step, before zero_grad."
                     )
                 value, grad = full_tensor(parameter.detach()), full_tensor(parameter.grad)
-                entry = self.scores.setdefault(f"{name}.{factor}", {
-                    "exp_avg_ipt": torch.zeros_like(value), "exp_avg_unc": torch.zeros_like(value)
-                })
+                entry = self.scores.setdefault(
+                    f"{name}.{factor}", {"exp_avg_ipt": torch.zeros_like(value), "exp_avg_unc": torch.zeros_like(value)}
+                )
                 ipt = (value * grad).abs()
                 entry["exp_avg_ipt"] = beta1 * entry["exp_avg_ipt"] + (1 - beta1) * ipt
                 entry["exp_avg_unc"] = beta2 * entry["exp_avg_unc"] + (1 - beta2) * (ipt - entry["exp_avg_ipt"]).abs()
@@ -91,8 +91,10 @@ class RankAllocator:
         """One score per rank of every layer: its singular value's score plus the mean scores of its vectors."""
         scores = {}
         for name, _ in self.layers:
-            element = {f: self.scores[f"{name}.{f}"]["exp_avg_ipt"] * self.scores[f"{name}.{f}"]["exp_avg_unc"]
-                       for f in _FACTORS}
+            element = {
+                f: self.scores[f"{name}.{f}"]["exp_avg_ipt"] * self.scores[f"{name}.{f}"]["exp_avg_unc"]
+                for f in _FACTORS
+            }
             score_A = torch.mean(element["lora_A"], dim=1, keepdim=True)
             score_B = torch.mean(element["lora_B"], dim=0, keepdim=False).view(-1, 1)
             vectors = torch.cat([score_A, score_B], dim=1).sum(dim=1, keepdim=False)
@@ -136,7 +138,9 @@ class RankAllocator:
 
     def ranks(self) -> dict[str, int]:
         """The rank each layer has now (non-zero singular values)."""
-        return {name: int((full_tensor(self._factor(layer, "lora_E").detach()) != 0).sum()) for name, layer in self.layers}
+        return {
+            name: int((full_tensor(self._factor(layer, "lora_E").detach()) != 0).sum()) for name, layer in self.layers
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": self.scores, "final_pattern": self.final_pattern}

@@ -30,7 +30,8 @@ _PEFT_NAMES = {"delta_t": "deltaT", "alpha": "lora_alpha", "dropout": "lora_drop
 
 @dataclass(kw_only=True)
 class AdaLoraConfig(AdapterConfig):
-    __doc__ = """Configuration of one AdaLoRA adapter (PEFT's ``AdaLoraConfig``).
+    __doc__ = (
+        """Configuration of one AdaLoRA adapter (PEFT's ``AdaLoraConfig``).
 
     Adapts ``nn.Linear`` and Hugging Face ``Conv1D``. The budget schedule runs when ``AdaLoraSchedule`` is among the
     Trainer's callbacks: ``tinit`` warm-up steps at ``init_r`` per layer, then a cubic decrease of the total rank to
@@ -41,7 +42,9 @@ class AdaLoraConfig(AdapterConfig):
         init_r: Rank every layer starts with.
         target_r: Average rank per layer at the end.
         alpha: Scale numerator: the update is multiplied by ``alpha / init_r`` (as PEFT, ``init_r`` even after
-            pruning).""" + TARGETING_ARGS + """
+            pruning)."""
+        + TARGETING_ARGS
+        + """
         dropout: Dropout on the adapter's input, in ``[0, 1)``.
         tinit: Warm-up steps before ranks are pruned.
         tfinal: Final steps with the allocation fixed.
@@ -56,6 +59,7 @@ class AdaLoraConfig(AdapterConfig):
         init_weights: True: ``E`` starts at zero (outputs unchanged), ``A`` and ``B`` normal with std 0.02; False:
             all standard normal (for tests).
     """
+    )
 
     init_r: int = 12
     target_r: int = 8
@@ -93,8 +97,10 @@ class AdaLoraConfig(AdapterConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}; PEFT's default is 0.85.")
-        if isinstance(self.orth_reg_weight, bool) or not isinstance(self.orth_reg_weight, (int, float)) or not (
-            self.orth_reg_weight >= 0
+        if (
+            isinstance(self.orth_reg_weight, bool)
+            or not isinstance(self.orth_reg_weight, (int, float))
+            or not (self.orth_reg_weight >= 0)
         ):
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}.")
         if self.total_step is not None:
@@ -144,10 +150,26 @@ class AdaLoraKind(AdapterKind):
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
     config_class = AdaLoraConfig
     peft_alpha_field = None
-    peft_fields = frozenset({
-        "init_r", "target_r", "lora_alpha", "lora_dropout", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-        "orth_reg_weight", "total_step", "rank_pattern", "init_lora_weights", "bias", "r", "fan_in_fan_out",
-    })
+    peft_fields = frozenset(
+        {
+            "init_r",
+            "target_r",
+            "lora_alpha",
+            "lora_dropout",
+            "tinit",
+            "tfinal",
+            "deltaT",
+            "beta1",
+            "beta2",
+            "orth_reg_weight",
+            "total_step",
+            "rank_pattern",
+            "init_lora_weights",
+            "bias",
+            "r",
+            "fan_in_fan_out",
+        }
+    )
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
         in_features, out_features, _ = layer.lora_dims()
@@ -207,13 +229,22 @@ class AdaLoraKind(AdapterKind):
         if layer.lora_settings[adapter_name].config.rank_pattern is None:
             return tensors, r, alpha
         kept = surviving_ranks(layer, adapter_name)
-        return {"lora_A": tensors["lora_A"][kept], "lora_E": tensors["lora_E"][kept],
-                "lora_B": tensors["lora_B"][:, kept]}, r, alpha
+        return (
+            {
+                "lora_A": tensors["lora_A"][kept],
+                "lora_E": tensors["lora_E"][kept],
+                "lora_B": tensors["lora_B"][:, kept],
+            },
+            r,
+            alpha,
+        )
 
     def peft_layer_fields(self, adapter_name: str, config: AdaLoraConfig, layers: list[tuple[str, LoraLayer]]) -> dict:
         if config.rank_pattern is None:
             return {"rank_pattern": None}
-        return {"rank_pattern": {f"{name}.lora_E": surviving_ranks(layer, adapter_name).tolist() for name, layer in layers}}
+        return {
+            "rank_pattern": {f"{name}.lora_E": surviving_ranks(layer, adapter_name).tolist() for name, layer in layers}
+        }
 
     def peft_file_shapes(
         self, layer: LoraLayer, settings: AdapterSettings, layer_name: str, peft_config: Mapping[str, Any]
@@ -245,8 +276,19 @@ class AdaLoraKind(AdapterKind):
     def peft_config_fields(self, config: AdaLoraConfig) -> dict[str, Any]:
         fields = {
             _PEFT_NAMES.get(name, name): getattr(config, name)
-            for name in ("init_r", "target_r", "alpha", "dropout", "tinit", "tfinal", "delta_t", "beta1", "beta2",
-                         "orth_reg_weight", "total_step")
+            for name in (
+                "init_r",
+                "target_r",
+                "alpha",
+                "dropout",
+                "tinit",
+                "tfinal",
+                "delta_t",
+                "beta1",
+                "beta2",
+                "orth_reg_weight",
+                "total_step",
+            )
         }
         # PEFT refuses an AdaLoRA config without a positive total_step, even for inference.
         fields["total_step"] = config.total_step or max(config.tinit + config.tfinal + 1, 1)

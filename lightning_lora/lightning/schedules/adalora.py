@@ -33,8 +33,8 @@ class AdaLoraSchedule(AdapterSchedule):
 
     Logged: the total rank (``adalora/budget``) and each layer's rank (``adalora/rank/<layer>``) when ranks change,
     the penalty (``adalora/orthogonality``). At the end of fit (with a logger) the final allocation is written to the
-    logger's folder as ``adalora_ranks.json`` and, when matplotlib is installed, as a heatmap ``adalora_ranks.png`` (layers
-    by module type).
+    logger's folder as ``adalora_ranks.json`` and, when matplotlib is installed, as a heatmap ``adalora_ranks.png``
+    (layers by module type).
 
     Args:
         adapter_name: The AdaLoRA adapter.

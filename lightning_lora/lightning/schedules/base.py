@@ -30,6 +30,7 @@ from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.inject import adapter_names, get_lora_config
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.lightning.callback import lora_callbacks
+from lightning_lora.lightning.export import AdapterExport
 
 
 class AdapterSchedule(Callback):
@@ -169,12 +170,10 @@ class BaseMovingSchedule(AdapterSchedule):
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_lora.lightning.export import AdapterExport
-
         if any(isinstance(c, AdapterExport) and c.adapter_name == self.adapter_name for c in trainer.callbacks):
             raise ValueError(
-                f"{self.algorithm} changes the base weights, so an adapter file of {self.adapter_name!r} (AdapterExport) "
-                "would not reproduce the trained model. Drop AdapterExport and export the merged model: "
+                f"{self.algorithm} changes the base weights, so an adapter file of {self.adapter_name!r} "
+                "(AdapterExport) would not reproduce the trained model. Drop AdapterExport and export the merged model: "
                 "LoraCallback(merge_on_fit_end=True, merged_weights_dir=...)."
             )
         quantised = [name for name, layer in self.layers if not is_plain_weight(layer)]

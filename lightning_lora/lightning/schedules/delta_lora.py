@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
@@ -82,8 +81,8 @@ class DeltaLoraSchedule(BaseMovingSchedule):
         squared_norm = 0.0
         for name, layer in self.layers:
             scaling = layer.scaling(self.adapter_name)
-            change = lora_factor_delta(layer, *after[name], scaling) - lora_factor_delta(layer, *self._before[name], scaling)
-            change = self.update_ratio * change
+            before, now = (lora_factor_delta(layer, *factors[name], scaling) for factors in (self._before, after))
+            change = self.update_ratio * (now - before)
             add_to_base_weight(layer, change)
             squared_norm += float(change.float().pow(2).sum())
         self._before = after

@@ -28,8 +28,9 @@ class DyLoraSchedule(AdapterSchedule):
     code), so an optimizer with momentum or weight decay still moves them.
 
     Validation, test and predict run at ``eval_rank``, and fit ends with the model at ``eval_rank``. Evaluate other
-    ranks with ``set_active_rank(model, b)`` after fit (test and predict then keep the rank you chose); keep one for good with ``truncate_adapter(model, b)`` (PEFT export then
-    writes a plain rank-``b`` LoRA; exporting while a rank is active writes that rank too).
+    ranks with ``set_active_rank(model, b)`` after fit (test and predict then keep the rank you chose); keep one for
+    good with ``truncate_adapter(model, b)`` (PEFT export then writes a plain rank-``b`` LoRA; exporting while a rank
+    is active writes that rank too).
 
     Ranks come from the callback's own ``torch.Generator``: the same on every DDP/FSDP2 process, saved in checkpoints,
     so a resumed run draws what an uninterrupted one would. Logged: ``dylora/rank``, the rank of each step.
@@ -148,9 +149,8 @@ class DyLoraSchedule(AdapterSchedule):
         self._set_eval_rank_unless_chosen(pl_module)
 
     def _set_eval_rank_unless_chosen(self, pl_module: pl.LightningModule) -> None:
-        chosen = self._left_at is not None and active_rank(self.adapted_module(pl_module), self.adapter_name) != (
-            self._left_at[0]
-        )
+        now = active_rank(self.adapted_module(pl_module), self.adapter_name)
+        chosen = self._left_at is not None and now != self._left_at[0]
         if not chosen:  # the user's set_active_rank after fit wins
             self._set_eval_rank(pl_module)
 
