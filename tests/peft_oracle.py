@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,12 +11,11 @@ from torch import nn
 from lightning_lora import LoraConfig, adapter_state_dict
 
 
-def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default", init_lora_weights=True) -> nn.Module:
-    """A PEFT LoRA model over a deep copy of ``base`` configured like ``config`` (``init_lora_weights``: PEFT's
-    init, e.g. ``"pissa"``)."""
+def peft_lora_config(config: LoraConfig, init_lora_weights=True) -> Any:
+    """PEFT's ``LoraConfig`` configured like ours (``init_lora_weights``: PEFT's init, e.g. ``"pissa"``)."""
     import peft
 
-    peft_config = peft.LoraConfig(
+    return peft.LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -29,6 +29,14 @@ def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default"
         bias=config.bias,
         init_lora_weights=init_lora_weights,
     )
+
+
+def peft_twin(base: nn.Module, config: LoraConfig, adapter_name: str = "default", init_lora_weights=True) -> nn.Module:
+    """A PEFT LoRA model over a deep copy of ``base`` configured like ``config`` (``init_lora_weights``: PEFT's
+    init, e.g. ``"pissa"``)."""
+    import peft
+
+    peft_config = peft_lora_config(config, init_lora_weights)
     return peft.get_peft_model(copy.deepcopy(base), peft_config, adapter_name=adapter_name)
 
 

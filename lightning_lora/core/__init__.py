@@ -4,6 +4,7 @@ Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
 from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
+from lightning_lora.core.combine import add_weighted_adapter
 from lightning_lora.core.config import AdapterConfig, LoraConfig, QuantizationConfig
 from lightning_lora.core.inject import (
     adapter_names,
@@ -59,6 +60,7 @@ __all__ = [
     "active_rank",
     "adapter_names",
     "adapter_state_dict",
+    "add_weighted_adapter",
     "apply_init_residual",
     "apply_lora",
     "delete_adapter",
