@@ -27,6 +27,7 @@ from lightning_lora.core.kinds import (
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.lorafa import LoraFAOptimizer, lorafa_optimizer
+from lightning_lora.core.mixed_batch import mixed_adapter_batch
 from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
 from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
@@ -83,6 +84,7 @@ __all__ = [
     "restore_base_weight",
     "merge_and_unload",
     "merge_lora",
+    "mixed_adapter_batch",
     "peft_adapter_state",
     "prepare_for_kbit_training",
     "quantized_layers",

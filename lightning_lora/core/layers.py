@@ -29,6 +29,7 @@ from lightning_lora.core.config import AdapterConfig
 
 if TYPE_CHECKING:
     from lightning_lora.core.kinds.base import AdapterKind
+    from lightning_lora.core.mixed_batch import MixedBatch
 
 
 @dataclass
@@ -97,6 +98,8 @@ class LoraLayer(nn.Module):
         active_adapters: Adapters that take part in forward, in order.
         merged_adapters: Adapters currently folded into the base weight.
         adapters_disabled: When True, forward is the base layer's alone.
+        mixed_batch: Set inside :func:`~lightning_lora.core.mixed_batch.mixed_adapter_batch`: each sample of the
+            batch uses its own adapter.
     """
 
     # Set by the layer-type mixins.
@@ -104,6 +107,7 @@ class LoraLayer(nn.Module):
     applies_dropout: bool = True  # False where the input is not a feature vector (token indices)
     base_class: type[nn.Module]
     layer_type: type[LoraLayer]
+    mixed_batch: MixedBatch | None = None  # an instance attribute only inside mixed_adapter_batch
 
     def _init_lora_state(self) -> None:
         self.lora_settings: dict[str, AdapterSettings] = {}
@@ -177,6 +181,8 @@ class LoraLayer(nn.Module):
         base_forward = super().forward
         if self.adapters_disabled:
             return base_forward(x, *args, **kwargs)
+        if self.mixed_batch is not None:
+            return self.mixed_batch.forward(self, x, base_forward, args, kwargs)
         pending = []
         transform = None  # a kind that transforms what the base computes (OFT) runs the base operation itself
         for name in self.active_adapters:

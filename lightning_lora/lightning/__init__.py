@@ -9,6 +9,7 @@ from lightning_lora.lightning.schedules import (
     BaseMovingSchedule,
     DeltaLoraSchedule,
     DyLoraSchedule,
+    OLoraSchedule,
     ReLoraSchedule,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "DyLoraSchedule",
     "LoraCallback",
     "LoraMixin",
+    "OLoraSchedule",
     "ReLoraSchedule",
     "inject_adapters",
 ]

@@ -4,6 +4,7 @@ from lightning_lora.lightning.schedules.adalora import AdaLoraSchedule
 from lightning_lora.lightning.schedules.base import AdapterSchedule, BaseMovingSchedule
 from lightning_lora.lightning.schedules.delta_lora import DeltaLoraSchedule
 from lightning_lora.lightning.schedules.dylora import DyLoraSchedule
+from lightning_lora.lightning.schedules.olora import OLoraSchedule
 from lightning_lora.lightning.schedules.relora import ReLoraSchedule
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "BaseMovingSchedule",
     "DeltaLoraSchedule",
     "DyLoraSchedule",
+    "OLoraSchedule",
     "ReLoraSchedule",
 ]
