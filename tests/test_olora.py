@@ -82,6 +82,22 @@ def test_the_earlier_adapter_stays_frozen_and_active_and_the_subspaces_separate(
     assert trainer.callback_metrics["olora/orthogonality"] >= 0
 
 
+def test_what_only_the_earlier_adapter_saves_is_frozen_and_what_both_save_trains(tmp_path: Path) -> None:
+    class SavedHead(BuiltInInit):
+        def __init__(self) -> None:
+            super().__init__(lr=1e-2)
+            apply_lora(self.model, lora_config(r=2, modules_to_save=["head"]), "task1")
+
+    for new_saves_head in (False, True):
+        L.seed_everything(0)
+        module = SavedHead()
+        head = module.model.head.weight.detach().clone()
+        config = lora_config(r=2, modules_to_save=["head"] if new_saves_head else None)
+        callbacks = [LoraCallback(config, adapter_name="task2"), OLoraSchedule("task2")]
+        L.Trainer(**trainer_arguments(max_steps=2, callbacks=callbacks)).fit(module, dataloader())
+        assert torch.equal(module.model.head.weight, head) != new_saves_head
+
+
 def test_resume_is_exact(tmp_path: Path) -> None:
     schedule = lambda: OLoraSchedule("task2", orthogonal_weight=0.5, l2_weight=0.1)  # noqa: E731
     uninterrupted, _ = _fit(tmp_path / "a", schedule())

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.continual import adapter_l2_norm, orthogonal_subspace_penalty
-from lightning_lora.core.inject import adapter_names, get_lora_config
+from lightning_lora.core.inject import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.svd_init import has_init_factors
 from lightning_lora.lightning.schedules.base import AdapterSchedule
 
@@ -20,7 +20,8 @@ class OLoraSchedule(AdapterSchedule):
     """Trains the adapter of a new task O-LoRA style, without a line in ``training_step``.
 
     At fit start the earlier tasks' adapters are frozen and made active beside the new one (the model computes with
-    all of them, as O-LoRA does). After every backward the gradient of ``orthogonal_weight * sum |A_earlier A_new^T|
+    all of them, as O-LoRA does); what is saved with an earlier adapter alone (its ``modules_to_save``) is frozen too,
+    what the new adapter also saves (a head every task trains) keeps training. After every backward the gradient of ``orthogonal_weight * sum |A_earlier A_new^T|
     + l2_weight * sum ||p||_2`` (the new adapter's tensors ``p``) is added to the new adapter's gradients, scaled by
     ``1 / accumulate_grad_batches``; the loss you log is your own. Logged: ``olora/orthogonality`` and ``olora/l2``.
 
@@ -78,9 +79,14 @@ class OLoraSchedule(AdapterSchedule):
                     "LoRA adapters. Leave it out with earlier_adapters=[...]."
                 )
         self._earlier = list(earlier)
-        for name in self._earlier:  # frozen, and computing beside the new adapter
+        parameters = dict(module.named_parameters())
+        shared = {key for key, _ in saved_module_state(module, self.adapter_name)}  # e.g. a head both tasks train
+        for name in self._earlier:  # frozen (with what is saved with them alone), and computing beside the new one
             for _, parameter in adapter_parameters(module, name):
                 parameter.requires_grad_(False)
+            for key, _ in saved_module_state(module, name):
+                if key not in shared and key in parameters:
+                    parameters[key].requires_grad_(False)
         for _, layer in self.layers:
             layer.active_adapters = [n for n in [*self._earlier, self.adapter_name] if n in layer.lora_settings]
 
