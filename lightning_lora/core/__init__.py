@@ -27,10 +27,10 @@ from lightning_lora.core.kinds import (
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.loftq import loftq_init
 from lightning_lora.core.lorafa import LoraFAOptimizer, lorafa_optimizer
-from lightning_lora.core.mixed_batch import mixed_adapter_batch
-from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
 from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
 from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
+from lightning_lora.core.mixed_batch import mixed_adapter_batch
+from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
 from lightning_lora.core.quantization import (
@@ -43,6 +43,7 @@ from lightning_lora.core.quantization import (
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight
+from lightning_lora.core.xlora import XLoraConfig, add_xlora, remove_xlora, xlora_scalings
 
 __all__ = [
     "KINDS",
@@ -58,10 +59,12 @@ __all__ = [
     "QuantizationConfig",
     "TrainableSummary",
     "VeraConfig",
+    "XLoraConfig",
     "active_rank",
     "adapter_names",
     "adapter_state_dict",
     "add_weighted_adapter",
+    "add_xlora",
     "apply_init_residual",
     "apply_lora",
     "delete_adapter",
@@ -89,6 +92,7 @@ __all__ = [
     "prepare_for_kbit_training",
     "quantized_layers",
     "read_adapter_config",
+    "remove_xlora",
     "save_adapter",
     "save_merged_model",
     "set_active_adapters",
@@ -97,4 +101,5 @@ __all__ = [
     "truncate_adapter",
     "unload_lora",
     "unmerge_lora",
+    "xlora_scalings",
 ]

@@ -30,6 +30,7 @@ from lightning_lora.core.config import AdapterConfig
 if TYPE_CHECKING:
     from lightning_lora.core.kinds.base import AdapterKind
     from lightning_lora.core.mixed_batch import MixedBatch
+    from lightning_lora.core.xlora import ExpertGate
 
 
 @dataclass
@@ -100,6 +101,7 @@ class LoraLayer(nn.Module):
         adapters_disabled: When True, forward is the base layer's alone.
         mixed_batch: Set inside :func:`~lightning_lora.core.mixed_batch.mixed_adapter_batch`: each sample of the
             batch uses its own adapter.
+        expert_gate: Set by :func:`~lightning_lora.core.xlora.add_xlora`: X-LoRA weighs each expert per token.
     """
 
     # Set by the layer-type mixins.
@@ -108,6 +110,7 @@ class LoraLayer(nn.Module):
     base_class: type[nn.Module]
     layer_type: type[LoraLayer]
     mixed_batch: MixedBatch | None = None  # an instance attribute only inside mixed_adapter_batch
+    expert_gate: ExpertGate | None = None  # an instance attribute only on the layers of an X-LoRA model
 
     def _init_lora_state(self) -> None:
         self.lora_settings: dict[str, AdapterSettings] = {}
@@ -183,6 +186,8 @@ class LoraLayer(nn.Module):
             return base_forward(x, *args, **kwargs)
         if self.mixed_batch is not None:
             return self.mixed_batch.forward(self, x, base_forward, args, kwargs)
+        if self.expert_gate is not None:
+            return self.expert_gate.forward(self, x, base_forward, args, kwargs)
         pending = []
         transform = None  # a kind that transforms what the base computes (OFT) runs the base operation itself
         for name in self.active_adapters:

@@ -12,6 +12,7 @@ from lightning_lora.lightning.schedules import (
     OLoraSchedule,
     ReLoraSchedule,
 )
+from lightning_lora.lightning.xlora import XLoraCallback
 
 __all__ = [
     "AdaLoraSchedule",
@@ -24,5 +25,6 @@ __all__ = [
     "LoraMixin",
     "OLoraSchedule",
     "ReLoraSchedule",
+    "XLoraCallback",
     "inject_adapters",
 ]

@@ -173,8 +173,8 @@ class BaseMovingSchedule(AdapterSchedule):
         if any(isinstance(c, AdapterExport) and c.adapter_name == self.adapter_name for c in trainer.callbacks):
             raise ValueError(
                 f"{self.algorithm} changes the base weights, so an adapter file of {self.adapter_name!r} "
-                "(AdapterExport) would not reproduce the trained model. Drop AdapterExport and export the merged model: "
-                "LoraCallback(merge_on_fit_end=True, merged_weights_dir=...)."
+                "(AdapterExport) would not reproduce the trained model. Drop AdapterExport and export the merged "
+                "model: LoraCallback(merge_on_fit_end=True, merged_weights_dir=...)."
             )
         quantised = [name for name, layer in self.layers if not is_plain_weight(layer)]
         if quantised:

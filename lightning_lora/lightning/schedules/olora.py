@@ -21,9 +21,10 @@ class OLoraSchedule(AdapterSchedule):
 
     At fit start the earlier tasks' adapters are frozen and made active beside the new one (the model computes with
     all of them, as O-LoRA does); what is saved with an earlier adapter alone (its ``modules_to_save``) is frozen too,
-    what the new adapter also saves (a head every task trains) keeps training. After every backward the gradient of ``orthogonal_weight * sum |A_earlier A_new^T|
-    + l2_weight * sum ||p||_2`` (the new adapter's tensors ``p``) is added to the new adapter's gradients, scaled by
-    ``1 / accumulate_grad_batches``; the loss you log is your own. Logged: ``olora/orthogonality`` and ``olora/l2``.
+    what the new adapter also saves (a head every task trains) keeps training. After every backward the gradient of
+    ``orthogonal_weight * sum |A_earlier A_new^T| + l2_weight * sum ||p||_2`` (the new adapter's tensors ``p``) is
+    added to the new adapter's gradients, scaled by ``1 / accumulate_grad_batches``; the loss you log is your own.
+    Logged: ``olora/orthogonality`` and ``olora/l2``.
 
     Args:
         adapter_name: The new task's LoRA adapter (added by its ``LoraCallback``).
