@@ -210,6 +210,8 @@ BAD_INPUTS = {
                      "shape mismatch"),
     "targets-not-in-model": (lambda d: _rewrite_config(d, lambda c: c["lora_config"].update(target_modules=["c_attn"])),
                              ValueError, "matches no layer"),
+    "nan-tensor": (lambda d: _rewrite_tensors(d, lambda t: t["model.layers.1.self_attn.v_proj.lora_A"].fill_(
+                       float("nan"))), ValueError, r"NaN or Inf values in \['model.layers.1.self_attn.v_proj.lora_A'\]"),
     "missing-init-factor": (lambda d: _rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj."
                                                                                "lora_init_A": torch.zeros(4, 32)})),
                             ValueError, "initial SVD factors"),

@@ -39,6 +39,10 @@ def _assert_untouched(model: nn.Module, before: dict, classes: dict) -> None:
         ({"target_modules": "(unclosed"}, "not a valid regular expression"),
         ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be an integer"),
         ({"layers_to_transform": [-1]}, "layers_to_transform"),
+        ({"layers_to_transform": "1"}, "layers_to_transform must be a non-empty list of layer indices"),
+        ({"target_modules": 5}, "target_modules must be a list of non-empty module names or one regex string"),
+        ({"exclude_modules": 3}, "exclude_modules must be a list of non-empty module names or one regex string"),
+        ({"modules_to_save": "head"}, r"modules_to_save must be a list of module names .* got 'head' \(str\)"),
     ],
 )
 def test_invalid_config_fields_are_refused_on_construction(kwargs: dict, message: str) -> None:

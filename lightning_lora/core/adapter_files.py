@@ -148,7 +148,8 @@ def read_adapter_files(directory: PathLike) -> tuple[dict[str, Any], dict[str, t
 
     Raises:
         FileNotFoundError: No such directory, or a missing ``adapter_config.json`` / ``adapter_model.safetensors``.
-        ValueError: Only a pickle file (``adapter_model.bin``), invalid JSON, or a truncated/corrupt safetensors file.
+        ValueError: Only a pickle file (``adapter_model.bin``), invalid JSON, a truncated/corrupt safetensors file,
+            or NaN/Inf values in a tensor (named).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -173,6 +174,13 @@ def read_adapter_files(directory: PathLike) -> tuple[dict[str, Any], dict[str, t
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}; save the adapter again.")
     tensors, _ = read_safetensors(weights_path)
+    broken = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise ValueError(
+            f"{weights_path} holds NaN or Inf values in {broken[:3]}{' and more' if len(broken) > 3 else ''}: the "
+            "adapter diverged or the file is damaged. Nothing was loaded; save a healthy adapter (an earlier "
+            "checkpoint) again."
+        )
     return config, tensors
 
 

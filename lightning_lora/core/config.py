@@ -117,8 +117,10 @@ class AdapterConfig:
         if self.layers_to_transform is not None:
             if isinstance(self.layers_to_transform, int):
                 self.layers_to_transform = [self.layers_to_transform]
-            if not self.layers_to_transform or any(
-                not isinstance(i, int) or i < 0 for i in self.layers_to_transform
+            if (
+                not isinstance(self.layers_to_transform, (list, tuple))
+                or not self.layers_to_transform
+                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers_to_transform)
             ):
                 raise ValueError(
                     f"layers_to_transform must be a non-empty list of layer indices >= 0, "
@@ -127,6 +129,13 @@ class AdapterConfig:
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         if self.modules_to_save is not None:
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                raise ValueError(
+                    f"modules_to_save must be a list of module names (e.g. ['classifier']) or None, got "
+                    f"{self.modules_to_save!r} ({type(self.modules_to_save).__name__})."
+                )
             self.modules_to_save = list(self.modules_to_save)
 
     @property
@@ -294,5 +303,5 @@ def _check_patterns(name: str, patterns: Union[list[str], str]) -> None:
         if patterns != ALL_LINEAR:
             _check_regex(name, patterns)
         return
-    if not all(isinstance(p, str) and p for p in patterns):
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
         raise ValueError(f"{name} must be a list of non-empty module names or one regex string, got {patterns!r}.")

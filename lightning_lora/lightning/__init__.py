@@ -2,6 +2,7 @@
 
 from lightning_lora.lightning.callback import LoraCallback, inject_adapters
 from lightning_lora.lightning.export import AdapterExport
+from lightning_lora.lightning.loading import load_lora_checkpoint
 from lightning_lora.lightning.mixin import LoraMixin
 from lightning_lora.lightning.schedules import (
     AdaLoraSchedule,
@@ -27,4 +28,5 @@ __all__ = [
     "ReLoraSchedule",
     "XLoraCallback",
     "inject_adapters",
+    "load_lora_checkpoint",
 ]

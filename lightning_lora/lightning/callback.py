@@ -345,7 +345,12 @@ class LoraCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"adapter_name": self.adapter_name, "kind": self.config.kind, "config": self.config.to_dict()}
+        return {
+            "adapter_name": self.adapter_name,
+            "kind": self.config.kind,
+            "config": self.config.to_dict(),
+            "submodule": self.submodule,
+        }
 
 
 def inject_adapters(pl_module: pl.LightningModule) -> None:
