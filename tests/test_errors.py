@@ -56,7 +56,7 @@ def test_invalid_config_fields_are_refused_on_construction(kwargs: dict, message
         (LoraConfig(target_modules=["q_prj"]), r"matches no layer.*Close names: \['q_proj'"),
         (LoraConfig(target_modules=r".*\.attn\.q"), "matches no layer"),
         (LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]), "after exclude_modules / layers_to_transform"),
-        (LoraConfig(r=64, target_modules=["k_proj"]), r"r=64 is too large.*at most 16.*rank_pattern"),
+        (LoraConfig(r=64, target_modules=["k_proj"], init="pissa"), r"r=64 is too large.*at most 16.*rank_pattern"),
         (LoraConfig(target_modules=["input_layernorm"]), r"cannot carry a LoRA adapter.*LlamaRMSNorm.*modules_to_save"),
         (LoraConfig(target_modules=["q_proj"], modules_to_save=["clasifier"]), "matches no module"),
     ],

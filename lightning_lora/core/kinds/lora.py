@@ -8,6 +8,7 @@ factors start is ``LoraConfig.init`` (:mod:`lightning_lora.core.initializers`, :
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
@@ -35,6 +36,9 @@ from lightning_lora.core.svd_init import (
     restore_base_weight,
     svd_init_factors,
 )
+
+# Inits that work at any rank (random factors): an r beyond what a layer can use only warns, as PEFT allows it.
+RANDOM_INITS = ("kaiming", "gaussian")
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
@@ -67,8 +71,18 @@ class LoraKind(AdapterKind):
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
         layer_type = layer_type_of(module)
         in_features, out_features, kernel = layer_type.lora_dims(module)
-        rank_fits(layer_name, module, settings.r, min(in_features * math.prod(kernel), out_features))
         init = settings.config.init
+        usable = min(in_features * math.prod(kernel), out_features)
+        if settings.r > usable and init in RANDOM_INITS:
+            # As PEFT: B A still works, its rank is only capped (a PEFT adapter on a small head must load).
+            warnings.warn(
+                f"Rank r={settings.r} on {layer_name} can use at most {usable} ranks; the other {settings.r - usable} "
+                f"add parameters but nothing the update can express. Set rank_pattern={{"
+                f"{layer_name.split('.')[-1]!r}: {usable}}} to save them.",
+                stacklevel=2,
+            )
+        else:
+            rank_fits(layer_name, module, settings.r, usable)  # SVD inits and orthogonal rows need r <= usable
         if not initializer_supports(init, layer_type):
             raise ValueError(
                 f"init={init!r} is not defined for {layer_name} ({type(module).__name__}). Use init='kaiming' or "
