@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 import harness
+from train_step import benchmark_llama
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 INTERLEAVED = ADAPTERS * 2
@@ -42,14 +43,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "mixed_batch.json"
 
 
 def base_model() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
-        num_key_value_heads=12, max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).eval()
+    return benchmark_llama().eval()  # train_step.py's model
 
 
 def build(name: str) -> tuple[torch.nn.Module, dict, object]:

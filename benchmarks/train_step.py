@@ -36,7 +36,8 @@ NAMES = ["floor", *(f"{side}-{kind}" for kind in KINDS for side in ("peft", "our
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 
 
-def build_model(name: str) -> torch.nn.Module:
+def benchmark_llama() -> torch.nn.Module:
+    """The benchmark model: a 92M-parameter Llama built from a config, seeded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -44,7 +45,11 @@ def build_model(name: str) -> torch.nn.Module:
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
         num_key_value_heads=12, max_position_embeddings=256,
     )
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def build_model(name: str) -> torch.nn.Module:
+    model = benchmark_llama()
     kind = name.split("-", 1)[-1]
     if name == "floor":
         model.requires_grad_(False)

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.distributed import barrier, clean_name, is_sharded, reshard_fsdp2
 from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
+from lightning_lora.core.distributed import barrier, clean_name, is_sharded, reshard_fsdp2
 from lightning_lora.core.inject import (
     adapter_names,
     apply_lora,
@@ -40,7 +40,6 @@ from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
 from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
-
 
 
 class LoraCallback(Callback):
@@ -156,10 +155,7 @@ class LoraCallback(Callback):
     # ----- injection -----
     def target(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
         """The module the adapter goes into (``submodule`` of ``pl_module``), or None while it does not exist."""
-        module: Any = pl_module
-        for attribute in self.submodule.split(".") if self.submodule else ():
-            module = getattr(module, attribute, None)
-        return module if isinstance(module, nn.Module) else None
+        return submodule_of(pl_module, self.submodule)
 
     def inject(self, pl_module: pl.LightningModule) -> bool:
         """Add the adapter to ``pl_module`` now, unless it is already there.
@@ -351,6 +347,15 @@ class LoraCallback(Callback):
             "config": self.config.to_dict(),
             "submodule": self.submodule,
         }
+
+
+def submodule_of(pl_module: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
+    """The module at attribute ``path`` (``"model.encoder"``) of ``pl_module`` (itself for None), or None while it
+    does not exist."""
+    module: Any = pl_module
+    for attribute in path.split(".") if path else ():
+        module = getattr(module, attribute, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def inject_adapters(pl_module: pl.LightningModule) -> None:

@@ -17,6 +17,7 @@ from lightning_lora.core.inject import adapter_names, apply_lora
 from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora
+from lightning_lora.lightning.callback import submodule_of
 from lightning_lora.lightning.checkpoint import check_checkpoint_fits, complete_with_model_state, shapes_of
 
 ModuleType = TypeVar("ModuleType", bound=pl.LightningModule)
@@ -84,10 +85,8 @@ def load_lora_checkpoint(
 
 
 def _submodule(module: pl.LightningModule, path: Optional[str]) -> torch.nn.Module:
-    target: Any = module
-    for attribute in path.split(".") if path else ():
-        target = getattr(target, attribute, None)
-    if not isinstance(target, torch.nn.Module):
+    target = submodule_of(module, path)
+    if target is None:
         raise ValueError(
             f"The checkpoint's adapter lives in submodule {path!r}, which {type(module).__name__} does not build in "
             "__init__ (a model built in configure_model is not there yet): load with a module that builds it."

@@ -27,6 +27,7 @@ from lightning_lora.core.xlora import XLoraConfig, add_xlora, has_xlora, xlora_e
 from lightning_lora.lightning.callback import (
     LoraCallback,
     check_optimizer_holds_trainable_parameters,
+    submodule_of,
 )
 from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
 
@@ -89,10 +90,7 @@ class XLoraCallback(Callback):
 
     def target(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
         """The model X-LoRA goes on (``submodule`` of ``pl_module``), or None while it does not exist."""
-        module: Any = pl_module
-        for attribute in self.submodule.split(".") if self.submodule else ():
-            module = getattr(module, attribute, None)
-        return module if isinstance(module, nn.Module) else None
+        return submodule_of(pl_module, self.submodule)
 
     def apply(self, pl_module: pl.LightningModule) -> bool:
         """Load the missing experts and add X-LoRA now, unless it is already there. Returns whether it was added.
