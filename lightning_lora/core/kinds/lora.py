@@ -52,7 +52,10 @@ class LoraKind(AdapterKind):
     peft_type = "LORA"
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", *INIT_FACTOR_DICTS)
     config_class = LoraConfig
-    peft_fields = frozenset({"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out"})
+    # eva_config only steers EVA's data-driven init, which a saved adapter's tensors have replaced.
+    peft_fields = frozenset(
+        {"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "eva_config"}
+    )
     peft_alpha_field = "lora_alpha"
     vllm_servable = True
 
@@ -229,8 +232,10 @@ class LoraKind(AdapterKind):
 
 
 def _init_from_peft(init_lora_weights: Any) -> str:
-    if init_lora_weights in (True, False, None):
-        return "kaiming"  # the adapter's trained values replace the initial ones
+    if init_lora_weights in (True, False, None, "eva"):
+        # The adapter's trained values replace the initial ones (EVA leaves the base untouched: its file, with the
+        # rank and alpha patterns its rank redistribution wrote, is a plain LoRA adapter).
+        return "kaiming"
     try:
         if str(init_lora_weights).startswith("loftq"):
             # PEFT's LoftQ adapter belongs to the LoftQ-modified base PEFT saved with it (and ignores the scaling).

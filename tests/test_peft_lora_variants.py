@@ -1,5 +1,6 @@
-"""A LoRA rank larger than a layer can use (PEFT allows it; a PEFT adapter on a small head must load): a warning,
-and forward, merge and files both ways equal to PEFT's. SVD inits still refuse (tests/test_errors.py)."""
+"""PEFT LoRA adapters that must load: a rank larger than a layer can use (PEFT allows it; an adapter on a small head)
+gives a warning, and forward, merge and files both ways equal PEFT's (SVD inits still refuse: tests/test_errors.py);
+an EVA-initialised adapter is the plain LoRA it is after training."""
 
 from __future__ import annotations
 
@@ -48,3 +49,15 @@ def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
         with pytest.warns(UserWarning, match="can use at most 16 ranks"):
             loaded = load_adapter(tiny_llama(), tmp_path / "peft")
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_an_eva_initialised_peft_adapter_loads_as_the_plain_lora_it_is(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva",
+                             eva_config=peft.EvaConfig(rho=2.0), rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 3})
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    randomize_adapters(theirs)  # stands in for the EVA init and training
+    theirs.save_pretrained(tmp_path / "eva")
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "eva")(input_ids=ids).logits,
+                                   theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
