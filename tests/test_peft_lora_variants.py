@@ -52,8 +52,10 @@ def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
 
 
 def test_an_eva_initialised_peft_adapter_loads_as_the_plain_lora_it_is(tmp_path: Path) -> None:
-    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva",
-                             eva_config=peft.EvaConfig(rho=2.0), rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 3})
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0),
+        rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 3},  # what EVA's rank redistribution writes
+    )
     theirs = peft.get_peft_model(tiny_llama(), config)
     randomize_adapters(theirs)  # stands in for the EVA init and training
     theirs.save_pretrained(tmp_path / "eva")
