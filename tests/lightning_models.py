@@ -7,6 +7,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import LoraConfig, LoraMixin, inject_adapters, lora_param_groups
@@ -15,16 +16,21 @@ FEATURES, HIDDEN, OUTPUTS = 8, 16, 4
 
 
 class TinyNet(nn.Module):
-    """Two hidden linear layers and a head: small enough for multi-process CPU runs."""
+    """Two hidden linear layers and a head: small enough for multi-process CPU runs. With ``checkpointed`` the
+    hidden layers are recomputed in backward (activation checkpointing)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fc1 = nn.Linear(FEATURES, HIDDEN)
         self.fc2 = nn.Linear(HIDDEN, HIDDEN)
         self.head = nn.Linear(HIDDEN, OUTPUTS)
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        if not self.checkpointed:
+            return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        recomputed = lambda layer, h: checkpoint(layer, h, use_reentrant=False)  # noqa: E731
+        return self.head(torch.relu(recomputed(self.fc2, torch.relu(recomputed(self.fc1, x)))))
 
 
 def lora_config(**overrides: Any) -> LoraConfig:

@@ -16,7 +16,6 @@ import torch
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
 from torch.utils.data import DataLoader
 
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "kind_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -24,7 +23,7 @@ import kind_runs as runs  # noqa: E402
 
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in ("ddp", "fsdp2")]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
-MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A"}
+MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,8 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def single_process() -> dict[str, dict[str, torch.Tensor]]:
-    """One process per kind on whole batches (both ranks' halves of each step, in order)."""
+    """One process per kind on whole batches (both ranks' halves of each step, in order), without activation
+    checkpointing: checkpointed runs must give the same numbers."""
     torch.set_num_threads(1)
     results = {}
     for kind in runs.CONFIGS:

@@ -1,5 +1,6 @@
-"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT and AdaLoRA adapters, and LoRA under
-ReLoRA, with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script for rank 1.
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT and AdaLoRA adapters, LoRA under
+ReLoRA and LoRA with activation checkpointing, with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo.
+Lightning re-launches this script for rank 1.
 
     python kind_runs.py OUT_DIR
 
@@ -46,6 +47,8 @@ CONFIGS: dict[str, AdapterConfig] = {
     "adalora": AdaLoraConfig(init_r=4, target_r=2, alpha=8, tinit=1, tfinal=2, delta_t=1, total_step=8,
                              target_modules=["fc1", "fc2"], modules_to_save=["head"]),
     "relora": LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    # LoRA with the adapted layers recomputed in backward (activation checkpointing, CheckpointedInit)
+    "lora-checkpointed": LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
 }
 # Schedules that change the adapter (and ReLoRA the base) while training: 8 steps, so AdaLoRA re-allocates at
 # steps 2-5 and finalises at 6, and ReLoRA restarts after steps 3 and 6 (one restart before the resume point).
@@ -53,6 +56,26 @@ SCHEDULES: dict[str, Any] = {
     "adalora": lambda: AdaLoraSchedule(heatmap=False),
     "relora": lambda: ReLoraSchedule(restart_every=3, restart_warmup_steps=1, optimizer_pruning=0.5),
 }
+
+
+class CheckpointedInit(BuiltInInit):
+    """BuiltInInit whose adapted layers are recomputed in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model.checkpointed = True
+
+
+class ShardedCheckpointedInit(CheckpointedInit, ShardedBuiltInInit):
+    """The same, sharded with FSDP2."""
+
+
+# (one process and DDP, FSDP2) module classes of a kind
+MODULES: dict[str, tuple[type, type]] = {"lora-checkpointed": (CheckpointedInit, ShardedCheckpointedInit)}
+
+
+def module_classes(kind: str) -> tuple[type, type]:
+    return MODULES.get(kind, (BuiltInInit, ShardedBuiltInInit))
 
 
 def callbacks_of(kind: str) -> list[L.Callback]:
@@ -115,8 +138,9 @@ def main() -> None:
     torch.set_num_threads(1)
     fsdp2 = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)  # noqa: E731
     for kind in CONFIGS:
-        runs(out, kind, "ddp", BuiltInInit, lambda: "ddp")
-        runs(out, kind, "fsdp2", ShardedBuiltInInit, fsdp2)
+        plain, sharded = module_classes(kind)
+        runs(out, kind, "ddp", plain, lambda: "ddp")
+        runs(out, kind, "fsdp2", sharded, fsdp2)
 
 
 if __name__ == "__main__":
