@@ -16,6 +16,8 @@ Usage::
         --out benchmarks/results/train_step_lora_5rounds.json
     python benchmarks/train_step.py --only peft-loha ours-loha peft-lokr ours-lokr peft-oft ours-oft \
         --out benchmarks/results/train_step_kinds.json
+    python benchmarks/train_step.py --only ours-lora peft-lora floor-ckpt ours-lora-ckpt peft-lora-ckpt \
+        --out benchmarks/results/train_step_checkpointing.json   # activation checkpointing
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import harness  # noqa: E402
 
 KINDS = ["lora", "dora", "loha", "lokr", "oft", "vera"]
 NAMES = ["floor", *(f"{side}-{kind}" for kind in KINDS for side in ("peft", "ours"))]
+# The same runs with Hugging Face activation checkpointing (non-reentrant): pick them with --only.
+CHECKPOINTED = ["floor-ckpt", "peft-lora-ckpt", "ours-lora-ckpt"]
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step.json"
 
 
@@ -50,6 +54,10 @@ def benchmark_llama() -> torch.nn.Module:
 
 def build_model(name: str) -> torch.nn.Module:
     model = benchmark_llama()
+    if name.endswith("-ckpt"):
+        name = name.removesuffix("-ckpt")
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     kind = name.split("-", 1)[-1]
     if name == "floor":
         model.requires_grad_(False)
@@ -169,7 +177,7 @@ def report(results: dict[str, list[dict]]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=NAMES)
+    parser.add_argument("--worker", choices=NAMES + CHECKPOINTED)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
