@@ -1,4 +1,4 @@
-"""LoKr, OFT and AdaLoRA adapters and ReLoRA with two processes, for real (one launch of
+"""LoKr, OFT, AdaLoRA and DoRA adapters, ReLoRA and activation checkpointing with two processes, for real (one launch of
 tests/distributed/kind_runs.py): DDP and FSDP2 (ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter
 (AdaLoRA: the same ranks; ReLoRA: the same folded base), training equals one process on the same batches, and
 resuming from an adapter-only checkpoint is exact."""
@@ -23,7 +23,8 @@ import kind_runs as runs  # noqa: E402
 
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in ("ddp", "fsdp2")]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
-MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A"}
+MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A",
+           "dora": "lora_magnitude"}
 
 
 @pytest.fixture(scope="module")

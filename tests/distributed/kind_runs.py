@@ -1,4 +1,4 @@
-"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT and AdaLoRA adapters, LoRA under
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT, AdaLoRA and DoRA adapters, LoRA under
 ReLoRA and LoRA with activation checkpointing, with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo.
 Lightning re-launches this script for rank 1.
 
@@ -47,6 +47,7 @@ CONFIGS: dict[str, AdapterConfig] = {
     "adalora": AdaLoraConfig(init_r=4, target_r=2, alpha=8, tinit=1, tfinal=2, delta_t=1, total_step=8,
                              target_modules=["fc1", "fc2"], modules_to_save=["head"]),
     "relora": LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    "dora": LoraConfig(r=2, alpha=4, use_dora=True, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
     # LoRA with the adapted layers recomputed in backward (activation checkpointing, CheckpointedInit)
     "lora-checkpointed": LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
 }
