@@ -25,21 +25,6 @@ _TRAINED_BY = "_lora_base_trained_by"  # layer attribute: {adapter name: the alg
 _CHECKPOINT_WEIGHT = "_lora_checkpoint_base_weight"  # layer attribute: checkpoints keep the whole weight
 
 
-def lora_factor_delta(layer: LoraLayer, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``scaling * B @ A`` as a dense ``[out, in, *kernel]`` tensor (float32 for half-precision factors).
-
-    Args:
-        layer: The adapted layer (its geometry).
-        lora_A: ``[r, in, *kernel]`` factor (whole, not sharded).
-        lora_B: ``[out, r, *ones]`` factor (whole).
-        scaling: The adapter's scaling.
-    """
-    compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
-    delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
-    in_features, out_features, kernel = layer.lora_dims()
-    return (delta * scaling).reshape(out_features, in_features, *kernel)
-
-
 @torch.no_grad()
 def add_to_base_weight(layer: LoraLayer, delta_out_in: torch.Tensor) -> None:
     """``weight += delta`` in place, ``delta`` whole and ``[out, in, *kernel]``; a sharded weight adds its slice.

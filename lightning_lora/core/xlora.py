@@ -378,6 +378,9 @@ def xlora_scalings(model: nn.Module) -> Optional[torch.Tensor]:
     """The gate values of the model's last forward: ``[..., n_layers, n_experts]`` as the classifier gave them
     (before ``top_k_lora``), with their autograd graph; None before the first forward.
 
+    Args:
+        model: The model :func:`add_xlora` was applied to.
+
     Raises:
         ValueError: The model has no X-LoRA.
     """
@@ -390,7 +393,11 @@ def xlora_experts(model: nn.Module) -> list[str]:
 
 
 def remove_xlora(model: nn.Module) -> nn.Module:
-    """Take X-LoRA off: the hooks, ``model.xlora_classifier`` and the layers' gate go; the experts stay (frozen)."""
+    """Take X-LoRA off: the hooks, ``model.xlora_classifier`` and the layers' gate go; the experts stay (frozen).
+
+    Args:
+        model: The model :func:`add_xlora` was applied to.
+    """
     state = _state(model)
     state.handle.remove()
     for layer in state.gate.layer_index:

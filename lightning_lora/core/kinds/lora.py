@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from lightning_lora.core.base_updates import lora_factor_delta
 from lightning_lora.core.base_weights import is_plain_weight
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import full_tensor
@@ -134,20 +133,19 @@ class LoraKind(AdapterKind):
 
     def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` and ``B`` as computed with: all ranks, or the first ``active_rank`` (DyLoRA's nested ranks)."""
-        settings = layer.lora_settings[adapter_name]
-        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        return (lora_A, lora_B) if settings.active_rank is None else nested_factors(lora_A, lora_B, settings)
+        return _computed_factors(layer, adapter_name, layer.lora_settings[adapter_name])
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         settings = layer.lora_settings[adapter_name]
-        lora_A, lora_B = self.factors(layer, adapter_name)
+        lora_A, lora_B = _computed_factors(layer, adapter_name, settings)
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
         update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's own layout and dtype."""
-        delta = lora_factor_delta(layer, *self.factors(layer, adapter_name), layer.scaling(adapter_name))
+        settings = layer.lora_settings[adapter_name]
+        delta = lora_factor_delta(layer, *_computed_factors(layer, adapter_name, settings), settings.scaling)
         return layer.to_weight_layout(delta)
 
     # ----- PEFT -----
@@ -229,6 +227,29 @@ class LoraKind(AdapterKind):
             use_dora=bool(values.get("use_dora")),
             init=_init_from_peft(values.get("init_lora_weights", True)),
         )
+
+
+def lora_factor_delta(layer: LoraLayer, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * B @ A`` as a dense ``[out, in, *kernel]`` tensor (float32 for half-precision factors).
+
+    Args:
+        layer: The adapted layer (its geometry).
+        lora_A: ``[r, in, *kernel]`` factor (whole, not sharded).
+        lora_B: ``[out, r, *ones]`` factor (whole).
+        scaling: The adapter's scaling.
+    """
+    compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
+    delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
+    in_features, out_features, kernel = layer.lora_dims()
+    return (delta * scaling).reshape(out_features, in_features, *kernel)
+
+
+def _computed_factors(
+    layer: LoraLayer, adapter_name: str, settings: AdapterSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` and ``B`` as computed with: all ranks, or the first ``active_rank`` (DyLoRA's nested ranks)."""
+    lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    return (lora_A, lora_B) if settings.active_rank is None else nested_factors(lora_A, lora_B, settings)
 
 
 def _init_from_peft(init_lora_weights: Any) -> str:

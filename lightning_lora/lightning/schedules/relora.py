@@ -11,13 +11,13 @@ from typing_extensions import override
 
 from lightning_lora.core.base_updates import (
     add_to_base_weight,
-    lora_factor_delta,
     prune_optimizer_state,
     reinitialize_lora,
     whole_factors,
 )
 from lightning_lora.core.distributed import reshard_fsdp2
 from lightning_lora.core.initializers import initializer_keeps_factors
+from lightning_lora.core.kinds.lora import lora_factor_delta
 from lightning_lora.core.layers import EmbeddingAdapters
 from lightning_lora.lightning.schedules.base import BaseMovingSchedule
 
