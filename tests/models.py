@@ -42,12 +42,13 @@ def tiny_bert(seed: int = 0, vocab: int = 96) -> nn.Module:
 
 
 class SmallConvNet(nn.Module):
-    """A Conv2d model with padding and stride (optionally dilation and reflect padding), and a linear head."""
+    """A Conv2d model with padding and stride (optionally dilation, reflect padding and a grouped second conv), and
+    a linear head."""
 
-    def __init__(self, dilation: int = 1, padding_mode: str = "zeros") -> None:
+    def __init__(self, dilation: int = 1, padding_mode: str = "zeros", groups: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1, padding_mode=padding_mode)
-        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=dilation, dilation=dilation, groups=groups)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, 5)
 
@@ -57,9 +58,9 @@ class SmallConvNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def small_convnet(seed: int = 0, dilation: int = 1, padding_mode: str = "zeros") -> nn.Module:
+def small_convnet(seed: int = 0, dilation: int = 1, padding_mode: str = "zeros", groups: int = 1) -> nn.Module:
     torch.manual_seed(seed)
-    return SmallConvNet(dilation, padding_mode).eval()
+    return SmallConvNet(dilation, padding_mode, groups).eval()
 
 
 class SequenceAndVolumeConvNet(nn.Module):

@@ -197,11 +197,19 @@ def _check(
     svd_family = combination_type in SVD_TYPES and len(adapters) > 1
     for adapter in adapters:
         config = get_lora_config(model, adapter)
+        if getattr(config, "lora_bias", False):
+            raise ValueError(f"Adapter {adapter!r} has a bias on B (lora_bias=True), which a combination has no "
+                             "rule for; combine adapters trained without it.")  # fmt: skip
         if config.bias != "none":
             raise ValueError(f"Adapter {adapter!r} trains biases (bias={config.bias!r}), which a combination has no "
                              "rule for; combine adapters trained with bias='none'.")  # fmt: skip
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.lora_settings for a in adapters)]
     for name, layer in layers:
+        if getattr(layer, "groups", 1) > 1:
+            raise ValueError(
+                f"{name} is a grouped convolution (groups={layer.groups}): its LoRA factors are grouped and no "
+                "combination type has an exact rule for them. Combine adapters that leave it out (exclude_modules)."
+            )
         for adapter in (a for a in adapters if a in layer.lora_settings):
             settings = layer.lora_settings[adapter]
             plain_lora = settings.kind.name == "lora" and not has_init_factors(layer, adapter)

@@ -219,6 +219,10 @@ class LoraConfig(LowRankConfig):
             weight than the quantised base alone (1 or K alternations of quantisation and SVD).
         quantization: Quantise the frozen base with bitsandbytes at injection (QLoRA), see
             :class:`QuantizationConfig`; None (default) leaves the base as it is (it may already be quantised).
+        lora_bias: A trainable bias on ``B`` (PEFT's ``lora_bias``), starting at zero: the update becomes
+            ``scaling * (B A x + b)``. Meant for adapters extracted from fully fine-tuned weights, whose bias moved
+            too. Not with DoRA or on embeddings; only with ``init="kaiming"`` or ``"gaussian"``; merging needs a
+            base layer with a bias, which absorbs ``scaling * b``.
     """
 
     dropout: float = 0.0
@@ -226,6 +230,7 @@ class LoraConfig(LowRankConfig):
     use_dora: bool = False
     init: str = "kaiming"
     quantization: Optional[QuantizationConfig] = None
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -239,6 +244,13 @@ class LoraConfig(LowRankConfig):
         if self.quantization is not None and not isinstance(self.quantization, QuantizationConfig):
             raise TypeError(
                 f"quantization must be a QuantizationConfig, a dict of its fields or None, got {self.quantization!r}."
+            )
+        if not isinstance(self.lora_bias, bool):
+            raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}.")
+        if self.lora_bias and (self.use_dora or self.init not in ("kaiming", "gaussian")):
+            raise ValueError(
+                f"lora_bias=True works with plain LoRA initialised with init='kaiming' or 'gaussian' (as in PEFT), "
+                f"not with {'use_dora=True' if self.use_dora else f'init={self.init!r}'}; drop one of the two."
             )
         if re.fullmatch(r"loftq_iter_0+", self.init):
             raise ValueError(f"init={self.init!r}: LoftQ needs at least one iteration, e.g. 'loftq_iter_2'.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import torch
@@ -23,7 +24,7 @@ from lightning_lora.core.layers import (
     lora_layers,
 )
 from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
-from lightning_lora.core.targeting import find_modules_to_save, find_targets
+from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ def apply_lora(
     _check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     modules_to_save = find_modules_to_save(model, config)
+    unreached = weights_all_linear_skips(model, config)
+    if unreached:
+        warnings.warn(
+            f"target_modules='all-linear' adapts linear layers; these weights stay frozen with no adapter: "
+            f"{unreached[:4]}{f' and {len(unreached) - 4} more' if len(unreached) > 4 else ''}. Fused "
+            "mixture-of-experts tensors (PEFT's target_parameters) cannot take an adapter yet: list their modules in "
+            "modules_to_save to train them in full, or name the layers you want in target_modules.",
+            stacklevel=2,
+        )
     settings = {name: _settings_for(name, module, config) for name, module in targets}
     to_quantize = plan_quantization(model, config, targets)
     shared = kind_of(config).shared_tensors(config, targets)
@@ -139,6 +149,11 @@ def _settings_for(name: str, module: nn.Module, config: AdapterConfig) -> Adapte
         kind=kind,
         config=config,
     )
+    if getattr(module, "groups", 1) > 1 and not kind.adapts_grouped_convolutions:
+        raise ValueError(
+            f"{name} is a grouped convolution (groups={module.groups}), which {kind.display_name} cannot adapt (only "
+            "plain LoRA can, as in PEFT). Leave it out with exclude_modules, or use LoraConfig without use_dora."
+        )
     kind.check_layer(name, module, settings)
     return settings
 

@@ -176,6 +176,9 @@ class LoraLayer(nn.Module):
             if isinstance(container := self._modules.get(c), AdapterDict) and adapter_name in container
         ]
 
+    def check_mergeable(self, layer_name: str) -> None:
+        """Raise a ValueError naming the fix when no adapter on this layer can fold into its base weight."""
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's layout and dtype (see the kind's ``delta_weight``)."""
         return self.lora_settings[adapter_name].kind.delta_weight(self, adapter_name)
@@ -374,16 +377,41 @@ class EmbeddingAdapters(LoraLayer):
 
 class ConvAdapters(LoraLayer):
     """Adapters on ``nn.Conv1d/2d/3d``: ``A`` is a convolution with the base kernel, stride, padding and dilation;
-    ``B`` a 1x1 convolution, so ``B @ A`` is a kernel of the base's shape and merging is exact."""
+    ``B`` a 1x1 convolution, so ``B @ A`` is a kernel of the base's shape and merging is exact.
+
+    On a grouped convolution (``groups > 1``, LoRA only) ``A`` sees every input channel and ``B`` is grouped like
+    the base (``[out, r / groups, 1, ...]``), as in PEFT. That update links every input channel to every output
+    channel, which no grouped kernel holds: such adapters compute and save but never merge.
+    """
 
     _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_channels, self.out_channels, tuple(self.kernel_size)
 
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        shape_A, (out_channels, _, *ones) = super().adapter_shapes(r)
+        return shape_A, (out_channels, r // self.groups, *ones)
+
     def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-        hidden = self._conv_forward(h, lora_A, None)  # the base's own geometry, padding_mode included
-        return self._CONV_FN[lora_B.dim()](hidden * scaling, lora_B)
+        hidden = self._ungrouped_conv(h, lora_A) if self.groups > 1 else self._conv_forward(h, lora_A, None)
+        return self._CONV_FN[lora_B.dim()](hidden * scaling, lora_B, groups=self.groups)
+
+    def _ungrouped_conv(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base's geometry (stride, padding and its mode, dilation) with ``groups=1``."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return self._CONV_FN[weight.dim()](h, weight, None, self.stride, padding, self.dilation)
+
+    def check_mergeable(self, layer_name: str) -> None:
+        if self.groups > 1:
+            raise ValueError(
+                f"{layer_name} is a grouped convolution (groups={self.groups}): its LoRA update links every input "
+                "channel to every output channel, which the grouped kernel cannot hold, so it cannot be merged "
+                "(PEFT refuses too). Keep the adapter unmerged (save_adapter), or leave the layer out with "
+                "exclude_modules."
+            )
 
     def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(h, weight_out_in, None)
@@ -408,13 +436,11 @@ def layer_type_of(module: nn.Module) -> Optional[type[LoraLayer]]:
     if isinstance(module, nn.Embedding):
         return EmbeddingAdapters
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        if module.groups != 1:
-            return None
         return ConvAdapters
     return None
 
 
-SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3d (groups=1)"
+SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped: LoRA only)"
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:

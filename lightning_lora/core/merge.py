@@ -38,8 +38,30 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
                 "name) and unmerge_lora(model) first."
             )
         if pending:
+            layer.check_mergeable(name)
+            biased = [a for a in pending if layer.lora_settings[a].kind.bias_delta(layer, a) is not None]
+            if biased and getattr(layer, "bias", None) is None:
+                raise ValueError(
+                    f"{name} has no bias, so the bias on B of {biased} (lora_bias=True) has nowhere to merge (PEFT "
+                    "refuses too). Keep the adapter unmerged (save_adapter), or train it without lora_bias."
+                )
             plan.append((name, layer, pending))
     return plan
+
+
+def merged_bias(layer: LoraLayer, adapters: list[str], sign: float = 1.0) -> Optional[torch.Tensor]:
+    """The layer's bias with ``sign`` times the adapters' bias updates added (LoRA's ``lora_bias``), or None when
+    none of them has a bias of its own.
+
+    Args:
+        layer: The adapted layer.
+        adapters: The adapters being merged (or unmerged, with ``sign=-1``).
+        sign: ``1`` to merge, ``-1`` to unmerge.
+    """
+    deltas = [d for a in adapters if (d := layer.lora_settings[a].kind.bias_delta(layer, a)) is not None]
+    if not deltas:
+        return None
+    return layer.bias.detach() + sign * sum(deltas).to(layer.bias.dtype)
 
 
 def _refuse_tied_weights(model: nn.Module, plan: list[tuple[str, LoraLayer, list[str]]]) -> None:
@@ -78,7 +100,8 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
             weight = dense_weight(layer)
             for adapter in pending:
                 weight = layer.lora_settings[adapter].kind.merged_weight(layer, adapter, weight, {})
-                if not torch.isfinite(weight).all():
+                bias = merged_bias(layer, [adapter])
+                if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
                     raise ValueError(
                         f"Merging adapter {adapter!r} into {name or 'the model'} gives NaN/Inf weights; nothing was "
                         "merged. The adapter is broken (diverged training?): check its tensors and learning rate."
@@ -90,7 +113,14 @@ def merge_lora(model: nn.Module, adapter_names: Optional[list[str]] = None, safe
             weight = kind.merged_weight(layer, adapter, weight, layer.merge_state)
             layer.merged_adapters.append(adapter)
         assign_dense_weight(layer, weight)
+        _assign_bias(layer, merged_bias(layer, pending))
     return model
+
+
+@torch.no_grad()
+def _assign_bias(layer: LoraLayer, bias: Optional[torch.Tensor]) -> None:
+    if bias is not None:
+        layer.bias.copy_(bias)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
@@ -107,6 +137,7 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
             kind = layer.lora_settings[adapter].kind
             weight = kind.unmerged_weight(layer, adapter, weight, layer.merge_state)
         assign_dense_weight(layer, weight)
+        _assign_bias(layer, merged_bias(layer, layer.merged_adapters, sign=-1.0))
         layer.merged_adapters.clear()
     return model
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight, is_plain_weight
 from lightning_lora.core.layers import AdapterDict, LoraLayer, lora_layers
-from lightning_lora.core.merge import _merge_plan
+from lightning_lora.core.merge import _merge_plan, merged_bias
 from lightning_lora.core.peft_format import full_tensor
 from lightning_lora.core.safe_files import (
     PathLike,
@@ -133,8 +133,8 @@ def _merged_sources(
 ) -> tuple[dict[str, _Source], dict[str, str], list[list[str]]]:
     """The source of every written tensor, the tied keys stored once (``{alias: key}``) and the ties that an adapter
     breaks (each as a list of keys, the adapted one first)."""
-    merged = {(f"{name}.weight" if name else "weight"): (name, layer, pending)
-              for name, layer, pending in _merge_plan(model, adapter_names)}
+    plan = _merge_plan(model, adapter_names)
+    merged = {(f"{name}.weight" if name else "weight"): (name, layer, pending) for name, layer, pending in plan}
     adapter_prefixes = tuple(
         f"{name}.{child}." if name else f"{child}."
         for name, layer in lora_layers(model)
@@ -146,6 +146,10 @@ def _merged_sources(
         key: _Source(value, _merged_weight_source(*merged[key], safe) if key in merged else _gathered(value))
         for key, value in state.items()
     }
+    for name, layer, pending in plan:
+        bias_key = f"{name}.bias" if name else "bias"
+        if bias_key in sources and merged_bias(layer, pending) is not None:  # LoRA's lora_bias
+            sources[bias_key] = _Source(state[bias_key], _merged_bias_source(name, layer, pending, safe))
     aliases, untied = {}, []
     for keys in _tied_groups(state):
         if any(key in merged for key in keys):
@@ -175,6 +179,17 @@ def _merged_weight_source(name: str, layer: LoraLayer, pending: list[str], safe:
         return weight
 
     return merged_weight
+
+
+def _merged_bias_source(name: str, layer: LoraLayer, pending: list[str], safe: bool) -> Callable[[], torch.Tensor]:
+    def bias() -> torch.Tensor:
+        value = full_tensor(merged_bias(layer, pending))
+        if safe and not torch.isfinite(value).all():
+            raise ValueError(f"Merging {pending} into the bias of {name or 'the model'} gives NaN/Inf; nothing was "
+                             "written. The adapter is broken (diverged training?).")  # fmt: skip
+        return value
+
+    return bias
 
 
 def _tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:

@@ -109,6 +109,31 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     return selected
 
 
+def weights_all_linear_skips(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """Weights (parameters of 2 or more dimensions) that ``"all-linear"`` cannot reach because their module is no
+    layer type an adapter fits: fused mixture-of-experts tensors (``experts.gate_up_proj``, ``[experts, out, in]``),
+    routers that are not ``nn.Linear``, ``nn.MultiheadAttention.in_proj_weight``. Empty for other targets.
+
+    Args:
+        model: The model being adapted.
+        config: The adapter's config.
+    """
+    if config.target_modules != ALL_LINEAR:
+        return []
+    saved = tuple(f"{name}." for name in find_modules_to_save(model, config))
+    skipped = []
+    for module_name, module in _candidate_modules(model):
+        if layer_type_of(module) is not None or isinstance(module, LoraLayer):
+            continue
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            name = f"{module_name}.{parameter_name}"
+            # A leading 1 marks a broadcast tensor (position embeddings, class tokens), not a layer's weight.
+            matrix = parameter.dim() >= 2 and parameter.shape[0] != 1 and parameter.is_floating_point()
+            if matrix and not name.startswith(saved):
+                skipped.append(f"{name} {list(parameter.shape)} ({type(module).__name__})")
+    return skipped
+
+
 def find_modules_to_save(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Module]:
     """Modules named by ``config.modules_to_save`` (outermost matches only), keyed by name.
 

@@ -72,6 +72,8 @@ class AdapterKind:
     peft_alpha_field: ClassVar[Optional[str]] = "alpha"
     peft_bias_only: ClassVar[str] = "lora_only"  # PEFT's name for "biases of adapted layers" (OFT: "oft_only")
     vllm_servable: ClassVar[bool] = False
+    #: Whether it can adapt a grouped convolution (``groups > 1``): a low-rank update grouped like the base.
+    adapts_grouped_convolutions: ClassVar[bool] = False
 
     def __deepcopy__(self, memo: dict) -> AdapterKind:
         return self  # kinds hold no state: a copied model's layers share them
@@ -135,6 +137,11 @@ class AdapterKind:
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's own layout and dtype (for ``"add"`` kinds)."""
         raise NotImplementedError
+
+    def bias_delta(self, layer: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:
+        """What merging adds to the base layer's bias (``[out]``), or None for adapters without a bias of their
+        own (LoRA's ``lora_bias``)."""
+        return None
 
     def merged_weight(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]

@@ -26,6 +26,7 @@ class DoraKind(LoraKind):
     display_name = "DoRA"
     action = "rescale"
     vllm_servable = False
+    adapts_grouped_convolutions = False
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude", *INIT_FACTOR_DICTS)
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:

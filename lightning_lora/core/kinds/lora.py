@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -49,14 +49,16 @@ class LoraKind(AdapterKind):
     name = "lora"
     display_name = "LoRA"
     peft_type = "LORA"
-    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", *INIT_FACTOR_DICTS)
+    containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_bias", *INIT_FACTOR_DICTS)
     config_class = LoraConfig
     # eva_config only steers EVA's data-driven init, which a saved adapter's tensors have replaced.
     peft_fields = frozenset(
-        {"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "eva_config"}
+        {"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "eva_config",
+         "lora_bias"}
     )
     peft_alpha_field = "lora_alpha"
     vllm_servable = True
+    adapts_grouped_convolutions = True
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
         shape_A, shape_B = layer.adapter_shapes(settings.r)
@@ -65,6 +67,8 @@ class LoraKind(AdapterKind):
             AdapterTensor("lora_A", shape_A, "embedding" if embedding else "A"),
             AdapterTensor("lora_B", shape_B, "embedding" if embedding else "B"),
         ]
+        if settings.config.lora_bias:
+            tensors.append(AdapterTensor("lora_bias", shape_B[:1], "B"))  # a bias on B: LoRA+ groups it with B
         if initializer_keeps_factors(settings.config.init):
             frozen = zip(INIT_FACTOR_DICTS, (shape_A, shape_B))
             tensors += [AdapterTensor(name, shape, trainable=False) for name, shape in frozen]
@@ -75,6 +79,14 @@ class LoraKind(AdapterKind):
         in_features, out_features, kernel = layer_type.lora_dims(module)
         init = settings.config.init
         usable = min(in_features * math.prod(kernel), out_features)
+        groups = getattr(module, "groups", 1)
+        if groups > 1 and (settings.r % groups or init not in RANDOM_INITS):
+            raise ValueError(
+                f"{layer_name} is a grouped convolution (groups={groups}): LoRA there needs a rank divisible by "
+                f"{groups} (got r={settings.r}) and init in {RANDOM_INITS} (got {init!r}), as in PEFT. Set "
+                f"rank_pattern={{{layer_name.split('.')[-1]!r}: {groups * max(1, settings.r // groups)}}}, or leave it "
+                "out with exclude_modules."
+            )
         if settings.r > usable and init in RANDOM_INITS:
             # As PEFT: B A still works, its rank is only capped (a PEFT adapter on a small head must load).
             warnings.warn(
@@ -85,6 +97,17 @@ class LoraKind(AdapterKind):
             )
         else:
             rank_fits(layer_name, module, settings.r, usable)  # SVD inits and orthogonal rows need r <= usable
+        if settings.config.lora_bias:
+            if layer_type is EmbeddingAdapters:
+                raise ValueError(
+                    f"lora_bias=True does not apply to {layer_name} (nn.Embedding), as in PEFT: leave embeddings out "
+                    "with exclude_modules, or train without lora_bias."
+                )
+            if getattr(module, "bias", None) is None:
+                warnings.warn(
+                    f"lora_bias=True on {layer_name}, which has no bias: the adapter trains, but it cannot be merged.",
+                    stacklevel=2,
+                )
         if not initializer_supports(init, layer_type):
             raise ValueError(
                 f"init={init!r} is not defined for {layer_name} ({type(module).__name__}). Use init='kaiming' or "
@@ -112,6 +135,8 @@ class LoraKind(AdapterKind):
 
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
         resolve_initializer(layer.lora_settings[adapter_name].config.init)(layer, adapter_name)
+        if adapter_name in getattr(layer, "lora_bias", ()):
+            layer.lora_bias[adapter_name].zero_()
 
     def prepare_load(
         self, layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], prefix: str
@@ -140,6 +165,8 @@ class LoraKind(AdapterKind):
         lora_A, lora_B = _computed_factors(layer, adapter_name, settings)
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
         update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
+        if settings.config.lora_bias:
+            update = update + layer.channel_view(layer.lora_bias[adapter_name] * settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -148,10 +175,18 @@ class LoraKind(AdapterKind):
         delta = lora_factor_delta(layer, *_computed_factors(layer, adapter_name, settings), settings.scaling)
         return layer.to_weight_layout(delta)
 
+    def bias_delta(self, layer: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:
+        """``scaling * b`` for a ``lora_bias`` adapter."""
+        if adapter_name not in getattr(layer, "lora_bias", ()):
+            return None
+        return layer.lora_bias[adapter_name].detach() * layer.lora_settings[adapter_name].scaling
+
     # ----- PEFT -----
     def peft_tensor_leaf(self, layer: LoraLayer, container: str) -> str:
         if container == "lora_magnitude":
             return "lora_magnitude_vector"
+        if container == "lora_bias":
+            return "lora_B.bias"
         if isinstance(layer, EmbeddingAdapters):
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}[container]
         return f"{container}.weight"
@@ -200,6 +235,11 @@ class LoraKind(AdapterKind):
         self, tensors: dict[str, torch.Tensor], r: int, scaling: float, rank: int, new_scaling: float
     ) -> dict[str, torch.Tensor]:
         """Zero-pad to ``rank`` (exact) and fold ``scaling / new_scaling`` into B."""
+        if "lora_bias" in tensors:
+            raise ValueError(
+                "A vLLM adapter holds only lora_A/lora_B: this adapter has a bias on B (lora_bias=True). Export with "
+                "format='peft', or serve the merged model (save_merged_model)."
+            )
         A, B = tensors["lora_A"], tensors["lora_B"]
         if scaling != new_scaling:
             B = B * (scaling / new_scaling)
@@ -216,6 +256,7 @@ class LoraKind(AdapterKind):
             "use_rslora": config.use_rslora,
             "use_dora": config.use_dora,
             "init_lora_weights": True,  # PEFT would otherwise re-run an SVD init at load and change the base
+            "lora_bias": config.lora_bias,
         }
 
     def config_from_peft(self, values: Mapping[str, Any], targeting: dict[str, Any]) -> LoraConfig:
@@ -226,6 +267,7 @@ class LoraKind(AdapterKind):
             use_rslora=bool(values.get("use_rslora")),
             use_dora=bool(values.get("use_dora")),
             init=_init_from_peft(values.get("init_lora_weights", True)),
+            lora_bias=bool(values.get("lora_bias")),
         )
 
 
