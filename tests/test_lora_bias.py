@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from models import image_batch, small_convnet, tiny_bert, tiny_llama, token_batch
-from peft_oracle import peft_twin
 
 from lightning_lora import (
     LoraConfig,

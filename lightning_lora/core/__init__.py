@@ -103,3 +103,9 @@ __all__ = [
     "unmerge_lora",
     "xlora_scalings",
 ]
+
+# Data-driven inits (CorDA, EVA): importing the module registers init="corda_ipm", "corda_kpm" and "eva".
+from lightning_lora.core.calibration import calibrate_adapters  # noqa: E402
+from lightning_lora.core.config import EvaConfig  # noqa: E402
+
+__all__ += ["EvaConfig", "calibrate_adapters"]

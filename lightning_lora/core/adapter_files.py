@@ -24,9 +24,9 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.base_updates import check_base_untouched
+from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
@@ -35,6 +35,7 @@ from lightning_lora.core.inject import (
     get_lora_config,
 )
 from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers import AdapterSettings, lora_layers
 from lightning_lora.core.peft_format import (
     PEFT_CONFIG_NAME,
@@ -302,6 +303,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
 
 def _check_existing(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
     problems = []
+    token_rows = {name: indices for name, _, indices in find_token_layers(model, config)}
     for name, layer in lora_layers(model):
         settings = layer.lora_settings.get(adapter_name)
         if settings is None:
@@ -310,6 +312,11 @@ def _check_existing(model: nn.Module, config: AdapterConfig, adapter_name: str) 
             raise ValueError(
                 f"Adapter {adapter_name!r} is merged into {name}; call unmerge_lora(model) before loading into it."
             )
+        if token_layer(layer, adapter_name):
+            if token_rows.get(name) != settings.token_indices:
+                in_file = token_rows.get(name)
+                problems.append(f"{name}: model trains rows {list(settings.token_indices)}, file {in_file}")
+            continue
         saved = AdapterSettings(config.rank_for(name), config.alpha_for(name), 0.0, kind_of(config), config)
         if (settings.kind.name, settings.r) != (saved.kind.name, saved.r) or not (
             math.isclose(settings.alpha, saved.alpha, rel_tol=1e-6)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from lightning_lora.core.init_names import check_init_name
+from lightning_lora.core.init_names import check_init_name, is_data_init
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -199,6 +199,42 @@ class LowRankConfig(AdapterConfig):
         return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
 
 
+@dataclass
+class EvaConfig:
+    """How ``LoraConfig(init="eva")`` (Paischer et al. 2024, https://arxiv.org/abs/2410.07170) reads its
+    calibration batches; the fields and defaults of PEFT's ``EvaConfig``.
+
+    Args:
+        rho: Rank redistribution: a layer may get up to ``round(r * rho)`` ranks (at least 1.0; 1.0 keeps every
+            layer at its own rank). The total stays the sum of the configured ranks.
+        tau: Convergence threshold: a layer's incremental SVD stops once the cosine similarity of its components
+            between two batches is at least ``tau`` (in ``[0, 1]``).
+        use_label_mask: For batches with ``labels``, leave out positions whose label is ``label_mask_value``.
+        label_mask_value: The label of positions left out.
+        whiten: Divide each component by the square root of its singular value.
+        adjust_scaling_factors: Scale a layer's alpha with its new rank (``alpha * new_r / r``), so every layer keeps
+            its scaling.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho < 1.0:
+            raise ValueError(f"eva_config.rho must be >= 1.0 (1.0: no rank redistribution), got {self.rho!r}.")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"eva_config.tau must be in [0, 1] (PEFT's default 0.99), got {self.tau!r}.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvaConfig:
+        """Build from a plain dict; unknown keys are an error naming them."""
+        return _from_dict(cls, values, "EvaConfig")
+
+
 @dataclass(kw_only=True)
 class LoraConfig(LowRankConfig):
     __doc__ = """Configuration of one LoRA adapter (and its variants rsLoRA and DoRA, and its initialisations).
@@ -216,13 +252,20 @@ class LoraConfig(LowRankConfig):
             (``"pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``). Every method leaves the model's
             outputs unchanged at init, except ``"loftq"`` / ``"loftq_iter_<K>"`` (needs ``quantization``): LoftQ
             chooses the quantised base and the adapter together so that their sum is closer to the full-precision
-            weight than the quantised base alone (1 or K alternations of quantisation and SVD).
+            weight than the quantised base alone (1 or K alternations of quantisation and SVD). Data-driven:
+            ``"corda_ipm"`` / ``"corda_kpm"`` (CorDA's instruction-previewed / knowledge-preserving modes) and
+            ``"eva"`` read calibration batches; the adapter stays pending until
+            :func:`~lightning_lora.calibrate_adapters` (or ``LoraCallback(calibration_batches=N)``) runs.
         quantization: Quantise the frozen base with bitsandbytes at injection (QLoRA), see
             :class:`QuantizationConfig`; None (default) leaves the base as it is (it may already be quantised).
         lora_bias: A trainable bias on ``B`` (PEFT's ``lora_bias``), starting at zero: the update becomes
             ``scaling * (B A x + b)``. Meant for adapters extracted from fully fine-tuned weights, whose bias moved
             too. Not with DoRA or on embeddings; only with ``init="kaiming"`` or ``"gaussian"``; merging needs a
             base layer with a bias, which absorbs ``scaling * b``.
+        trainable_token_indices: Embedding rows that train too, e.g. new special tokens (PEFT's option of the same
+            name): a list of token ids for the input embedding, or ``{embedding name: ids}``. Only those rows
+            train; they are saved with the adapter and merge into the table. Not on a tied input/output table.
+        eva_config: Options of ``init="eva"`` (:class:`EvaConfig`; default ``EvaConfig()``).
     """
 
     dropout: float = 0.0
@@ -231,6 +274,8 @@ class LoraConfig(LowRankConfig):
     init: str = "kaiming"
     quantization: Optional[QuantizationConfig] = None
     lora_bias: bool = False
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    eva_config: Optional[EvaConfig] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -245,6 +290,7 @@ class LoraConfig(LowRankConfig):
             raise TypeError(
                 f"quantization must be a QuantizationConfig, a dict of its fields or None, got {self.quantization!r}."
             )
+        self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
         if not isinstance(self.lora_bias, bool):
             raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}.")
         if self.lora_bias and (self.use_dora or self.init not in ("kaiming", "gaussian")):
@@ -259,11 +305,47 @@ class LoraConfig(LowRankConfig):
                 f"init={self.init!r} initialises adapters for a quantised base; set quantization, e.g. "
                 "LoraConfig(init='loftq', quantization=QuantizationConfig(bits=4)), on a full-precision model."
             )
+        self._check_data_init()
+
+    def _check_data_init(self) -> None:
+        if isinstance(self.eva_config, dict):
+            self.eva_config = EvaConfig.from_dict(self.eva_config)
+        if self.eva_config is not None and not isinstance(self.eva_config, EvaConfig):
+            raise TypeError(f"eva_config must be an EvaConfig, a dict of its fields or None, got {self.eva_config!r}.")
+        if is_data_init(self.init) and self.quantization is not None:
+            raise ValueError(
+                f"init={self.init!r} runs on calibration batches after injection, when the base would already be "
+                "quantised. Calibrate the full-precision model and quantise afterwards, or drop quantization."
+            )
 
     @property
     def kind(self) -> str:
         """``"dora"`` with ``use_dora``, else ``"lora"``."""
         return "dora" if self.use_dora else "lora"
+
+
+def _checked_token_indices(value: Any) -> Optional[Union[list[int], dict[str, list[int]]]]:
+    """``trainable_token_indices`` checked: a non-empty list of distinct token ids >= 0, or a dict of embedding
+    names to such lists."""
+
+    def checked(indices: Any, where: str) -> list[int]:
+        if (
+            not isinstance(indices, (list, tuple))
+            or not indices
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices)
+            or len(set(indices)) != len(indices)
+        ):
+            raise ValueError(f"trainable_token_indices{where} must be a non-empty list of distinct token ids >= 0, "
+                             f"got {indices!r}.")  # fmt: skip
+        return list(indices)
+
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise ValueError(f"trainable_token_indices as a dict maps embedding names to token ids, got {value!r}.")
+        return {name: checked(indices, f"[{name!r}]") for name, indices in value.items()}
+    return checked(value, "")
 
 
 def _from_dict(cls: type, values: dict[str, Any], name: str) -> Any:

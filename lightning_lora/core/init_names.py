@@ -7,11 +7,20 @@ import re
 
 _NAMES: set[str] = set()
 _PREFIXES: set[str] = set()  # numbered families, e.g. "pissa_niter_" accepts "pissa_niter_4"
+_DATA_NAMES: set[str] = set()  # methods that read calibration batches (CorDA, EVA)
 
 
-def register_init_name(name: str, numbered: bool = False) -> None:
-    """Accept ``name`` (or, with ``numbered``, ``name`` followed by an integer) as an init method."""
+def register_init_name(name: str, numbered: bool = False, needs_data: bool = False) -> None:
+    """Accept ``name`` (or, with ``numbered``, ``name`` followed by an integer) as an init method; ``needs_data``:
+    the method reads calibration batches."""
     (_PREFIXES if numbered else _NAMES).add(name)
+    if needs_data:
+        _DATA_NAMES.add(name)
+
+
+def is_data_init(init: object) -> bool:
+    """Whether ``init`` (any kind's init field value) names a method that reads calibration batches."""
+    return isinstance(init, str) and init in _DATA_NAMES
 
 
 def check_init_name(init: str) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.init_names import check_init_name, register_init_name
+from lightning_lora.core.init_names import check_init_name, is_data_init, register_init_name
 from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
 
 Initializer = Callable[[LoraLayer, str], None]
@@ -22,6 +22,9 @@ _INITIALIZERS: dict[str, Initializer] = {}
 _PREFIXED: dict[str, Initializer] = {}  # e.g. "pissa_niter_" handles "pissa_niter_4"
 _LAYER_TYPES: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
 _KEEPS_INIT_FACTORS: set[Initializer] = set()
+_WEIGHT_FREE_NAMES: set[str] = {"kaiming", "gaussian", "orthogonal"}
+# Where calibrate_adapters leaves a layer's statistics for a data init: layer.__dict__[CALIBRATION][adapter_name].
+CALIBRATION = "_lora_calibration"
 
 
 def register_initializer(
@@ -31,6 +34,8 @@ def register_initializer(
     numbered: bool = False,
     layer_types: Optional[tuple[type[LoraLayer], ...]] = None,
     keeps_init_factors: bool = False,
+    needs_data: bool = False,
+    reads_weight: bool = True,
 ) -> None:
     """Make ``function`` available as ``LoraConfig(init=name)``.
 
@@ -43,9 +48,14 @@ def register_initializer(
         keeps_init_factors: The method moves ``scaling * B0 @ A0`` out of the base weight. The adapter then gets
             frozen ``lora_init_A``/``lora_init_B`` tensors (saved with it) that the function must fill with ``A0``
             and ``B0``; see :mod:`lightning_lora.core.svd_init`.
+        needs_data: The method reads statistics of the layer's inputs over calibration batches (CorDA, EVA): the
+            adapter stays pending until :func:`~lightning_lora.core.calibration.calibrate_adapters` runs it.
+        reads_weight: The method reads the base weight (False for EVA, which reads only the inputs).
     """
     (_PREFIXED if numbered else _INITIALIZERS)[name] = function
-    register_init_name(name, numbered)
+    if not reads_weight:
+        _WEIGHT_FREE_NAMES.add(name)
+    register_init_name(name, numbered, needs_data)
     _LAYER_TYPES[function] = layer_types
     if keeps_init_factors:
         _KEEPS_INIT_FACTORS.add(function)
@@ -72,7 +82,20 @@ def initializer_keeps_factors(init: str) -> bool:
 
 def weight_dependent_init(init: str) -> bool:
     """True when the method reads the base weight (so it must run after real base weights are loaded)."""
-    return init not in ("kaiming", "gaussian", "orthogonal")
+    return init not in _WEIGHT_FREE_NAMES
+
+
+def initializer_needs_data(init: object) -> bool:
+    """Whether ``init`` (any kind's init field value) names a method that reads calibration batches."""
+    return is_data_init(init)
+
+
+def needs_calibration(layer: LoraLayer, adapter_name: str) -> bool:
+    """Whether the adapter's init reads calibration data that :func:`~lightning_lora.core.calibration.
+    calibrate_adapters` has not collected for this layer yet."""
+    settings = layer.lora_settings[adapter_name]
+    init = getattr(settings.config, "init", None) if settings.kind.name in ("lora", "dora") else None
+    return initializer_needs_data(init) and adapter_name not in layer.__dict__.get(CALIBRATION, {})
 
 
 def _zero_embedding_A(layer: LoraLayer, adapter_name: str) -> bool:

@@ -10,10 +10,12 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_tensors import adapter_parameters, shared_holder
 from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import full_parameters, global_rank
-from lightning_lora.core.adapter_tensors import adapter_parameters, shared_holder
+from lightning_lora.core.initializers import initializer_needs_data, needs_calibration
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS, kind_of
+from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
 from lightning_lora.core.layers import (
     AdapterDict,
     AdapterSettings,
@@ -58,7 +60,8 @@ def apply_lora(
             adapter onto an original base model: no SVD is computed for nothing) or the real base weights come
             later; then load the adapter, or call :func:`initialize_pending_adapters`, before the first forward.
             With ``config.quantization`` a pending init later sees the quantised weights: SVD inits and LoftQ
-            need ``True`` to work on the full-precision ones.
+            need ``True`` to work on the full-precision ones. Data-driven inits (CorDA, EVA) always stay pending
+            until :func:`~lightning_lora.core.calibration.calibrate_adapters`.
 
     Returns:
         The same ``model``.
@@ -82,6 +85,8 @@ def apply_lora(
             stacklevel=2,
         )
     settings = {name: _settings_for(name, module, config) for name, module in targets}
+    token_layers = _token_layer_settings(model, config, settings, modules_to_save)
+    settings.update({name: token_settings for name, _, token_settings in token_layers})
     to_quantize = plan_quantization(model, config, targets)
     shared = kind_of(config).shared_tensors(config, targets)
 
@@ -91,14 +96,14 @@ def apply_lora(
     converted: list[nn.Module] = []
     undo_quantization = None
     try:
-        for name, module in targets:
+        for name, module in [*targets, *((name, module) for name, module, _ in token_layers)]:
             if not isinstance(module, LoraLayer):
                 module.__class__ = lora_class(layer_type_of(module), type(module))
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
         _attach_shared(model, adapter_name, shared, [m for _, m in targets])
-        if initialize:
+        if initialize and not initializer_needs_data(getattr(config, "init", None)):  # data inits: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)
         if to_quantize:
             # After the inits, so SVD inits and LoftQ work on full-precision weights and leave a residual to quantise.
@@ -156,6 +161,23 @@ def _settings_for(name: str, module: nn.Module, config: AdapterConfig) -> Adapte
         )
     kind.check_layer(name, module, settings)
     return settings
+
+
+def _token_layer_settings(
+    model: nn.Module, config: AdapterConfig, settings: dict[str, AdapterSettings], modules_to_save: dict[str, nn.Module]
+) -> list[tuple[str, nn.Module, AdapterSettings]]:
+    """The embeddings whose rows ``config.trainable_token_indices`` trains, with their settings."""
+    found = []
+    for name, module, indices in find_token_layers(model, config):
+        if name in settings or name in modules_to_save:
+            where = "target_modules" if name in settings else "modules_to_save"
+            raise ValueError(
+                f"{name} is in trainable_token_indices and in {where}: train its chosen rows or all of it, not both "
+                f"(as PEFT). Drop it from one of them{' (exclude_modules)' if name in settings else ''}."
+            )
+        token_settings = AdapterSettings(len(indices), 1.0, 0.0, TRAINABLE_TOKENS, config, token_indices=indices)
+        found.append((name, module, token_settings))
+    return found
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -415,6 +437,13 @@ def initialize_pending_adapters(
     ]
     if not pending:
         return 0
+    uncalibrated = list(dict.fromkeys(name for layer, name in pending if needs_calibration(layer, name)))
+    if uncalibrated:
+        raise ValueError(
+            f"Adapter(s) {uncalibrated} use a data-driven init (CorDA, EVA) that reads calibration batches: call "
+            "lightning_lora.calibrate_adapters(model, batches) instead (or train with "
+            "LoraCallback(config, calibration_batches=N)). Nothing was initialised."
+        )
     report = (progress or logger.info) if global_rank() == 0 else (lambda line: None)
     start = last_report = time.perf_counter()
     count = 0
@@ -431,6 +460,14 @@ def initialize_pending_adapters(
     if elapsed >= progress_after_s:
         report(f"lightning_lora: initialised {len(pending)} adapter layers in {elapsed:.0f}s")
     return count
+
+
+def remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> nn.Module:
+    """Take one adapter off one layer, as it is (EVA's rank-0 layers); a layer left without adapters becomes its
+    plain base class again. Returns the layer."""
+    _remove_layer_adapter(layer, adapter_name)
+    getattr(layer, SAVED_WITH, {}).pop(adapter_name, None)  # a bias trained with it (bias="lora_only")
+    return _restore_base_class(layer) if not layer.lora_settings else layer
 
 
 def strip_adapters(model: nn.Module) -> nn.Module:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight
-from lightning_lora.core.distributed import gathered_parameters, is_materialized
 from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.distributed import gathered_parameters, is_materialized
 
 if TYPE_CHECKING:
     from lightning_lora.core.kinds.base import AdapterKind
@@ -39,6 +39,7 @@ class AdapterSettings:
 
     ``active_rank`` (LoRA only, :mod:`lightning_lora.core.nested_rank`): compute with the first ``active_rank`` ranks
     (DyLoRA); ``active_rank_update`` says which of them get gradients (``"nested"``: all, ``"last"``: the last one).
+    ``token_indices``: the embedding rows that train (:mod:`lightning_lora.core.kinds.trainable_tokens`).
     """
 
     r: int
@@ -49,6 +50,7 @@ class AdapterSettings:
     initialized: bool = False
     active_rank: Optional[int] = None
     active_rank_update: str = "nested"
+    token_indices: tuple[int, ...] = ()
 
     @property
     def scaling(self) -> float:

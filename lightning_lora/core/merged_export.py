@@ -14,8 +14,8 @@ import copy
 import json
 import re
 import warnings
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch

@@ -27,6 +27,7 @@ from lightning_lora.core.config import AdapterConfig, pattern_matches
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.inject import SAVED_WITH, WHOLE_MODULE, adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers import AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
 from lightning_lora.core.state import shared_state_for_file
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
@@ -136,14 +137,14 @@ def peft_adapter_state(
     config = get_lora_config(model, adapter_name)
     kind = kind_of(config)
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
-    kind.check_peft_export(adapter_name, config, layers)
+    kind.check_peft_export(adapter_name, config, [(n, lay) for n, lay in layers if not token_layer(lay, adapter_name)])
     _check_exportable(adapter_name, config, vllm)
     exported = [_ExportedLayer(name, layer, adapter_name) for name, layer in layers]
     if vllm:
         rank = max(e.r for e in exported)
         scaling = Counter(e.scaling for e in exported).most_common(1)[0][0]
         for entry in exported:
-            entry.tensors = kind.fold_for_vllm(entry.tensors, entry.r, entry.scaling, rank, scaling)
+            entry.tensors = entry.kind.fold_for_vllm(entry.tensors, entry.r, entry.scaling, rank, scaling)
             entry.r, entry.alpha, entry.scaling = rank, scaling * rank, scaling
 
     peft_config = _peft_config(model, config, exported, adapter_name, vllm)
@@ -189,6 +190,9 @@ def _peft_config(
     model: nn.Module, config: AdapterConfig, exported: list[_ExportedLayer], adapter_name: str, vllm: bool
 ) -> dict[str, Any]:
     kind = kind_of(config)
+    token_rows = {e.name: list(e.layer.lora_settings[adapter_name].token_indices)
+                  for e in exported if token_layer(e.layer, adapter_name)}  # fmt: skip
+    exported = [entry for entry in exported if entry.name not in token_rows]
     names = [entry.name for entry in exported]
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
@@ -212,6 +216,8 @@ def _peft_config(
         })
     if vllm:
         fields.update(use_rslora=False, bias="none")
+    if token_rows:
+        fields["trainable_token_indices"] = token_rows
     if "fan_in_fan_out" in kind.peft_fields:
         fields["fan_in_fan_out"] = any(isinstance(entry.layer, TransposedLinearAdapters) for entry in exported)
     return {
@@ -290,9 +296,14 @@ def _check_export(
     """Read the written config back with the import rules: it must select exactly the adapted layers with their
     ranks and scalings, the saved modules, and tensors of the shapes PEFT will build."""
     parsed = lora_config_from_peft(peft_config, model)
-    by_name = {entry.name: entry for entry in exported}
+    token_rows = {e.name: e.layer.lora_settings[adapter_name].token_indices
+                  for e in exported if token_layer(e.layer, adapter_name)}  # fmt: skip
+    by_name = {entry.name: entry for entry in exported if entry.name not in token_rows}
     selected = [name for name, _ in find_targets(model, parsed)]
     problems = []
+    read_rows = {name: indices for name, _, indices in find_token_layers(model, parsed)}
+    if read_rows != token_rows:
+        problems.append(f"trainable_token_indices reads back as {read_rows}, not {token_rows}")
     if set(selected) != set(by_name):
         problems.append(
             f"the config selects {sorted(set(selected) ^ set(by_name))[:4]} differently from the adapter"

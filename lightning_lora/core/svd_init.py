@@ -114,11 +114,11 @@ def _write_weight(layer: LoraLayer, weight_out_in: torch.Tensor) -> None:
 
 
 @contextmanager
-def _fixed_seed(device: torch.device) -> Iterator[None]:
-    """Random numbers drawn on ``device`` inside come from ``SVD_SEED``; every RNG is as before afterwards."""
+def _fixed_seed(device: torch.device, seed: int = SVD_SEED) -> Iterator[None]:
+    """Random numbers drawn on ``device`` inside come from ``seed``; every RNG is as before afterwards."""
     if device.type in ("cpu", "meta"):
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(SVD_SEED)  # without waking up every accelerator backend
+            torch.default_generator.manual_seed(seed)  # without waking up every accelerator backend
             yield
         return
     module = torch.get_device_module(device.type)
@@ -126,9 +126,9 @@ def _fixed_seed(device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[index], device_type=device.type):
         generators = getattr(module, "default_generators", ())
         if generators:
-            generators[index].manual_seed(SVD_SEED)
+            generators[index].manual_seed(seed)
         else:
-            module.manual_seed(SVD_SEED)
+            module.manual_seed(seed)
         yield
 
 

@@ -15,6 +15,7 @@ from lightning_lora.core.kinds.loha import LoHaConfig, LoHaKind
 from lightning_lora.core.kinds.lokr import LoKrConfig, LoKrKind
 from lightning_lora.core.kinds.lora import LoraKind
 from lightning_lora.core.kinds.oft import OFTConfig, OFTKind
+from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS
 from lightning_lora.core.kinds.vera import VeraConfig, VeraKind
 
 KINDS: dict[str, AdapterKind] = {
@@ -25,7 +26,9 @@ KINDS: dict[str, AdapterKind] = {
 
 # Every ParameterDict an adapted layer may hold, keyed by adapter name: the one list to consult for "is this an
 # adapter tensor" (state-dict keys end in ``.<container>.<adapter>``).
-ADAPTER_CONTAINERS: tuple[str, ...] = tuple(dict.fromkeys(c for kind in KINDS.values() for c in kind.containers))
+ADAPTER_CONTAINERS: tuple[str, ...] = tuple(
+    dict.fromkeys(c for kind in (*KINDS.values(), TRAINABLE_TOKENS) for c in kind.containers)
+)
 
 # The config classes, for type hints that accept any kind (LightningCLI picks one by ``class_path``; a plain dict
 # is read as the first, LoraConfig).

@@ -54,7 +54,7 @@ class LoraKind(AdapterKind):
     # eva_config only steers EVA's data-driven init, which a saved adapter's tensors have replaced.
     peft_fields = frozenset(
         {"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "eva_config",
-         "lora_bias"}
+         "lora_bias", "trainable_token_indices"}
     )
     peft_alpha_field = "lora_alpha"
     vllm_servable = True
@@ -268,6 +268,7 @@ class LoraKind(AdapterKind):
             use_dora=bool(values.get("use_dora")),
             init=_init_from_peft(values.get("init_lora_weights", True)),
             lora_bias=bool(values.get("lora_bias")),
+            trainable_token_indices=values.get("trainable_token_indices"),
         )
 
 
