@@ -132,13 +132,41 @@ def test_the_merged_export_carries_the_rows(tmp_path: Path) -> None:
         (lambda: apply_lora(tiny_llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"],
                                                      trainable_token_indices=[1])),
          r"model.embed_tokens is in trainable_token_indices and in target_modules"),
-        (lambda: apply_lora(tiny_gpt2(), LoraConfig(target_modules=["c_attn"], trainable_token_indices=[1])),
-         r"transformer.wte shares its weight with \['lm_head'\]"),
     ],
 )
 def test_bad_token_choices_are_refused_by_name_and_change_nothing(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_a_head_tied_to_the_embedding_uses_the_new_rows_as_peft(tmp_path: Path) -> None:
+    config = LoraConfig(r=4, alpha=8, target_modules=["c_attn"], trainable_token_indices=TOKENS)
+    ours = apply_lora(tiny_gpt2(), config)
+    assert not ours.lm_head.adapter_containers("default")  # the rows live once, on the embedding
+    rows = ours.transformer.wte.trainable_tokens_delta["default"]
+    with torch.no_grad():
+        rows.add_(torch.randn_like(rows))
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], trainable_token_indices=TOKENS))
+    copy_adapter_into_peft(ours, theirs)
+    key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta.default"
+    with torch.no_grad():
+        theirs.state_dict()[key].copy_(rows)
+    ids = _ids()
+    got, expected = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(rows.grad, dict(theirs.named_parameters())[key].grad, atol=1e-5, rtol=1e-4)
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        from_ours = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
+        torch.testing.assert_close(from_ours(input_ids=ids).logits, got, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(load_adapter(tiny_gpt2(), tmp_path / "peft")(input_ids=ids).logits, got,
+                                   atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"transformer.wte shares its weight with \['lm_head'\]"):
+        merge_lora(ours)  # in place it would change both (save_merged_model writes them untied)
 
 
 def test_vllm_export_refuses_trained_rows(tmp_path: Path) -> None:

@@ -303,7 +303,7 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Calla
 
 def _check_existing(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
     problems = []
-    token_rows = {name: indices for name, _, indices in find_token_layers(model, config)}
+    token_rows = {name: indices for name, _, indices, _ in find_token_layers(model, config)}
     for name, layer in lora_layers(model):
         settings = layer.lora_settings.get(adapter_name)
         if settings is None:

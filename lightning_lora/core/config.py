@@ -264,7 +264,8 @@ class LoraConfig(LowRankConfig):
             base layer with a bias, which absorbs ``scaling * b``.
         trainable_token_indices: Embedding rows that train too, e.g. new special tokens (PEFT's option of the same
             name): a list of token ids for the input embedding, or ``{embedding name: ids}``. Only those rows
-            train; they are saved with the adapter and merge into the table. Not on a tied input/output table.
+            train; they are saved with the adapter and merge into the table. An ``nn.Linear`` output head tied to
+            the table uses the new rows too, as in PEFT.
         eva_config: Options of ``init="eva"`` (:class:`EvaConfig`; default ``EvaConfig()``).
     """
 

@@ -167,8 +167,8 @@ def _token_layer_settings(
     model: nn.Module, config: AdapterConfig, settings: dict[str, AdapterSettings], modules_to_save: dict[str, nn.Module]
 ) -> list[tuple[str, nn.Module, AdapterSettings]]:
     """The embeddings whose rows ``config.trainable_token_indices`` trains, with their settings."""
-    found = []
-    for name, module, indices in find_token_layers(model, config):
+    found: list[tuple[str, nn.Module, AdapterSettings]] = []
+    for name, module, indices, source in find_token_layers(model, config):
         if name in settings or name in modules_to_save:
             where = "target_modules" if name in settings else "modules_to_save"
             raise ValueError(
@@ -176,6 +176,8 @@ def _token_layer_settings(
                 f"(as PEFT). Drop it from one of them{' (exclude_modules)' if name in settings else ''}."
             )
         token_settings = AdapterSettings(len(indices), 1.0, 0.0, TRAINABLE_TOKENS, config, token_indices=indices)
+        if source is not None:  # a head tied to an embedding found before it
+            token_settings.token_source = next(m for n, m, _ in found if n == source)
         found.append((name, module, token_settings))
     return found
 
@@ -194,7 +196,8 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
         value = torch.zeros(tensor.shape, **options)
         getattr(layer, tensor.name)[adapter_name] = nn.Parameter(value, requires_grad=tensor.trainable)
     layer.active_adapters.append(adapter_name)
-    settings.initialized = False  # apply_lora initialises all new adapters together afterwards
+    # apply_lora initialises all new adapters together afterwards; one without tensors of its own has nothing to wait for
+    settings.initialized = not layer.adapter_containers(adapter_name)
 
 
 def _attach_shared(

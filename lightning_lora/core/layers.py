@@ -39,7 +39,8 @@ class AdapterSettings:
 
     ``active_rank`` (LoRA only, :mod:`lightning_lora.core.nested_rank`): compute with the first ``active_rank`` ranks
     (DyLoRA); ``active_rank_update`` says which of them get gradients (``"nested"``: all, ``"last"``: the last one).
-    ``token_indices``: the embedding rows that train (:mod:`lightning_lora.core.kinds.trainable_tokens`).
+    ``token_indices``: the embedding rows that train, and ``token_source``: on an output head tied to that embedding,
+    the embedding layer whose rows it uses (:mod:`lightning_lora.core.kinds.trainable_tokens`).
     """
 
     r: int
@@ -51,6 +52,7 @@ class AdapterSettings:
     active_rank: Optional[int] = None
     active_rank_update: str = "nested"
     token_indices: tuple[int, ...] = ()
+    token_source: Optional[LoraLayer] = None
 
     @property
     def scaling(self) -> float:

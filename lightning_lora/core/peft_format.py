@@ -190,9 +190,10 @@ def _peft_config(
     model: nn.Module, config: AdapterConfig, exported: list[_ExportedLayer], adapter_name: str, vllm: bool
 ) -> dict[str, Any]:
     kind = kind_of(config)
-    token_rows = {e.name: list(e.layer.lora_settings[adapter_name].token_indices)
-                  for e in exported if token_layer(e.layer, adapter_name)}  # fmt: skip
-    exported = [entry for entry in exported if entry.name not in token_rows]
+    token_entries = [e for e in exported if token_layer(e.layer, adapter_name)]
+    exported = [e for e in exported if e not in token_entries]
+    token_rows = {e.name: list(settings.token_indices) for e in token_entries  # tied heads follow, as in PEFT
+                  if (settings := e.layer.lora_settings[adapter_name]).token_source is None}  # fmt: skip
     names = [entry.name for entry in exported]
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
@@ -301,7 +302,7 @@ def _check_export(
     by_name = {entry.name: entry for entry in exported if entry.name not in token_rows}
     selected = [name for name, _ in find_targets(model, parsed)]
     problems = []
-    read_rows = {name: indices for name, _, indices in find_token_layers(model, parsed)}
+    read_rows = {name: indices for name, _, indices, _ in find_token_layers(model, parsed)}
     if read_rows != token_rows:
         problems.append(f"trainable_token_indices reads back as {read_rows}, not {token_rows}")
     if set(selected) != set(by_name):

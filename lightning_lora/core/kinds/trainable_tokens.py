@@ -10,17 +10,22 @@ unmerge. The indices live in the config (``settings.token_indices`` on the layer
 These layers belong to the LoRA adapter but are of this kind: adapter-wide code asks :func:`token_layer` to tell
 them from the adapter's LoRA layers (PEFT writes them as ``<embedding>.token_adapter.trainable_tokens_delta`` and
 lists them in ``trainable_token_indices``, not ``target_modules``).
+
+An ``nn.Linear`` output head tied to the embedding (GPT-2's ``lm_head``) uses the same rows, as PEFT ties it: its
+outputs for the chosen tokens come from them. It holds no tensor of its own (``settings.token_source`` is the
+embedding layer), and the files hold the rows once.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from lightning_lora.core.config import AdapterConfig, LoraConfig
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
+from lightning_lora.core.layers import LinearAdapters
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer
@@ -38,6 +43,8 @@ class TrainableTokensKind(AdapterKind):
     config_class = LoraConfig
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
+        if settings.token_source is not None:
+            return []  # a tied head reads the embedding's rows
         return [AdapterTensor(TOKENS_CONTAINER, (len(settings.token_indices), layer.embedding_dim))]
 
     def scaling(self, settings: AdapterSettings) -> float:
@@ -50,16 +57,21 @@ class TrainableTokensKind(AdapterKind):
         return True  # the rows start as the base rows
 
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
-        rows = layer.weight[_indices(layer, adapter_name, layer.weight.device)]
-        layer.trainable_tokens_delta[adapter_name].copy_(rows)
+        if layer.lora_settings[adapter_name].token_source is None:
+            rows = layer.weight[_indices(layer, adapter_name, layer.weight.device)]
+            layer.trainable_tokens_delta[adapter_name].copy_(rows)
 
     def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        indices = _indices(layer, adapter_name, x.device)
+        indices, rows = _indices(layer, adapter_name, x.device), _rows(layer, adapter_name)
+        if isinstance(layer, LinearAdapters):  # a tied head: the chosen tokens' logits from the new rows
+            bias = None if layer.bias is None else layer.bias[indices]
+            columns = torch.nn.functional.linear(x.to(rows.dtype), rows, bias)
+            return result.index_copy(-1, indices, columns.to(result.dtype))
         ordered, order = indices.sort()
         position = torch.searchsorted(ordered, x).clamp_(max=len(ordered) - 1)
         chosen = ordered[position] == x
-        rows = layer._embed_scaled(layer.trainable_tokens_delta[adapter_name][order[position]])
-        return torch.where(chosen.unsqueeze(-1), rows.to(result.dtype), result)
+        looked_up = layer._embed_scaled(rows[order[position]])
+        return torch.where(chosen.unsqueeze(-1), looked_up.to(result.dtype), result)
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         weight = layer.weight.detach()
@@ -70,8 +82,7 @@ class TrainableTokensKind(AdapterKind):
     ) -> torch.Tensor:
         indices = _indices(layer, adapter_name, weight.device)
         record[adapter_name] = weight[indices].clone()
-        rows = layer.trainable_tokens_delta[adapter_name].detach().to(weight.dtype)
-        return weight.index_copy(0, indices, rows)
+        return weight.index_copy(0, indices, _rows(layer, adapter_name).detach().to(weight.dtype))
 
     def unmerged_weight(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
@@ -102,19 +113,28 @@ def token_layer(layer: LoraLayer, adapter_name: str) -> bool:
     return settings is not None and settings.kind is TRAINABLE_TOKENS
 
 
+def _rows(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """The chosen rows' values: the layer's own, or those of the embedding a tied head reads."""
+    source = layer.lora_settings[adapter_name].token_source
+    return (layer if source is None else source).trainable_tokens_delta[adapter_name]
+
+
 def _indices(layer: LoraLayer, adapter_name: str, device: torch.device) -> torch.Tensor:
     return torch.tensor(layer.lora_settings[adapter_name].token_indices, dtype=torch.long, device=device)
 
 
-def find_token_layers(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """The embeddings whose rows ``config.trainable_token_indices`` trains, each with its indices.
+def find_token_layers(
+    model: nn.Module, config: AdapterConfig
+) -> list[tuple[str, nn.Module, tuple[int, ...], Optional[str]]]:
+    """The embeddings whose rows ``config.trainable_token_indices`` trains, each with its indices, followed by the
+    ``nn.Linear`` heads tied to them, each with the name of its embedding (None for the embeddings themselves).
 
     A list of indices names the model's input embedding (``get_input_embeddings()``, else the module called
     ``embed_tokens``); a dict maps embedding names (dotted suffixes, PEFT's rule) to indices.
 
     Raises:
-        ValueError: A name that matches no embedding, an index outside the table, a table whose weight is tied to
-            another module's, or an embedding that is also a target of the adapter.
+        ValueError: A name that matches no embedding, an index outside the table, a table tied to something other
+            than an ``nn.Linear`` head.
     """
     chosen = getattr(config, "trainable_token_indices", None)
     if chosen is None:
@@ -133,7 +153,7 @@ def find_token_layers(model: nn.Module, config: AdapterConfig) -> list[tuple[str
                 "Name it: trainable_token_indices={'<embedding name>': [...]}."
             )
         wanted = {names[0]: chosen}
-    found = []
+    found, heads = [], []
     for entry, indices in wanted.items():
         matches = [(n, m) for n, m in modules.items() if n == entry or n.endswith("." + entry)]
         if len(matches) != 1 or not isinstance(matches[0][1], nn.Embedding):
@@ -146,12 +166,13 @@ def find_token_layers(model: nn.Module, config: AdapterConfig) -> list[tuple[str
         if outside:
             raise ValueError(f"trainable_token_indices for {name}: {outside} are beyond its {module.num_embeddings} "
                              "rows; resize the embeddings for new tokens first (resize_token_embeddings).")  # fmt: skip
-        sharing = [n for n, m in model.named_modules() if n != name and getattr(m, "weight", None) is module.weight]
-        if sharing:
+        sharing = [(n, m) for n, m in modules.items() if n != name and getattr(m, "weight", None) is module.weight]
+        if any(not isinstance(m, nn.Linear) for _, m in sharing):
             raise ValueError(
-                f"{name} shares its weight with {sharing} (tied input/output embeddings): trainable_token_indices on "
-                "tied tables is not supported yet. Untie them first (config.tie_word_embeddings=False and a copied "
-                "head), or train the whole embedding with modules_to_save."
+                f"{name} shares its weight with {[n for n, _ in sharing]}: trainable_token_indices ties only "
+                "nn.Linear output heads to the embedding's rows. Untie the others, or train the whole embedding with "
+                "modules_to_save."
             )
-        found.append((name, module, tuple(indices)))
-    return found
+        found.append((name, module, tuple(indices), None))
+        heads += [(n, m, tuple(indices), name) for n, m in sharing if n not in wanted]
+    return found + heads
