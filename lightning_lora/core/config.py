@@ -109,7 +109,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
-            if not self.target_modules:
+            if not self.target_modules and not getattr(self, "target_parameters", None):
                 raise ValueError("target_modules is empty; name the layers to adapt, e.g. ['q_proj', 'v_proj'].")
         _check_patterns("target_modules", self.target_modules)
         if self.exclude_modules is not None:
@@ -266,6 +266,10 @@ class LoraConfig(LowRankConfig):
             name): a list of token ids for the input embedding, or ``{embedding name: ids}``. Only those rows
             train; they are saved with the adapter and merge into the table. An ``nn.Linear`` output head tied to
             the table uses the new rows too, as in PEFT.
+        target_parameters: Parameters adapted directly rather than through their layer (PEFT's option of the same
+            name): ``"<module>.<parameter>"`` suffixes such as ``"experts.gate_up_proj"``. A 3-D parameter
+            ``[experts, out, in]`` (fused mixture-of-experts weights) gets one rank-``r`` update per expert. With
+            ``target_modules=[]`` only the parameters are adapted. No dropout, ``lora_bias``, DoRA or SVD init.
         eva_config: Options of ``init="eva"`` (:class:`EvaConfig`; default ``EvaConfig()``).
     """
 
@@ -276,6 +280,7 @@ class LoraConfig(LowRankConfig):
     quantization: Optional[QuantizationConfig] = None
     lora_bias: bool = False
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    target_parameters: Optional[list[str]] = None
     eva_config: Optional[EvaConfig] = None
 
     def __post_init__(self) -> None:
@@ -292,6 +297,14 @@ class LoraConfig(LowRankConfig):
                 f"quantization must be a QuantizationConfig, a dict of its fields or None, got {self.quantization!r}."
             )
         self.trainable_token_indices = _checked_token_indices(self.trainable_token_indices)
+        if self.target_parameters is not None:
+            if isinstance(self.target_parameters, str) or not (
+                isinstance(self.target_parameters, (list, tuple))
+                and all(isinstance(p, str) and p for p in self.target_parameters)
+            ):
+                raise ValueError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                                 f"got {self.target_parameters!r}.")  # fmt: skip
+            self.target_parameters = list(self.target_parameters) or None
         if not isinstance(self.lora_bias, bool):
             raise TypeError(f"lora_bias must be True or False, got {self.lora_bias!r}.")
         if self.lora_bias and (self.use_dora or self.init not in ("kaiming", "gaussian")):

@@ -25,6 +25,13 @@ from lightning_lora.core.layers import (
     lora_class,
     lora_layers,
 )
+from lightning_lora.core.parameter_adapters import (
+    ParameterAdapters,
+    adapt_parameter,
+    find_parameter_targets,
+    release_parameter,
+    site_name,
+)
 from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
 
@@ -79,14 +86,15 @@ def apply_lora(
     if unreached:
         warnings.warn(
             f"target_modules='all-linear' adapts linear layers; these weights stay frozen with no adapter: "
-            f"{unreached[:4]}{f' and {len(unreached) - 4} more' if len(unreached) > 4 else ''}. Fused "
-            "mixture-of-experts tensors (PEFT's target_parameters) cannot take an adapter yet: list their modules in "
-            "modules_to_save to train them in full, or name the layers you want in target_modules.",
+            f"{unreached[:4]}{f' and {len(unreached) - 4} more' if len(unreached) > 4 else ''}. Adapt fused "
+            "mixture-of-experts weights with target_parameters (e.g. ['experts.gate_up_proj', 'experts.down_proj']), "
+            "or train their modules in full with modules_to_save.",
             stacklevel=2,
         )
     settings = {name: _settings_for(name, module, config) for name, module in targets}
     token_layers = _token_layer_settings(model, config, settings, modules_to_save)
     settings.update({name: token_settings for name, _, token_settings in token_layers})
+    parameter_targets = find_parameter_targets(model, config)
     to_quantize = plan_quantization(model, config, targets)
     shared = kind_of(config).shared_tensors(config, targets)
 
@@ -102,6 +110,10 @@ def apply_lora(
                 module._init_lora_state()
                 converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
+        for owner_name, owner, parameter_name in parameter_targets:
+            site = adapt_parameter(owner, parameter_name)
+            converted.append(site)
+            _add_adapter(site, adapter_name, _settings_for(site_name(owner_name, parameter_name), site, config))
         _attach_shared(model, adapter_name, shared, [m for _, m in targets])
         if initialize and not initializer_needs_data(getattr(config, "init", None)):  # data inits: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)
@@ -196,7 +208,7 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
         value = torch.zeros(tensor.shape, **options)
         getattr(layer, tensor.name)[adapter_name] = nn.Parameter(value, requires_grad=tensor.trainable)
     layer.active_adapters.append(adapter_name)
-    # apply_lora initialises all new adapters together afterwards; one without tensors of its own has nothing to wait for
+    # apply_lora initialises new adapters together afterwards; one without tensors of its own has nothing to wait for
     settings.initialized = not layer.adapter_containers(adapter_name)
 
 
@@ -287,7 +299,7 @@ def _rollback(
             layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
             _remove_layer_adapter(layer, adapter_name)
     for module in converted:
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraLayer) and not module.lora_settings:
             _restore_base_class(module)
     for module, marks in previous_marks.items():
         if marks:
@@ -323,7 +335,11 @@ _LORA_ATTRIBUTES = (
 
 
 def _restore_base_class(layer: LoraLayer) -> nn.Module:
-    """Turn a LoRA layer back into its plain base class (adapters dropped, weights as they are)."""
+    """Turn a LoRA layer back into its plain base class (adapters dropped, weights as they are); a parameter's
+    site leaves its owner."""
+    if isinstance(layer, ParameterAdapters):
+        release_parameter(layer)
+        return layer
     for dict_name in ADAPTER_CONTAINERS:
         layer._modules.pop(dict_name, None)
     for attribute in _LORA_ATTRIBUTES:

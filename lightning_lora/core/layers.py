@@ -156,6 +156,19 @@ class LoraLayer(nn.Module):
     def scaling(self, adapter_name: str) -> float:
         return self.lora_settings[adapter_name].scaling
 
+    def weight_key(self, layer_name: str) -> str:
+        """The state-dict key of the adapted weight, for the layer named ``layer_name``."""
+        return f"{layer_name}.weight" if layer_name else "weight"
+
+    def peft_name(self, layer_name: str) -> str:
+        """The name PEFT gives this layer's adapters (the layer's own name here)."""
+        return layer_name
+
+    def low_rank_product(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
+        """``B @ A`` for factors of :meth:`adapter_shapes`, as a dense ``[out, in, *kernel]`` tensor."""
+        in_features, out_features, kernel = self.lora_dims()
+        return (lora_B.flatten(1) @ lora_A.flatten(1)).reshape(out_features, in_features, *kernel)
+
     def weight_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         """View a tensor in the base weight's layout as ``[out, in, *kernel]`` (and back: the view is its own
         inverse)."""

@@ -134,7 +134,7 @@ def _merged_sources(
     """The source of every written tensor, the tied keys stored once (``{alias: key}``) and the ties that an adapter
     breaks (each as a list of keys, the adapted one first)."""
     plan = _merge_plan(model, adapter_names)
-    merged = {(f"{name}.weight" if name else "weight"): (name, layer, pending) for name, layer, pending in plan}
+    merged = {layer.weight_key(name): (name, layer, pending) for name, layer, pending in plan}
     adapter_prefixes = tuple(
         f"{name}.{child}." if name else f"{child}."
         for name, layer in lora_layers(model)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_lora.core.inject import adapter_names as model_adapter_names
 from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.parameter_adapters import ParameterAdapters
 
 #: The name that stands for "no adapter: the base model alone" in a mixed batch (PEFT's placeholder).
 BASE_MODEL = "__base__"
@@ -159,6 +160,13 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
         raise ValueError(
             f"Mixed adapter batch: adapters are merged into {merged[:3]}{'...' if len(merged) > 3 else ''}, so the "
             "base weights no longer hold the base model. Call unmerge_lora(model) first."
+        )
+    on_parameters = [name for name, layer in layers if isinstance(layer, ParameterAdapters)]
+    if on_parameters:
+        raise ValueError(
+            f"Mixed adapter batch: {on_parameters[:3]} adapt parameters (target_parameters), whose update changes the "
+            "weight for the whole batch, so samples cannot use different adapters there. Serve such adapters one at "
+            "a time (set_active_adapters)."
         )
     nested = [name for name, layer in layers if layer.mixed_batch is not None]
     if nested:

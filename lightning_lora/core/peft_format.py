@@ -28,7 +28,13 @@ from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.inject import SAVED_WITH, WHOLE_MODULE, adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
-from lightning_lora.core.layers import AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
+from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
+from lightning_lora.core.parameter_adapters import (
+    ParameterAdapters,
+    find_parameter_targets,
+    parameter_key,
+    site_name,
+)
 from lightning_lora.core.state import shared_state_for_file
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
 
@@ -56,7 +62,7 @@ def _join(*parts: str) -> str:
 def peft_tensor_key(layer_name: str, layer: LoraLayer, adapter_name: str, container: str) -> str:
     """PEFT's key for one tensor of an adapter (``lora_A``, ``hada_w1_a``, ...) of the layer ``layer_name``."""
     leaf = layer.lora_settings[adapter_name].kind.peft_tensor_leaf(layer, container)
-    return PEFT_PREFIX + _join(layer_name, leaf)
+    return PEFT_PREFIX + _join(layer.peft_name(layer_name), leaf)
 
 
 def peft_base_key(model_key: str, lora_layer_names: set[str]) -> str:
@@ -194,7 +200,8 @@ def _peft_config(
     exported = [e for e in exported if e not in token_entries]
     token_rows = {e.name: list(settings.token_indices) for e in token_entries  # tied heads follow, as in PEFT
                   if (settings := e.layer.lora_settings[adapter_name]).token_source is None}  # fmt: skip
-    names = [entry.name for entry in exported]
+    parameter_sites = [e.name for e in exported if isinstance(e.layer, ParameterAdapters)]
+    names = [entry.name for entry in exported if entry.name not in parameter_sites]
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
     saved_modules = saved_module_names(model, adapter_name)
@@ -219,6 +226,11 @@ def _peft_config(
         fields.update(use_rslora=False, bias="none")
     if token_rows:
         fields["trainable_token_indices"] = token_rows
+    if parameter_sites:
+        keys = [parameter_key(name) for name in parameter_sites]
+        everything = [f"{module}.{p}" if module else p for module, m in model.named_modules()
+                      if not isinstance(m, (LoraLayer, AdapterDict)) for p, _ in m.named_parameters(recurse=False)]
+        fields["target_parameters"] = _shortest_names(keys, everything, _is_dotted_suffix) or keys
     if "fan_in_fan_out" in kind.peft_fields:
         fields["fan_in_fan_out"] = any(isinstance(entry.layer, TransposedLinearAdapters) for entry in exported)
     return {
@@ -301,6 +313,7 @@ def _check_export(
                   for e in exported if token_layer(e.layer, adapter_name)}  # fmt: skip
     by_name = {entry.name: entry for entry in exported if entry.name not in token_rows}
     selected = [name for name, _ in find_targets(model, parsed)]
+    selected += [site_name(owner, parameter) for owner, _, parameter in find_parameter_targets(model, parsed)]
     problems = []
     read_rows = {name: indices for name, _, indices, _ in find_token_layers(model, parsed)}
     if read_rows != token_rows:
@@ -376,7 +389,9 @@ def lora_config_from_peft(peft_config: Mapping[str, Any], model: nn.Module) -> A
             "Use an adapter trained without them, or load it with peft.PeftModel.from_pretrained."
         )
     if values.get("target_modules") is None:
-        raise ValueError("The PEFT config names no target_modules; lightning_lora adapts modules, not parameters.")
+        if not values.get("target_parameters"):
+            raise ValueError("The PEFT config names no target_modules and no target_parameters: nothing to adapt.")
+        values["target_modules"] = []
     layers_pattern = values.get("layers_pattern")
     if isinstance(layers_pattern, (list, tuple)):
         if len(layers_pattern) != 1:

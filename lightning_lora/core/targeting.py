@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_lora.core.config import ALL_LINEAR, AdapterConfig
 from lightning_lora.core.layers import SUPPORTED_LAYERS, AdapterDict, LoraLayer, _is_hf_conv1d, layer_type_of
+from lightning_lora.core.parameter_adapters import SITES, ParameterAdapters
 
 # Leaf names of output heads that "all-linear" leaves alone when the model does not say which is its head.
 OUTPUT_HEAD_NAMES = ("lm_head", "classifier", "score", "head", "output_layer", "embed_out")
@@ -63,7 +64,7 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, module)
         for name, module in model.named_modules()
-        if name and not isinstance(module, AdapterDict)
+        if name and not isinstance(module, (AdapterDict, ParameterAdapters)) and not name.endswith(f".{SITES}")
     ]
 
 
@@ -88,7 +89,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         selected = [(n, m) for n, m in selected if layer_index(n, config.layers_pattern) in wanted]
-    if not selected:
+    if not selected and not getattr(config, "target_parameters", None):
         raise ValueError(_no_match_message(candidates, config))
 
     named_bypassed = sorted(bypassed.intersection(n for n, _ in selected))
@@ -104,7 +105,8 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         raise ValueError(
             f"target_modules selects layers that cannot carry a LoRA adapter: {listed}"
             f"{' ...' if len(unsupported) > 5 else ''}. Supported: {SUPPORTED_LAYERS}. Narrow target_modules "
-            "(or add exclude_modules), or list such modules in modules_to_save to train them in full."
+            "(or add exclude_modules), list such modules in modules_to_save to train them in full, or adapt their "
+            "weights with target_parameters."
         )
     return selected
 
@@ -121,6 +123,7 @@ def weights_all_linear_skips(model: nn.Module, config: AdapterConfig) -> list[st
     if config.target_modules != ALL_LINEAR:
         return []
     saved = tuple(f"{name}." for name in find_modules_to_save(model, config))
+    adapted = getattr(config, "target_parameters", None) or []
     skipped = []
     for module_name, module in _candidate_modules(model):
         if layer_type_of(module) is not None or isinstance(module, LoraLayer):
@@ -129,7 +132,8 @@ def weights_all_linear_skips(model: nn.Module, config: AdapterConfig) -> list[st
             name = f"{module_name}.{parameter_name}"
             # A leading 1 marks a broadcast tensor (position embeddings, class tokens), not a layer's weight.
             matrix = parameter.dim() >= 2 and parameter.shape[0] != 1 and parameter.is_floating_point()
-            if matrix and not name.startswith(saved):
+            targeted = any(name == entry or name.endswith("." + entry) for entry in adapted)
+            if matrix and not name.startswith(saved) and not targeted:
                 skipped.append(f"{name} {list(parameter.shape)} ({type(module).__name__})")
     return skipped
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from lightning_lora.core.inject import adapter_names
 from lightning_lora.core.layers import ConvAdapters, LoraLayer, lora_layers
+from lightning_lora.core.parameter_adapters import ParameterAdapters
 
 CLASSIFIER_NAME = "xlora_classifier"
 _STATE_ATTRIBUTE = "_xlora_state"
@@ -343,6 +344,11 @@ def _check(model: nn.Module, experts: list[str], config: XLoraConfig, hidden_sta
                 raise ValueError(
                     f"X-LoRA experts must be plain LoRA adapters; {name!r} is {what} on {layer_name}."
                 )
+        if isinstance(layer, ParameterAdapters):
+            raise ValueError(
+                f"X-LoRA: {layer_name} adapts a parameter (target_parameters), whose update changes the weight for "
+                "every position at once; X-LoRA weighs experts per position. Leave parameters out of the experts."
+            )
         if isinstance(layer, ConvAdapters):
             raise ValueError(
                 f"X-LoRA: {layer_name} is a convolution (channels first), but X-LoRA weighs experts per position of "

@@ -20,6 +20,7 @@ from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.init_names import check_init_name
 from lightning_lora.core.initializers import (
     initializer_keeps_factors,
+    initializer_needs_data,
     initializer_supports,
     resolve_initializer,
     weight_dependent_init,
@@ -51,10 +52,11 @@ class LoraKind(AdapterKind):
     peft_type = "LORA"
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_bias", *INIT_FACTOR_DICTS)
     config_class = LoraConfig
-    # eva_config only steers EVA's data-driven init, which a saved adapter's tensors have replaced.
+    # eva_config and corda_config only steer data-driven inits, which a saved adapter's tensors have replaced (an
+    # unconverted CorDA file, init_lora_weights="corda", is refused by its init).
     peft_fields = frozenset(
         {"lora_dropout", "bias", "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "eva_config",
-         "lora_bias", "trainable_token_indices"}
+         "lora_bias", "trainable_token_indices", "corda_config", "target_parameters"}
     )
     peft_alpha_field = "lora_alpha"
     vllm_servable = True
@@ -131,7 +133,8 @@ class LoraKind(AdapterKind):
         return f"r={settings.r}, alpha={settings.alpha:g}" + (", dora" if self.name == "dora" else "")
 
     def reads_base_weight(self, config: LoraConfig) -> bool:
-        return weight_dependent_init(config.init)
+        # Data-driven inits (CorDA, EVA) wait like weight-reading ones: for calibrate_adapters.
+        return weight_dependent_init(config.init) or initializer_needs_data(config.init)
 
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
         resolve_initializer(layer.lora_settings[adapter_name].config.init)(layer, adapter_name)
@@ -269,6 +272,7 @@ class LoraKind(AdapterKind):
             init=_init_from_peft(values.get("init_lora_weights", True)),
             lora_bias=bool(values.get("lora_bias")),
             trainable_token_indices=values.get("trainable_token_indices"),
+            target_parameters=values.get("target_parameters") or None,
         )
 
 
@@ -282,9 +286,7 @@ def lora_factor_delta(layer: LoraLayer, lora_A: torch.Tensor, lora_B: torch.Tens
         scaling: The adapter's scaling.
     """
     compute_dtype = torch.float32 if lora_A.dtype in (torch.float16, torch.bfloat16) else lora_A.dtype
-    delta = lora_B.flatten(1).to(compute_dtype) @ lora_A.flatten(1).to(compute_dtype)
-    in_features, out_features, kernel = layer.lora_dims()
-    return (delta * scaling).reshape(out_features, in_features, *kernel)
+    return layer.low_rank_product(lora_A.to(compute_dtype), lora_B.to(compute_dtype)) * scaling
 
 
 def _computed_factors(
