@@ -31,6 +31,7 @@ from lightning_lora.core.parameter_adapters import (
     find_parameter_targets,
     release_parameter,
     site_name,
+    whole_module_sites,
 )
 from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
@@ -88,9 +89,12 @@ def apply_lora(
             f"target_modules='all-linear' adapts linear layers; these weights stay frozen with no adapter: "
             f"{unreached[:4]}{f' and {len(unreached) - 4} more' if len(unreached) > 4 else ''}. Adapt fused "
             "mixture-of-experts weights with target_parameters (e.g. ['experts.gate_up_proj', 'experts.down_proj']), "
-            "or train their modules in full with modules_to_save.",
+            "an nn.MultiheadAttention by naming it in target_modules, or train such modules with modules_to_save.",
             stacklevel=2,
         )
+    whole_modules = [(name, module, whole_module_sites(name, module, config)) for name, module in targets]
+    whole_modules = [(name, module, sites) for name, module, sites in whole_modules if sites]
+    targets = [(name, module) for name, module in targets if not any(module is m for _, m, _ in whole_modules)]
     settings = {name: _settings_for(name, module, config) for name, module in targets}
     token_layers = _token_layer_settings(model, config, settings, modules_to_save)
     settings.update({name: token_settings for name, _, token_settings in token_layers})
@@ -114,6 +118,11 @@ def apply_lora(
             site = adapt_parameter(owner, parameter_name)
             converted.append(site)
             _add_adapter(site, adapter_name, _settings_for(site_name(owner_name, parameter_name), site, config))
+        for owner_name, owner, sites in whole_modules:  # nn.MultiheadAttention: rank and alpha by the module's name
+            for parameter_name, peft_path in sites:
+                site = adapt_parameter(owner, parameter_name, peft_path)
+                converted.append(site)
+                _add_adapter(site, adapter_name, _settings_for(owner_name, site, config))
         _attach_shared(model, adapter_name, shared, [m for _, m in targets])
         if initialize and not initializer_needs_data(getattr(config, "init", None)):  # data inits: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)

@@ -65,13 +65,14 @@ def merged_bias(layer: LoraLayer, adapters: list[str], sign: float = 1.0) -> Opt
 
 
 def _refuse_tied_weights(model: nn.Module, plan: list[tuple[str, LoraLayer, list[str]]]) -> None:
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[str]] = {}  # parameter -> every state-dict key it appears under
     for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(module_name)
+        for parameter_name, parameter in module._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(f"{module_name}.{parameter_name}".lstrip("."))
     for name, layer, _ in plan:
-        sharing = [n for n in owners.get(id(layer.weight), []) if n != name]
+        key = layer.weight_key(name)
+        sharing = [k.rpartition(".")[0] for k in owners.get(id(layer.weight), []) if k != key]
         if sharing:
             raise ValueError(
                 f"{name} shares its weight with {sharing} (tied weights, e.g. tied input/output embeddings): merging "

@@ -34,16 +34,22 @@ class ParameterAdapters(LoraLayer):
     applies_dropout = False
     weight_is_transposed = False
 
-    def __init__(self, owner: nn.Module, parameter_name: str) -> None:
+    def __init__(self, owner: nn.Module, parameter_name: str, peft_path: Optional[str] = None) -> None:
         nn.Module.__init__(self)
         self.__dict__["_owner"] = owner  # not a child module: the owner holds this site
-        self.parameter_name = parameter_name
+        self.parameter_name = parameter_name  # relative to the owner: "gate_up_proj", "out_proj.weight"
+        self.peft_path = peft_path  # set for a module PEFT adapts as a whole (nn.MultiheadAttention)
         self._init_lora_state()
 
     @property
+    def holder(self) -> nn.Module:
+        """The module whose ``_parameters`` hold the adapted parameter (the owner or one of its children)."""
+        return self._owner.get_submodule(self.parameter_name.rpartition(".")[0])
+
+    @property
     def weight(self) -> torch.Tensor:
-        """The adapted parameter (the owner's)."""
-        return self._owner._parameters[self.parameter_name]
+        """The adapted parameter."""
+        return self.holder._parameters[self.parameter_name.rpartition(".")[2]]
 
     def _geometry(self) -> tuple[int, int, int, bool]:
         """``(experts, in, out, experts_first_in)``: ``experts_first_in`` for the ``[experts, in, out]`` layout."""
@@ -85,11 +91,17 @@ class ParameterAdapters(LoraLayer):
             total = delta if total is None else total + delta
         return total
 
+    def owner_name(self, layer_name: str) -> str:
+        """The owner's module name, from this site's (``<owner>.lora_parameters.<key>``)."""
+        return layer_name.removesuffix(f"{SITES}.{_site_key(self.parameter_name)}").removesuffix(".")
+
     def weight_key(self, layer_name: str) -> str:
-        return parameter_key(layer_name)
+        return ".".join(part for part in (self.owner_name(layer_name), self.parameter_name) if part)
 
     def peft_name(self, layer_name: str) -> str:
-        owner_name = parameter_key(layer_name).removesuffix(self.parameter_name).removesuffix(".")
+        owner_name = self.owner_name(layer_name)
+        if self.peft_path is not None:
+            return ".".join(part for part in (owner_name, self.peft_path) if part)
         return peft_site_name(owner_name, self._owner, self.parameter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -113,16 +125,20 @@ class ParameterOwner(nn.Module):
     base_class: type[nn.Module]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        updates = {name: site.update() for name, site in self._modules[SITES].items()}
-        originals = {name: self._parameters[name] for name, update in updates.items() if update is not None}
-        if not originals:
+        updates = [(site, update) for site in self._modules[SITES].values() if (update := site.update()) is not None]
+        if not updates:
             return super().forward(*args, **kwargs)
+        swapped = []
         try:
-            for name, original in originals.items():
-                self._parameters[name] = original + updates[name].to(original.dtype)
+            for site, update in updates:
+                holder, leaf = site.holder, site.parameter_name.rpartition(".")[2]
+                original = holder._parameters[leaf]
+                swapped.append((holder, leaf, original))
+                holder._parameters[leaf] = original + update.to(original.dtype)
             return super().forward(*args, **kwargs)
         finally:
-            self._parameters.update(originals)
+            for holder, leaf, original in swapped:
+                holder._parameters[leaf] = original
 
     def __reduce_ex__(self, protocol: int) -> Any:
         return _rebuild_owner, (self.base_class,), self.__dict__.copy()
@@ -139,32 +155,33 @@ def owner_class(base_class: type[nn.Module]) -> type[nn.Module]:
                 {"base_class": base_class, "__module__": __name__})  # fmt: skip
 
 
+def _site_key(parameter_name: str) -> str:
+    return parameter_name.replace(".", "_")  # ModuleDict keys hold no dots
+
+
 def site_name(owner_name: str, parameter_name: str) -> str:
     """The module name of a parameter's site (the name adapter code reports for it)."""
-    return f"{owner_name}.{SITES}.{parameter_name}" if owner_name else f"{SITES}.{parameter_name}"
+    key = _site_key(parameter_name)
+    return f"{owner_name}.{SITES}.{key}" if owner_name else f"{SITES}.{key}"
 
 
-def parameter_key(site: str) -> str:
-    """``"<owner>.<parameter>"`` (PEFT's name for a target parameter) from a site's module name."""
-    return site.replace(f".{SITES}.", ".") if f".{SITES}." in site else site.removeprefix(f"{SITES}.")
-
-
-def adapt_parameter(owner: nn.Module, parameter_name: str) -> ParameterAdapters:
-    """The site of ``owner.<parameter_name>``, made (and the owner's class swapped) on first use."""
+def adapt_parameter(owner: nn.Module, parameter_name: str, peft_path: Optional[str] = None) -> ParameterAdapters:
+    """The site of ``owner.<parameter_name>`` (a dotted path for a child's parameter), made (and the owner's class
+    swapped) on first use; ``peft_path``: where PEFT keeps its adapters, relative to the owner, if not nested."""
     if not isinstance(owner, ParameterOwner):
         owner.__class__ = owner_class(type(owner))
         owner._modules[SITES] = nn.ModuleDict()
     sites = owner._modules[SITES]
-    if parameter_name not in sites:
-        sites[parameter_name] = ParameterAdapters(owner, parameter_name)
-    return sites[parameter_name]
+    if _site_key(parameter_name) not in sites:
+        sites[_site_key(parameter_name)] = ParameterAdapters(owner, parameter_name, peft_path)
+    return sites[_site_key(parameter_name)]
 
 
 def release_parameter(site: ParameterAdapters) -> None:
     """Detach a site without adapters from its owner; the owner gets its own class back with its last site."""
     owner = site._owner
     sites = owner._modules[SITES]
-    del sites[site.parameter_name]
+    del sites[_site_key(site.parameter_name)]
     if not len(sites):
         del owner._modules[SITES]
         owner.__class__ = owner.base_class
@@ -176,6 +193,29 @@ def peft_site_name(owner_name: str, owner: nn.Module, parameter_name: str) -> st
     adapted = [name for name, _ in owner.named_parameters(recurse=False) if name in owner._modules[SITES]]
     depth = len(adapted) - 1 - adapted.index(parameter_name)
     return ".".join([owner_name, *["base_layer"] * depth]) if owner_name else ".".join(["base_layer"] * depth)
+
+
+def whole_module_sites(name: str, module: nn.Module, config: AdapterConfig) -> list[tuple[str, str]]:
+    """``(parameter path, PEFT path)`` of the sites that adapt ``module`` as a whole, for a layer its forward never
+    reaches: ``nn.MultiheadAttention`` computes with ``in_proj_weight`` and ``out_proj.weight`` directly, so LoRA
+    updates both weights (PEFT's layout: ``<name>.lora_A`` for ``in_proj``, ``<name>.base_layer.out_proj.lora_A``).
+    Empty for other modules.
+
+    Raises:
+        ValueError: Separate q/k/v weights, or options PEFT refuses there (DoRA, ``lora_bias``, an SVD init).
+    """
+    if not isinstance(module, nn.MultiheadAttention):
+        return []
+    refused = [option for option, bad in (
+        ("use_dora", getattr(config, "use_dora", False)), ("lora_bias", getattr(config, "lora_bias", False)),
+        (f"init={getattr(config, 'init', None)!r}", getattr(config, "init", "kaiming") not in ("kaiming", "gaussian")),
+        ("a kind other than LoRA", getattr(config, "kind", "lora") not in ("lora", "dora")),
+    ) if bad]  # fmt: skip
+    if not module._qkv_same_embed_dim or refused:
+        what = refused or ["separate q/k/v weights (kdim/vdim differ from embed_dim)"]
+        raise ValueError(f"{name} (nn.MultiheadAttention) takes plain LoRA on its packed in_proj and out_proj, as in "
+                         f"PEFT; drop {what}, or leave it out with exclude_modules.")  # fmt: skip
+    return [("in_proj_weight", ""), ("out_proj.weight", "base_layer.out_proj")]
 
 
 def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:

@@ -32,8 +32,8 @@ from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, 
 from lightning_lora.core.parameter_adapters import (
     ParameterAdapters,
     find_parameter_targets,
-    parameter_key,
     site_name,
+    whole_module_sites,
 )
 from lightning_lora.core.state import shared_state_for_file
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, name_matches
@@ -200,8 +200,11 @@ def _peft_config(
     exported = [e for e in exported if e not in token_entries]
     token_rows = {e.name: list(settings.token_indices) for e in token_entries  # tied heads follow, as in PEFT
                   if (settings := e.layer.lora_settings[adapter_name]).token_source is None}  # fmt: skip
-    parameter_sites = [e.name for e in exported if isinstance(e.layer, ParameterAdapters)]
-    names = [entry.name for entry in exported if entry.name not in parameter_sites]
+    sites = [e for e in exported if isinstance(e.layer, ParameterAdapters)]
+    parameter_sites = [e for e in sites if e.layer.peft_path is None]  # target_parameters
+    # A module PEFT adapts as a whole through its parameters (nn.MultiheadAttention) is named by its owner.
+    names = [e.name for e in exported if e not in sites]
+    names += list(dict.fromkeys(e.layer.owner_name(e.name) for e in sites if e not in parameter_sites))
     universe = base_module_names(model)
     targets = _shortest_names(names, universe, _is_dotted_suffix)
     saved_modules = saved_module_names(model, adapter_name)
@@ -227,7 +230,7 @@ def _peft_config(
     if token_rows:
         fields["trainable_token_indices"] = token_rows
     if parameter_sites:
-        keys = [parameter_key(name) for name in parameter_sites]
+        keys = [e.layer.weight_key(e.name) for e in parameter_sites]
         everything = [f"{module}.{p}" if module else p for module, m in model.named_modules()
                       if not isinstance(m, (LoraLayer, AdapterDict)) for p, _ in m.named_parameters(recurse=False)]
         fields["target_parameters"] = _shortest_names(keys, everything, _is_dotted_suffix) or keys
@@ -312,7 +315,10 @@ def _check_export(
     token_rows = {e.name: e.layer.lora_settings[adapter_name].token_indices
                   for e in exported if token_layer(e.layer, adapter_name)}  # fmt: skip
     by_name = {entry.name: entry for entry in exported if entry.name not in token_rows}
-    selected = [name for name, _ in find_targets(model, parsed)]
+    selected = []
+    for name, module in find_targets(model, parsed):
+        sites = whole_module_sites(name, module, parsed)
+        selected += [site_name(name, path) for path, _ in sites] if sites else [name]
     selected += [site_name(owner, parameter) for owner, _, parameter in find_parameter_targets(model, parsed)]
     problems = []
     read_rows = {name: indices for name, _, indices, _ in find_token_layers(model, parsed)}

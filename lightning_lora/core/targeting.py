@@ -96,10 +96,10 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     if named_bypassed:
         raise ValueError(
             f"target_modules selects {named_bypassed}: nn.MultiheadAttention computes with out_proj.weight directly "
-            "and never calls out_proj's forward, so an adapter there would not change the output. Leave them out "
-            "(exclude_modules), or list the attention module in modules_to_save to train it in full."
+            "and never calls out_proj's forward, so an adapter there would not change the output. Name the attention "
+            "module itself to adapt its in_proj and out_proj (as PEFT), or leave them out (exclude_modules)."
         )
-    unsupported = [(n, m) for n, m in selected if layer_type_of(m) is None]
+    unsupported = [(n, m) for n, m in selected if layer_type_of(m) is None and not isinstance(m, nn.MultiheadAttention)]
     if unsupported:
         listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:5])
         raise ValueError(
