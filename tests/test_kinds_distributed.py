@@ -21,10 +21,10 @@ SCRIPT = ROOT / "tests" / "distributed" / "kind_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import kind_runs as runs  # noqa: E402
 
-RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in ("ddp", "fsdp2")]
+RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in runs.STRATEGIES.get(kind, ("ddp", "fsdp2"))]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
 MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A",
-           "dora": "lora_magnitude"}
+           "dora": "lora_magnitude", "qlora": "lora_A"}
 
 
 @pytest.fixture(scope="module")

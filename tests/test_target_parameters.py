@@ -180,3 +180,24 @@ def test_per_sample_adapters_are_refused_on_parameters_and_all_linear_stops_nami
     with pytest.raises(ValueError, match=r"adapt parameters \(target_parameters\)"):
         with mixed_adapter_batch(model, ["default", "default"]):
             pass
+
+
+def test_a_2d_parameter_beside_an_adapted_layer_exports_under_a_name_peft_reads_alone(tmp_path: Path) -> None:
+    def two_layers() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    model = apply_lora(two_layers(), LoraConfig(r=2, target_modules=["0"], target_parameters=["1.weight"]))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter))
+    save_adapter(model, tmp_path)  # "weight" alone would also select the adapted layer 0's weight in PEFT
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(two_layers(), tmp_path)(x), model(x))
+    with pytest.raises(ValueError, match=r"target_parameters names \['0.weight'\], parameters of layers that"):
+        apply_lora(two_layers(), LoraConfig(r=2, target_modules=["0"], target_parameters=["0.weight"]))
+    site_pattern = {"lora_parameters.down_proj": 4}
+    with pytest.raises(ValueError, match="rank_pattern/alpha_pattern match the target parameters"):
+        apply_lora(tiny_mixtral(), LoraConfig(target_modules=[], target_parameters=EXPERTS, rank_pattern=site_pattern))

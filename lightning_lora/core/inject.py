@@ -99,6 +99,13 @@ def apply_lora(
     token_layers = _token_layer_settings(model, config, settings, modules_to_save)
     settings.update({name: token_settings for name, _, token_settings in token_layers})
     parameter_targets = find_parameter_targets(model, config)
+    adapted_twice = [f"{o}.{p}" for o, m, p in parameter_targets
+                     if isinstance(m, LoraLayer) or any(m is module for _, module in targets)]  # fmt: skip
+    if adapted_twice:
+        raise ValueError(
+            f"target_parameters names {adapted_twice[:3]}, parameters of layers that target_modules adapts (or that "
+            "carry adapters already); adapt each layer one way (PEFT refuses this too). Narrow one of the two."
+        )
     to_quantize = plan_quantization(model, config, targets)
     shared = kind_of(config).shared_tensors(config, targets)
 
@@ -177,8 +184,8 @@ def _settings_for(name: str, module: nn.Module, config: AdapterConfig) -> Adapte
     )
     if getattr(module, "groups", 1) > 1 and not kind.adapts_grouped_convolutions:
         raise ValueError(
-            f"{name} is a grouped convolution (groups={module.groups}), which {kind.display_name} cannot adapt (only "
-            "plain LoRA can, as in PEFT). Leave it out with exclude_modules, or use LoraConfig without use_dora."
+            f"{name} is a grouped convolution (groups={module.groups}); lightning_lora adapts those with plain LoRA "
+            f"only, not {kind.display_name}. Leave it out with exclude_modules, or use LoraConfig without use_dora."
         )
     kind.check_layer(name, module, settings)
     return settings

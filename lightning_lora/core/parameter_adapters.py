@@ -218,6 +218,18 @@ def whole_module_sites(name: str, module: nn.Module, config: AdapterConfig) -> l
     return [("in_proj_weight", ""), ("out_proj.weight", "base_layer.out_proj")]
 
 
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's modules as PEFT sees them: the sites and adapter containers added here left out.
+
+    Args:
+        model: Any module.
+    """
+    from lightning_lora.core.layers import AdapterDict
+
+    return [(name, module) for name, module in model.named_modules()
+            if not isinstance(module, (AdapterDict, ParameterAdapters)) and name.rpartition(".")[2] != SITES]
+
+
 def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module, str]]:
     """``(owner name, owner, parameter name)`` of every parameter ``config.target_parameters`` names, with PEFT's
     rule: ``<module>.<parameter>`` equals an entry or ends with ``"." + entry``.
@@ -242,9 +254,7 @@ def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tupl
             f"update adds to the weight, not to an output); drop {refused}."
         )
     found, matched = [], set()
-    for owner_name, owner in model.named_modules():
-        if isinstance(owner, LoraLayer):
-            continue
+    for owner_name, owner in base_modules(model):
         for parameter_name, parameter in owner.named_parameters(recurse=False):
             key = f"{owner_name}.{parameter_name}" if owner_name else parameter_name
             entries = [entry for entry in wanted if key == entry or key.endswith("." + entry)]
@@ -262,7 +272,7 @@ def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tupl
         raise ValueError(f"target_parameters entries {missing} match no parameter of the model (PEFT's rule: "
                          "'<module>.<parameter>' ends with the entry, e.g. 'experts.gate_up_proj').")  # fmt: skip
     patterned = [f"{o}.{p}" for o, _, p in found for patterns in (config.rank_pattern, config.alpha_pattern)
-                 if any(pattern_matches(f"{o}.{p}", key) for key in patterns)]  # fmt: skip
+                 if any(pattern_matches(name, key) for key in patterns for name in (f"{o}.{p}", site_name(o, p)))]
     if patterned:
         raise ValueError(f"rank_pattern/alpha_pattern match the target parameters {patterned[:3]}; parameters take "
                          "the adapter's r and alpha. Narrow the patterns to layers.")  # fmt: skip

@@ -31,6 +31,7 @@ from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_
 from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
 from lightning_lora.core.parameter_adapters import (
     ParameterAdapters,
+    base_modules,
     find_parameter_targets,
     site_name,
     whole_module_sites,
@@ -231,8 +232,8 @@ def _peft_config(
         fields["trainable_token_indices"] = token_rows
     if parameter_sites:
         keys = [e.layer.weight_key(e.name) for e in parameter_sites]
-        everything = [f"{module}.{p}" if module else p for module, m in model.named_modules()
-                      if not isinstance(m, (LoraLayer, AdapterDict)) for p, _ in m.named_parameters(recurse=False)]
+        everything = [f"{module}.{p}" if module else p for module, m in base_modules(model)
+                      for p, _ in m.named_parameters(recurse=False)]
         fields["target_parameters"] = _shortest_names(keys, everything, _is_dotted_suffix) or keys
     if "fan_in_fan_out" in kind.peft_fields:
         fields["fan_in_fan_out"] = any(isinstance(entry.layer, TransposedLinearAdapters) for entry in exported)

@@ -243,6 +243,21 @@ def _4bit_kernel_dequantizes_correctly(in_features: int, options_key: tuple, dev
     return torch.allclose(block_max, scales, rtol=1e-3, atol=0.0)
 
 
+def quantization_fits(options: QuantizationConfig, in_features: list[int], device: str = "cpu") -> bool:
+    """Whether the installed bitsandbytes quantises layers of these input sizes correctly with ``options`` (False
+    where its CPU kernel scrambles 4-bit weights whose size is not a multiple of the block size).
+
+    Args:
+        options: The quantisation.
+        in_features: The layers' input sizes.
+        device: Where the layers compute.
+    """
+    if options.bits == 8:
+        return True
+    key = (options.quant_type, options.double_quant)
+    return all(n % _BLOCKSIZE_4BIT == 0 or _4bit_kernel_dequantizes_correctly(n, key, device) for n in in_features)
+
+
 def _dense_scales(state: Any) -> torch.Tensor:
     """The per-block scales of a 4-bit ``QuantState`` as float32 (dequantised when double-quantised)."""
     if not state.nested:

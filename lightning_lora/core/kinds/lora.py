@@ -29,6 +29,7 @@ from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
 from lightning_lora.core.layers import ConvAdapters, EmbeddingAdapters, layer_type_of, restores
 from lightning_lora.core.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
 from lightning_lora.core.nested_rank import nested_factors
+from lightning_lora.core.parameter_adapters import ParameterAdapters
 from lightning_lora.core.svd_init import (
     INIT_FACTOR_DICTS,
     adopt_init_factors,
@@ -91,10 +92,11 @@ class LoraKind(AdapterKind):
             )
         if settings.r > usable and init in RANDOM_INITS:
             # As PEFT: B A still works, its rank is only capped (a PEFT adapter on a small head must load).
+            fix = "Lower r" if isinstance(module, ParameterAdapters) else (
+                f"Set rank_pattern={{{layer_name.split('.')[-1]!r}: {usable}}}")  # fmt: skip
             warnings.warn(
                 f"Rank r={settings.r} on {layer_name} can use at most {usable} ranks; the other {settings.r - usable} "
-                f"add parameters but nothing the update can express. Set rank_pattern={{"
-                f"{layer_name.split('.')[-1]!r}: {usable}}} to save them.",
+                f"add parameters but nothing the update can express. {fix} to save them.",
                 stacklevel=2,
             )
         else:
