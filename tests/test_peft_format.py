@@ -31,7 +31,7 @@ from lightning_lora import (
     peft_adapter_state,
     save_adapter,
 )
-from lightning_lora.core import peft_format
+from lightning_lora.core import peft_export
 from lightning_lora.core.initializers import register_initializer
 from models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from peft_oracle import peft_adapter_grads, peft_twin
@@ -223,7 +223,7 @@ def test_export_refuses_an_adapter_peft_would_put_on_more_layers(tmp_path) -> No
 
 def test_export_checks_its_config_against_the_tensors(monkeypatch, tmp_path) -> None:
     ours = apply_lora(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"layers.0.*": 2}))
-    monkeypatch.setattr(peft_format, "_patterns", lambda values, default: {})  # a config that forgets the ranks
+    monkeypatch.setattr(peft_export, "_patterns", lambda values, default: {})  # a config that forgets the ranks
     with pytest.raises(ValueError, match="PEFT would load wrongly.*config gives r=4"):
         save_adapter(ours, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -32,7 +32,8 @@ from lightning_lora.core.merged_export import load_merged_state_dict, save_merge
 from lightning_lora.core.mixed_batch import mixed_adapter_batch
 from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
-from lightning_lora.core.peft_format import lora_config_from_peft, peft_adapter_state
+from lightning_lora.core.peft_export import peft_adapter_state
+from lightning_lora.core.peft_format import lora_config_from_peft
 from lightning_lora.core.quantization import (
     dequantize_model,
     enable_input_gradients,

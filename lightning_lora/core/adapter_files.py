@@ -27,6 +27,7 @@ from torch import nn
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.base_updates import check_base_untouched
 from lightning_lora.core.config import AdapterConfig
+from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.inject import (
     SAVED_WITH,
     _rollback,
@@ -37,14 +38,13 @@ from lightning_lora.core.inject import (
 from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers import AdapterSettings, lora_layers
+from lightning_lora.core.peft_export import peft_adapter_state
 from lightning_lora.core.peft_format import (
     PEFT_CONFIG_NAME,
     PEFT_PREFIX,
     PEFT_WEIGHTS_NAME,
     adapter_state_from_peft,
-    full_tensor,
     lora_config_from_peft,
-    peft_adapter_state,
 )
 from lightning_lora.core.safe_files import (
     PathLike,
@@ -100,7 +100,7 @@ def save_adapter(
 
     Raises:
         ValueError: Unknown format or adapter, or an adapter the format cannot hold (see
-            :func:`~lightning_lora.core.peft_format.peft_adapter_state`). Nothing is written then.
+            :func:`~lightning_lora.core.peft_export.peft_adapter_state`). Nothing is written then.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight, is_plain_weight
+from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.layers import AdapterDict, LoraLayer, lora_layers
 from lightning_lora.core.merge import _merge_plan, merged_bias
-from lightning_lora.core.peft_format import full_tensor
 from lightning_lora.core.safe_files import (
     PathLike,
     is_writer,
