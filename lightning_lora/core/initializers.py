@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.init_names import check_init_name, is_data_init, register_init_name
-from lightning_lora.core.layers import EmbeddingAdapters, LoraLayer
+from lightning_lora.core.layer_types import EmbeddingAdapters
+from lightning_lora.core.layers import LoraLayer
 
 Initializer = Callable[[LoraLayer, str], None]
 _INITIALIZERS: dict[str, Initializer] = {}

@@ -16,15 +16,8 @@ from lightning_lora.core.distributed import full_parameters, global_rank
 from lightning_lora.core.initializers import initializer_needs_data, needs_calibration
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS, kind_of
 from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
-from lightning_lora.core.layers import (
-    AdapterDict,
-    AdapterSettings,
-    LoraLayer,
-    SharedTensors,
-    layer_type_of,
-    lora_class,
-    lora_layers,
-)
+from lightning_lora.core.layer_types import layer_type_of
+from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, SharedTensors, lora_class, lora_layers
 from lightning_lora.core.parameter_adapters import (
     ParameterAdapters,
     adapt_parameter,

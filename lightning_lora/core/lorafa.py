@@ -21,7 +21,8 @@ from torch import nn
 
 from lightning_lora.core.distributed import is_dtensor, is_sharded
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layers import ConvAdapters, EmbeddingAdapters, lora_layers
+from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters
+from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.param_groups import freeze_lora_A
 
 RIDGE = 1e-8  # PEFT's ``delta``: (A A^T + RIDGE * I) is pseudo-inverted

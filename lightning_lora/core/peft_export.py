@@ -20,7 +20,8 @@ from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.inject import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
-from lightning_lora.core.layers import AdapterSettings, LoraLayer, TransposedLinearAdapters, lora_layers
+from lightning_lora.core.layer_types import TransposedLinearAdapters
+from lightning_lora.core.layers import AdapterSettings, LoraLayer, lora_layers
 from lightning_lora.core.parameter_adapters import (
     ParameterAdapters,
     base_modules,

@@ -36,7 +36,8 @@ from torch import nn
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.distributed import copy_into, full_tensor
 from lightning_lora.core.initializers import register_initializer
-from lightning_lora.core.layers import AdapterDict, LinearAdapters, LoraLayer
+from lightning_lora.core.layer_types import LinearAdapters
+from lightning_lora.core.layers import AdapterDict, LoraLayer
 
 # Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``
 # out of the base weight (PiSSA, OLoRA, ...), saved with the adapter.

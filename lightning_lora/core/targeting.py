@@ -9,7 +9,8 @@ from typing import Optional, Union
 from torch import nn
 
 from lightning_lora.core.config import ALL_LINEAR, AdapterConfig
-from lightning_lora.core.layers import SUPPORTED_LAYERS, AdapterDict, LoraLayer, _is_hf_conv1d, layer_type_of
+from lightning_lora.core.layer_types import SUPPORTED_LAYERS, _is_hf_conv1d, layer_type_of
+from lightning_lora.core.layers import AdapterDict, LoraLayer
 from lightning_lora.core.parameter_adapters import SITES, ParameterAdapters
 
 # Leaf names of output heads that "all-linear" leaves alone when the model does not say which is its head.

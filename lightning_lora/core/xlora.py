@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layers import ConvAdapters, LoraLayer, lora_layers
+from lightning_lora.core.layer_types import ConvAdapters
+from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.parameter_adapters import ParameterAdapters
 
 CLASSIFIER_NAME = "xlora_classifier"

@@ -20,7 +20,7 @@ from torch import nn
 from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
-from lightning_lora.core.layers import LinearAdapters, layer_type_of
+from lightning_lora.core.layer_types import LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer

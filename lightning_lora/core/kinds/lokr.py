@@ -18,7 +18,7 @@ from torch import nn
 from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS
 from lightning_lora.core.kinds.base import AdapterTensor
 from lightning_lora.core.kinds.lycoris import LYCORIS_ARGS, LycorisConfig, LycorisKind
-from lightning_lora.core.layers import LinearAdapters
+from lightning_lora.core.layer_types import LinearAdapters
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer

@@ -26,7 +26,8 @@ from lightning_lora.core.initializers import (
     weight_dependent_init,
 )
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
-from lightning_lora.core.layers import ConvAdapters, EmbeddingAdapters, layer_type_of, restores
+from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters, layer_type_of
+from lightning_lora.core.layers import restores
 from lightning_lora.core.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
 from lightning_lora.core.nested_rank import nested_factors
 from lightning_lora.core.parameter_adapters import ParameterAdapters

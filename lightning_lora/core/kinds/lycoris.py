@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, AdapterConfig, LowRankConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind
-from lightning_lora.core.layers import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
+from lightning_lora.core.layer_types import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer

@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_lora.core.config import AdapterConfig, LoraConfig
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
-from lightning_lora.core.layers import LinearAdapters
+from lightning_lora.core.layer_types import LinearAdapters
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers import AdapterSettings, LoraLayer

@@ -18,7 +18,7 @@ from lightning_lora.core.base_updates import (
 from lightning_lora.core.distributed import reshard_fsdp2
 from lightning_lora.core.initializers import initializer_keeps_factors
 from lightning_lora.core.kinds.lora import lora_factor_delta
-from lightning_lora.core.layers import EmbeddingAdapters
+from lightning_lora.core.layer_types import EmbeddingAdapters
 from lightning_lora.lightning.schedules.base import BaseMovingSchedule
 
 Record = dict[str, dict[str, torch.Tensor]]  # {layer name: {"lora_A": A, "lora_B": B}} folded at one restart
