@@ -1,7 +1,8 @@
 """Quickstart variants on the same split and budget: frozen encoder (head only), LoRA, DoRA, PiSSA, PiSSA with
-LoRA+, QLoRA, and the family leaderboard: LoHa, LoKr, OFT, VeRA and AdaLoRA at budgets close to LoRA's (VeRA trains
-far fewer numbers by design), LoRA trained with ReLoRA, Delta-LoRA and DyLoRA (one adapter tested at ranks 1, 2, 4
-and 8), and full fine-tuning of the encoder as the upper anchor.
+LoRA+, QLoRA, and the family leaderboard: CorDA (both modes) and EVA calibrated on the first 16 train batches, LoHa,
+LoKr, OFT, VeRA and AdaLoRA at budgets close to LoRA's (VeRA trains far fewer numbers by design), LoRA trained with
+ReLoRA, Delta-LoRA and DyLoRA (one adapter tested at ranks 1, 2, 4 and 8), and full fine-tuning of the encoder as the
+upper anchor.
 
 Each variant is ``configs/quickstart.yaml`` with one change, run through the ``lightning-lora`` CLI in this process
 (fit, then test of the final model). Prints a table and writes JSON. From the repository root::
@@ -11,6 +12,8 @@ Each variant is ``configs/quickstart.yaml`` with one change, run through the ``l
     python benchmarks/quickstart_variants.py --variants head_only lora dora pissa loha lokr oft vera adalora relora \
         delta_lora dylora full_finetune --out benchmarks/results/family_leaderboard.json \
         --plot benchmarks/results/family_leaderboard.png
+    python benchmarks/quickstart_variants.py --variants lora corda_ipm corda_kpm eva \
+        --out benchmarks/results/family_leaderboard_data_inits.json
 
 Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32
 with decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024
@@ -81,6 +84,28 @@ def qlora(config: dict[str, Any]) -> None:
     _lora_config(config)["quantization"] = {
         "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16", "layers": "all-linear"
     }
+
+
+def _calibrated(config: dict[str, Any], init: str, batches: int = 16) -> None:
+    """A data-driven init read from the first ``batches`` train batches (16 x 16 = 256 tweets) at train start."""
+    _lora_config(config)["init"] = init
+    callback = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("LoraCallback"))
+    callback["init_args"]["calibration_batches"] = batches
+
+
+def corda_ipm(config: dict[str, Any]) -> None:
+    """CorDA, instruction-previewed: the top components of W C (C: the layer inputs' covariance)."""
+    _calibrated(config, "corda_ipm")
+
+
+def corda_kpm(config: dict[str, Any]) -> None:
+    """CorDA, knowledge-preserving: the bottom components of W C; the top ones stay frozen in the residual."""
+    _calibrated(config, "corda_kpm")
+
+
+def eva(config: dict[str, Any]) -> None:
+    """EVA: A from the inputs' top singular vectors, ranks redistributed (rho=2: up to 16 per layer, 8 on average)."""
+    _calibrated(config, "eva")
 
 
 def _choose_kind(config: dict[str, Any], class_path: str, **fields: Any) -> None:
@@ -157,6 +182,9 @@ VARIANTS: dict[str, Callable[[dict[str, Any]], None]] = {
     "dora": dora,
     "pissa": pissa,
     "pissa_loraplus": pissa_loraplus,
+    "corda_ipm": corda_ipm,
+    "corda_kpm": corda_kpm,
+    "eva": eva,
     "qlora": qlora,
     "loha": loha,
     "lokr": lokr,

@@ -20,7 +20,7 @@ from torch import nn
 
 from lightning_lora.core.config import EvaConfig
 from lightning_lora.core.corda import CORDA_MODES, CovarianceCollector
-from lightning_lora.core.distributed import is_distributed
+from lightning_lora.core.distributed import is_distributed, reshard_fsdp2
 from lightning_lora.core.eva import apply_eva_ranks, eva_components
 from lightning_lora.core.initializers import CALIBRATION, needs_calibration
 from lightning_lora.core.inject import initialize_pending_adapters
@@ -44,12 +44,14 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 def language_model_mask(batch: Any, label_mask_value: Optional[int] = None) -> Optional[torch.Tensor]:
     """Which positions count, for dict batches with ``input_ids`` (PEFT's rule): ``attention_mask``, and, given
-    ``label_mask_value``, only positions whose ``labels`` differ from it. None (every position) for other batches."""
+    ``label_mask_value``, only positions whose per-token ``labels`` differ from it (class labels, one per sample, are
+    not a mask). None (every position) for other batches."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return None
     mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-    if label_mask_value is not None and "labels" in batch:
-        mask = mask & (batch["labels"] != label_mask_value)
+    labels = batch.get("labels")
+    if label_mask_value is not None and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
+        mask = mask & (labels != label_mask_value)
     return mask
 
 
@@ -124,7 +126,8 @@ def calibrate_adapters(
             that count) or None; default :func:`language_model_mask` (the attention mask of dict batches with
             ``input_ids``; for EVA with ``use_label_mask``, also positions whose label is not ignored).
         resize: Let EVA's rank redistribution give layers new adapter tensors (False: raise instead, for models whose
-            parameters a training strategy already holds).
+            parameters a training strategy or an optimizer already holds; always False inside DDP, and for sharded
+            adapters).
 
     Returns:
         ``{adapter name: {layer name: rank}}`` for the adapters initialised (EVA: rank 0 where the adapter was removed).
@@ -139,6 +142,8 @@ def calibrate_adapters(
     if len(names) > 1 and not isinstance(batches, (list, tuple)):
         batches = list(batches)  # one pass per adapter
     run = CalibrationRun(model, forward or default_forward, token_mask)
+    if any(isinstance(module, nn.parallel.DistributedDataParallel) for module in model.modules()):
+        resize = False  # DDP holds the parameters: EVA may not swap them
     result = {}
     for name in names:
         layers = {n: layer for n, layer in lora_layers(model) if _uncalibrated(layer, name)}
@@ -166,7 +171,7 @@ def _uncalibrated(layer: LoraLayer, adapter_name: str) -> bool:
 
 
 def _pending_data_adapters(model: nn.Module, adapter_name: Optional[str]) -> list[str]:
-    names = {name: None for _, layer in lora_layers(model) for name in layer.lora_settings if _uncalibrated(layer, name)}
+    names = {n: None for _, layer in lora_layers(model) for n in layer.lora_settings if _uncalibrated(layer, n)}
     return [name for name in names if adapter_name in (None, name)]
 
 
@@ -213,7 +218,9 @@ def _calibrate_corda(
 
 @contextmanager
 def _calibrating(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, every adapter off (the base model's activations); all as before afterwards."""
+    """Eval mode, no gradients, every adapter off (the base model's activations); all as before afterwards, and
+    FSDP2 modules resharded (a forward without backward may leave the root unsharded, and edits of the unsharded
+    copies would be lost)."""
     layers = [layer for _, layer in lora_layers(model)]
     disabled = [layer.adapters_disabled for layer in layers]
     training = {module: module.training for module in model.modules()}
@@ -228,6 +235,7 @@ def _calibrating(model: nn.Module) -> Iterator[None]:
             layer.adapters_disabled = flag
         for module, flag in training.items():
             module.training = flag
+        reshard_fsdp2(model)
 
 
 def _to_device(batch: Any, device: Optional[torch.device]) -> Any:

@@ -302,7 +302,7 @@ class LoraConfig(LowRankConfig):
                 isinstance(self.target_parameters, (list, tuple))
                 and all(isinstance(p, str) and p for p in self.target_parameters)
             ):
-                raise ValueError(f"target_parameters must be a list of parameter names (e.g. ['experts.gate_up_proj']), "
+                raise ValueError(f"target_parameters must be a list of parameter names (e.g. ['experts.down_proj']), "
                                  f"got {self.target_parameters!r}.")  # fmt: skip
             self.target_parameters = list(self.target_parameters) or None
         if not isinstance(self.lora_bias, bool):

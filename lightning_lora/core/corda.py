@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from lightning_lora.core.initializers import CALIBRATION, register_initializer
-from lightning_lora.core.layers import LinearAdapters, LoraLayer
+from lightning_lora.core.layer_types import LinearAdapters
+from lightning_lora.core.layers import LoraLayer
 from lightning_lora.core.svd_init import Factors, svd_initialize
 
 CORDA_MODES = {"corda_ipm": "ipm", "corda_kpm": "kpm"}

@@ -29,16 +29,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_lora.core.config import EvaConfig, LoraConfig, pattern_matches
-from lightning_lora.core.distributed import is_distributed, is_dtensor
+from lightning_lora.core.distributed import copy_into, is_distributed, is_dtensor
 from lightning_lora.core.incremental_pca import IncrementalPCA
 from lightning_lora.core.initializers import CALIBRATION, register_initializer
 from lightning_lora.core.inject import remove_layer_adapter
-from lightning_lora.core.layers import AdapterDict, LinearAdapters, LoraLayer
+from lightning_lora.core.layer_types import LinearAdapters
+from lightning_lora.core.layers import AdapterDict, LoraLayer
 
 if TYPE_CHECKING:
     from lightning_lora.core.calibration import CalibrationRun
 
-MAX_PASSES = 100  # passes over the calibration batches before EVA gives up waiting for convergence
+MAX_PASSES = 1000  # passes over the calibration batches before EVA gives up waiting for convergence
 _RHO_CEILING = 1000
 
 
@@ -89,7 +90,8 @@ class _HashHook:
     @torch.no_grad()
     def __call__(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         rows = gather_rows(self.run.token_rows(inputs[0], self.name)).detach().cpu().contiguous()
-        self.digest = (tuple(rows.shape), str(rows.dtype), hashlib.sha256(rows.numpy().tobytes()).hexdigest())
+        data = rows.reshape(-1).view(torch.uint8).numpy().tobytes()  # any dtype, bfloat16 included
+        self.digest = (tuple(rows.shape), str(rows.dtype), hashlib.sha256(data).hexdigest())
 
 
 def eva_components(
@@ -144,11 +146,12 @@ def eva_components(
         for n in names:
             max_components[n] = largest
 
-    hooks = {name: _SVDHook(name, max_components[name], config.tau, run) for name in layers if name not in equal_inputs_map}
+    hooks = {n: _SVDHook(n, max_components[n], config.tau, run) for n in layers if n not in equal_inputs_map}
     handles = {name: layers[name].register_forward_hook(hook) for name, hook in hooks.items()}
     layer_hook_map = {**{name: name for name in hooks}, **equal_inputs_map}
     converged_layers = dict.fromkeys(hooks, False)
     rank_dist = dict(max_components)
+    steps = 0
     try:
         for batch in _cycle(first, iterator, kept):
             for name, hook in hooks.items():
@@ -162,8 +165,15 @@ def eva_components(
             if all(converged_layers.values()):
                 break
             run(batch)
-            if all(hook.svd.components_ is not None for hook in hooks.values()):
+            steps += 1
+            unfitted = [name for name, hook in hooks.items() if hook.svd.components_ is None]
+            if not unfitted:
                 rank_dist = _rank_distribution(hooks, layer_hook_map, equal_inputs_map, rank_budget, max_components)
+            elif steps > len(kept):  # every batch was too small for some layer (PEFT would cycle forever)
+                raise ValueError(
+                    f"EVA: no calibration batch holds {max_components[unfitted[0]]} rows (positions that count) for "
+                    f"{unfitted[0]}'s incremental SVD; use larger batches or a smaller r / eva_config.rho."
+                )
         else:
             raise ValueError(
                 f"EVA: the components of {[n for n, c in converged_layers.items() if not c][:3]} did not converge "
@@ -266,10 +276,9 @@ def apply_eva_ranks(
         raise ValueError(
             f"EVA redistributed the ranks of adapter {adapter_name!r} ({changed[0]}: {old[changed[0]].r} -> "
             f"{ranks[changed[0]]}, ...), but its tensors can no longer change shape "
-            f"({'sharded' if sharded else 'the training strategy has wrapped the model'}). Use "
+            f"({'sharded' if sharded else 'a training strategy or optimizer holds them'}). Use "
             "LoraConfig(eva_config=EvaConfig(rho=1.0)) (no redistribution), or calibrate before the model is "
-            "wrapped or sharded (lightning_lora.calibrate_adapters in one process) and train with the config it "
-            "returns. Nothing was changed."
+            "wrapped, sharded or given to an optimizer (one device). Nothing was changed."
         )
     new_config = eva_config_with_ranks(config, ranks, alphas, list(layers))
     for name, layer in layers.items():
@@ -296,18 +305,18 @@ def _resize(layer: LoraLayer, adapter_name: str, r: int) -> None:
 
 
 def _eva_init(layer: LoraLayer, adapter_name: str) -> None:
-    """``A`` = the layer's EVA components, ``B`` = 0 (the base weight is not touched)."""
+    """``A`` = the layer's EVA components, ``B`` = 0 (the base weight is not touched).
+
+    Without components (an adapter file about to overwrite both, see ``load_adapter``) both start at zero;
+    ``initialize_pending_adapters`` never gets here without them (it names ``calibrate_adapters``)."""
     statistics = layer.__dict__.get(CALIBRATION, {}).get(adapter_name)
-    if statistics is None:
-        raise ValueError(
-            "init='eva' needs the singular vectors of the layer's inputs: call lightning_lora.calibrate_adapters("
-            "model, batches) (or LoraCallback(config, calibration_batches=N)). Models built on the meta device "
-            "cannot use EVA: build the model with its weights, then add and calibrate the adapter."
-        )
     lora_A = layer.lora_A[adapter_name]
-    lora_A.copy_(statistics["components"].to(lora_A.device, lora_A.dtype))
+    if statistics is None:
+        lora_A.zero_()
+    else:
+        copy_into(lora_A, statistics["components"].to(lora_A.dtype))  # a DTensor shard gets its part
+        del layer.__dict__[CALIBRATION][adapter_name]
     layer.lora_B[adapter_name].zero_()
-    del layer.__dict__[CALIBRATION][adapter_name]
 
 
 register_initializer("eva", _eva_init, layer_types=(LinearAdapters,), needs_data=True, reads_weight=False)

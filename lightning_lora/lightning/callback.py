@@ -39,10 +39,11 @@ from lightning_lora.core.quantization import quantized_layers
 from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
+from lightning_lora.lightning.calibration import CalibrationForward, DataInitHooks, pending_data_layers, uses_data_init
 from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
 
 
-class LoraCallback(Callback):
+class LoraCallback(DataInitHooks, Callback):
     r"""Train a model with LoRA adapters: inject them, freeze the base, checkpoint only what trains.
 
     When the adapters are added:
@@ -65,6 +66,13 @@ class LoraCallback(Callback):
     At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
     every trainable tensor and no frozen one.
 
+    Data-driven inits (``init="corda_ipm"``, ``"corda_kpm"``, ``"eva"``) read the first ``calibration_batches``
+    batches of the train dataloader at train start (every rank its own, statistics combined across ranks), after
+    any checkpoint restore and before the first optimizer step; a resumed run restores the adapter instead. During
+    the sanity check the pending adapter is left out (it adds nothing at init). EVA's rank redistribution changes
+    adapter shapes, which works on a single device; under DDP/FSDP use ``EvaConfig(rho=1.0)``. See
+    :mod:`lightning_lora.lightning.calibration`.
+
     Checkpoints hold the adapter tensors, ``modules_to_save``, trained biases and any other trainable parameter,
     plus the optimizer and loop state (also with ``ModelCheckpoint(save_weights_only=True)``, and as sharded
     checkpoints under ``ModelParallelStrategy``/``FSDPStrategy``; DeepSpeed gets ``exclude_frozen_parameters``).
@@ -86,10 +94,14 @@ class LoraCallback(Callback):
             export (:func:`~lightning_lora.save_merged_model`: ``model.safetensors`` or shards, the ``submodule``'s
             keys without adapter tensors, ``config.json`` for Hugging Face models), from rank 0, gathered when the
             model is sharded.
+        calibration_batches: How many train batches a data-driven init reads (required with one, refused without).
+        calibration_forward: ``forward(pl_module, batch)`` running one calibration batch; default: the module's
+            ``training_step`` with logging off (required under manual optimization).
 
     Raises:
         TypeError: ``config`` is not a ``LoraConfig``.
-        ValueError: An invalid ``adapter_name``, or ``merged_weights_dir`` without ``merge_on_fit_end``.
+        ValueError: An invalid ``adapter_name``, ``merged_weights_dir`` without ``merge_on_fit_end``, or
+            ``calibration_batches`` missing for a data-driven init (or given without one).
 
     Example::
 
@@ -126,6 +138,8 @@ class LoraCallback(Callback):
         check_optimizer: bool = True,
         merge_on_fit_end: bool = False,
         merged_weights_dir: Optional[Union[str, Path]] = None,
+        calibration_batches: Optional[int] = None,
+        calibration_forward: Optional[CalibrationForward] = None,
     ) -> None:
         if not isinstance(config, CONFIG_CLASSES):
             raise TypeError(
@@ -146,6 +160,25 @@ class LoraCallback(Callback):
         self.check_optimizer = check_optimizer
         self.merge_on_fit_end = merge_on_fit_end
         self.merged_weights_dir = Path(merged_weights_dir) if merged_weights_dir is not None else None
+        self._check_calibration(calibration_batches)
+        self.calibration_batches = calibration_batches
+        self.calibration_forward = calibration_forward
+
+    def _check_calibration(self, calibration_batches: Optional[int]) -> None:
+        if uses_data_init(self.config) and calibration_batches is None:
+            raise ValueError(
+                f"init={self.config.init!r} initialises the adapter from training data: say how many train batches "
+                "it reads, e.g. LoraCallback(config, calibration_batches=16)."
+            )
+        if calibration_batches is not None and not uses_data_init(self.config):
+            raise ValueError(
+                f"calibration_batches is for data-driven inits (corda_ipm, corda_kpm, eva); init="
+                f"{getattr(self.config, 'init', None)!r} reads no data. Drop calibration_batches."
+            )
+        if calibration_batches is not None and (
+            isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1
+        ):
+            raise ValueError(f"calibration_batches must be an integer >= 1, got {calibration_batches!r}.")
 
     @property
     @override
@@ -243,6 +276,12 @@ class LoraCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
+        if self.calibration_batches and self.calibration_forward is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                "With manual optimization training_step steps the optimizers, so it cannot run the calibration "
+                "batches: pass LoraCallback(..., calibration_forward=lambda module, batch: module(batch[0])) or "
+                "similar."
+            )
         if self._can_inject_now(pl_module):
             self.inject(pl_module)
         else:
@@ -294,7 +333,8 @@ class LoraCallback(Callback):
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {trainable_parameters_summary(pl_module)}")
 
     def _merged_into(self, target: Optional[nn.Module]) -> bool:
-        return target is not None and any(self.adapter_name in layer.merged_adapters for _, layer in lora_layers(target))
+        layers = lora_layers(target) if target is not None else []
+        return any(self.adapter_name in layer.merged_adapters for _, layer in layers)
 
     def _unmerge(self, target: nn.Module) -> None:
         rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
@@ -325,6 +365,8 @@ class LoraCallback(Callback):
         # DeepSpeed restore after on_fit_start, over the initialised adapters. The strategy's model is passed so
         # that FSDP1 unshards every unit around the adapters.
         model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+        if trainer.state.fn == "fit" and pending_data_layers(pl_module, self.adapter_name):
+            return  # calibrated at train start (or restored before it)
         initialize_pending_adapters(model, self.adapter_name, progress=rank_zero_info)
 
     def _merge_at_train_end(self, pl_module: pl.LightningModule) -> None:

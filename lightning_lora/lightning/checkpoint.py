@@ -173,9 +173,13 @@ def read_checkpoint_header(path: Path, weights_only: Optional[bool] = None) -> O
 
 def complete_with_model_state(module: nn.Module, state_dict: dict[str, Any]) -> None:
     """Fill the keys an adapter-only checkpoint leaves out with the model's own tensors, in place, so a strict
-    ``load_state_dict`` accepts it and leaves the frozen base as it is."""
+    ``load_state_dict`` accepts it and leaves the frozen base as it is. Only parameters and buffers: the extra
+    entries a layer adds to its state dict (bitsandbytes' 4-bit ``weight.absmax``, ...) are no keys it loads."""
+    tensors = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    tensors.update(name for name, _ in module.named_buffers(remove_duplicate=False))
     for key, value in module.state_dict(keep_vars=True).items():
-        state_dict.setdefault(key, value.detach())
+        if key in tensors:
+            state_dict.setdefault(key, value.detach())
 
 
 @contextmanager
@@ -247,6 +251,9 @@ def _load_checked(
     if not strategy.restore_checkpoint_after_setup:
         # Single device, DDP: the file is only read here; the model state is loaded later, strictly.
         checkpoint = original_load(checkpoint_path, *args, **kwargs)
+        for callback in callbacks:  # an EVA adapter takes the ranks its calibration wrote (LoraCallback)
+            if hasattr(callback, "adopt_checkpoint_config"):
+                callback.adopt_checkpoint_config(module, checkpoint.get("callbacks", {}))
         check_and_complete_checkpoint(module, checkpoint, callbacks, source)
     else:
         # FSDP, ModelParallel, DeepSpeed load the model state inside load_checkpoint: check the file first, then
@@ -261,11 +268,16 @@ def _load_checked(
             limit = state_dict_limited_to(strategy.model, {clean_name(key) for key in shapes})
         previous = module._strict_loading
         module.strict_loading = False
+        waiting = {callback: callback.layers_awaiting_residual(module)  # CorDA adapters restored as shards
+                   for callback in callbacks if hasattr(callback, "layers_awaiting_residual")}
         try:
             with limit:
                 checkpoint = original_load(checkpoint_path, *args, **kwargs)
         finally:
             module._strict_loading = previous
+        if header is not None:  # the load wrote in place, unseen by LoraLayer.prepare_load: rebuild residuals
+            for callback, layers in waiting.items():
+                callback.rebuild_residuals(layers, {clean_name(key) for key in header[0]})
     for _, layer in lora_layers(module):
         for settings in layer.lora_settings.values():
             settings.initialized = True  # restored: never re-initialise

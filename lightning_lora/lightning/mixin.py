@@ -54,6 +54,8 @@ class LoraMixin:
         merge_on_fit_end: Merge the adapter into the base weights when training ends.
         merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights to
             ``<dir>/model.safetensors``.
+        calibration_batches: For a data-driven init (CorDA, EVA): how many train batches it reads at train start
+            (see :class:`~lightning_lora.LoraCallback`).
         \**kwargs: Passed on to the next class in the MRO (``LightningModule``).
 
     Raises:
@@ -102,6 +104,7 @@ class LoraMixin:
         adapter_only_checkpoints: bool = True,
         merge_on_fit_end: bool = False,
         merged_weights_dir: Optional[Union[str, Path]] = None,
+        calibration_batches: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -115,6 +118,7 @@ class LoraMixin:
             adapter_only_checkpoints=adapter_only_checkpoints,
             merge_on_fit_end=merge_on_fit_end,
             merged_weights_dir=merged_weights_dir,
+            calibration_batches=calibration_batches,
         )
         check_loraplus_arguments(loraplus_lr_ratio, loraplus_lr_embedding)
         self.optimizer = optimizer
@@ -172,6 +176,7 @@ class LoraMixin:
             return
         module: pl.LightningModule = self  # type: ignore[assignment]
         self.lora_callback.inject(module)
+        self.lora_callback.adopt_checkpoint_config(module, checkpoint.get("callbacks", {}))  # EVA's ranks
         check_and_complete_checkpoint(module, checkpoint, [self.lora_callback], "given to load_from_checkpoint")
 
 
