@@ -41,9 +41,8 @@ from torch import nn
 
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.inject import adapter_names, saved_module_state
-from lightning_lora.core.layer_types import ConvAdapters, LinearAdapters
+from lightning_lora.core.layer_types import LinearAdapters, check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
-from lightning_lora.core.parameter_adapters import ParameterAdapters
 from lightning_lora.core.svd_init import has_init_factors
 
 SELECTOR_NAME = "amlora_selector"
@@ -322,18 +321,7 @@ def _check(model: nn.Module, adapters: list[str], gate: str, l1_weight: float) -
                     f"AM-LoRA weighs adapters that add to the base output; {name!r} on {layer_name} is {what}. "
                     "Leave it out with earlier_adapters=[...], or train with a plain LoRA config."
                 )
-        if isinstance(layer, ParameterAdapters):
-            raise ValueError(
-                f"AM-LoRA: {layer_name} adapts a parameter (target_parameters), whose update changes the weight for "
-                "every position at once; the selector weighs adapters per position. Leave parameters out."
-            )
-        if isinstance(layer, ConvAdapters):
-            raise ValueError(
-                f"AM-LoRA: {layer_name} is a convolution (channels first), but the selector scores the last "
-                "dimension's features per position; leave convolutions out of the task adapters' targets."
-            )
-        if any(name in layer.merged_adapters for name in held):
-            raise ValueError(f"AM-LoRA: adapters are merged into {layer_name}; call unmerge_lora(model) first.")
+        check_weighs_per_position("AM-LoRA", layer_name, layer, held)
         layers.append((layer_name, layer))
     keys = [_selector_key(name) for name, _ in layers]
     if len(set(keys)) != len(keys):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.core.layers import LoraLayer
+from lightning_lora.core.parameter_adapters import ParameterAdapters
 
 
 class LinearAdapters(LoraLayer):
@@ -129,3 +130,27 @@ def layer_type_of(module: nn.Module) -> Optional[type[LoraLayer]]:
 
 
 SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped: LoRA only)"
+
+
+def check_weighs_per_position(method: str, layer_name: str, layer: LoraLayer, adapters: list[str]) -> None:
+    """Raise a ValueError naming the fix unless ``layer`` can weigh its ``adapters`` per position of its output's
+    leading dimensions (X-LoRA's gate, AM-LoRA's selector): not a parameter's site, not a convolution, not merged.
+
+    Args:
+        method: How the message names the method (``"X-LoRA"``).
+        layer_name: The layer's name.
+        layer: The adapted layer.
+        adapters: The adapters it would weigh.
+    """
+    if isinstance(layer, ParameterAdapters):
+        raise ValueError(
+            f"{method}: {layer_name} adapts a parameter (target_parameters), whose update changes the weight for "
+            f"every position at once; {method} weighs adapters per position. Leave parameters out."
+        )
+    if isinstance(layer, ConvAdapters):
+        raise ValueError(
+            f"{method}: {layer_name} is a convolution (channels first), but {method} weighs adapters per position "
+            "of its leading (batch, sequence) dimensions; leave convolutions out."
+        )
+    if any(name in layer.merged_adapters for name in adapters):
+        raise ValueError(f"{method}: adapters are merged into {layer_name}; call unmerge_lora(model) first.")

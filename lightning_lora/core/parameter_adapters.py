@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config import AdapterConfig, pattern_matches
-from lightning_lora.core.layers import LoraLayer
+from lightning_lora.core.layers import AdapterDict, LoraLayer
 
 SITES = "lora_parameters"  # the owner's child ModuleDict holding one site per adapted parameter
 
@@ -224,8 +224,6 @@ def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     Args:
         model: Any module.
     """
-    from lightning_lora.core.layers import AdapterDict
-
     return [(name, module) for name, module in model.named_modules()
             if not isinstance(module, (AdapterDict, ParameterAdapters)) and name.rpartition(".")[2] != SITES]
 

@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.inject import adapter_names
-from lightning_lora.core.layer_types import ConvAdapters
+from lightning_lora.core.layer_types import check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
-from lightning_lora.core.parameter_adapters import ParameterAdapters
 
 CLASSIFIER_NAME = "xlora_classifier"
 _STATE_ATTRIBUTE = "_xlora_state"
@@ -345,18 +344,7 @@ def _check(model: nn.Module, experts: list[str], config: XLoraConfig, hidden_sta
                 raise ValueError(
                     f"X-LoRA experts must be plain LoRA adapters; {name!r} is {what} on {layer_name}."
                 )
-        if isinstance(layer, ParameterAdapters):
-            raise ValueError(
-                f"X-LoRA: {layer_name} adapts a parameter (target_parameters), whose update changes the weight for "
-                "every position at once; X-LoRA weighs experts per position. Leave parameters out of the experts."
-            )
-        if isinstance(layer, ConvAdapters):
-            raise ValueError(
-                f"X-LoRA: {layer_name} is a convolution (channels first), but X-LoRA weighs experts per position of "
-                "the hidden state's leading dimensions; leave convolutions out of the experts."
-            )
-        if any(name in layer.merged_adapters for name in held):
-            raise ValueError(f"X-LoRA: experts are merged into {layer_name}; call unmerge_lora(model) first.")
+        check_weighs_per_position("X-LoRA", layer_name, layer, held)
         layers.append(layer)
     if hidden_states is None:
         if getattr(getattr(model, "config", None), "output_hidden_states", None) is None:
