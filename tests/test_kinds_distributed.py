@@ -1,7 +1,8 @@
-"""LoKr, OFT, AdaLoRA and DoRA adapters, ReLoRA and activation checkpointing with two processes, for real (one launch of
-tests/distributed/kind_runs.py): DDP and FSDP2 (ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter
-(AdaLoRA: the same ranks; ReLoRA: the same folded base), training equals one process on the same batches, and
-resuming from an adapter-only checkpoint is exact."""
+"""LoKr, OFT, AdaLoRA and DoRA adapters, ReLoRA, activation checkpointing and a 4-bit base (QLoRA, FSDP-QLoRA) with
+two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2 (ModelParallelStrategy) on
+CPU/gloo. Every rank holds the same adapter (AdaLoRA: the same ranks; ReLoRA: the same folded base), training equals
+one process on the same batches, resuming from an adapter-only checkpoint is exact, and the merged export of a 4-bit
+base gathered from shards equals one process's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
 from torch.utils.data import DataLoader
 
+from lightning_lora import load_merged_state_dict, save_merged_model
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "kind_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -24,7 +27,8 @@ import kind_runs as runs  # noqa: E402
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in runs.STRATEGIES.get(kind, ("ddp", "fsdp2"))]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
 MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A",
-           "dora": "lora_magnitude", "qlora": "lora_A"}
+           "dora": "lora_magnitude", "qlora": "lora_A", "dora-qlora": "lora_magnitude"}
+QUANTIZED_RUNS = [(kind, strategy) for kind, strategy in RUNS if runs.CONFIGS[kind].quantization is not None]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,10 @@ def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_process() -> dict[str, dict[str, torch.Tensor]]:
+def single_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
     """One process per kind on whole batches (both ranks' halves of each step, in order), without activation
-    checkpointing: checkpointed runs must give the same numbers."""
+    checkpointing: checkpointed runs must give the same numbers. A kind on a 4-bit base also has its merged export,
+    under ``<kind>-merged``."""
     torch.set_num_threads(1)
     results = {}
     for kind in runs.CONFIGS:
@@ -54,6 +59,9 @@ def single_process() -> dict[str, dict[str, torch.Tensor]]:
         whole = DataLoader(dataloader().dataset, batch_size=2 * runs.BATCH_PER_RANK, shuffle=False)
         trainer.fit(module, _interleaved(whole))
         results[kind] = runs.snapshot(module)
+        if runs.CONFIGS[kind].quantization is not None:
+            merged = save_merged_model(module.model, tmp_path_factory.mktemp(kind), dequantize=True)
+            results[f"{kind}-merged"] = load_merged_state_dict(merged)
     return results
 
 
@@ -98,6 +106,18 @@ def test_resume_from_an_adapter_only_checkpoint_is_exact(out_dir: Path, kind: st
         resumed = _load(out_dir, kind, strategy, "resumed", rank)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[key], value) for key, value in uninterrupted.items())
+
+
+@pytest.mark.parametrize("kind, strategy", QUANTIZED_RUNS)
+def test_the_merged_export_of_a_4bit_base_is_gathered_dequantised_like_one_process(
+    out_dir: Path, single_process, kind: str, strategy: str
+) -> None:
+    written = load_merged_state_dict(out_dir / f"{kind}-{strategy}-merged")
+    reference = single_process[f"{kind}-merged"]
+    assert written.keys() == reference.keys() == BuiltInInit().model.state_dict().keys()
+    assert all(value.dtype == torch.float32 for value in written.values())
+    for key, value in reference.items():
+        torch.testing.assert_close(written[key], value, atol=1e-5, rtol=1e-4, msg=key)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

@@ -33,7 +33,7 @@ from lightning_lora import (  # noqa: E402
     save_adapter,
     save_merged_model,
 )
-from lightning_lora.core import quantization  # noqa: E402
+from lightning_lora.core import quantization, quantized_weights  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from lightning_lora.core.adapter_tensors import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
@@ -220,7 +220,7 @@ def test_training_a_4bit_llama_lowers_the_loss_and_leaves_the_quantized_base_unt
 def test_merging_into_a_4bit_base_dequantizes_adds_and_requantizes_with_a_warning() -> None:
     model = qlora_chain(OPTIONS["nf4"])
     expected = {
-        name: quantization.fake_quantize(dense_weight(layer) + layer.delta_weight("default"), OPTIONS["nf4"])
+        name: quantized_weights.fake_quantize(dense_weight(layer) + layer.delta_weight("default"), OPTIONS["nf4"])
         for name, layer in lora_layers(model)
     }
     with pytest.warns(UserWarning, match="re-quantises"):
@@ -260,18 +260,26 @@ def test_dequantize_then_merge_and_unload_exports_a_full_precision_model_with_th
         torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_save_merged_model_of_a_dequantized_qlora_model_writes_a_full_precision_checkpoint(tmp_path) -> None:
-    model = qlora_chain(OPTIONS["nf4"])
-    with pytest.raises(ValueError, match="dequantize_model"):
+@pytest.mark.parametrize("option", OPTIONS)
+def test_save_merged_model_of_a_qlora_model_writes_a_full_precision_checkpoint(tmp_path, option: str) -> None:
+    model = qlora_chain(OPTIONS[option])
+    with pytest.raises(ValueError, match="dequantize=True"):
         save_merged_model(model, tmp_path / "refused")
     x = chain_batch()
     with torch.no_grad():
         expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    save_merged_model(model, tmp_path / "dequantized", dequantize=True)  # leaves the model as it is
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     save_merged_model(dequantize_model(model), tmp_path / "merged")
-    exported = chain()
-    exported.load_state_dict(load_merged_state_dict(tmp_path / "merged"))
-    with torch.no_grad():
-        torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+    for directory in ("dequantized", "merged"):
+        written = load_merged_state_dict(tmp_path / directory)
+        assert written.keys() == chain().state_dict().keys()
+        exported = chain()
+        exported.load_state_dict(written)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_adapter_state_dict_does_not_depend_on_the_base_quantization() -> None:
@@ -388,7 +396,7 @@ def fresh_kernel_probe():
 
 def _per_row_block_kernel(data: torch.Tensor, state, *args, **kwargs) -> torch.Tensor:
     """bitsandbytes 0.50's faulty CPU dequantisation (AVX512-BF16 machines), simulated: blocks cut per row."""
-    scales = quantization._dense_scales(state)
+    scales = quantized_weights.dense_scales(state)
     return reference_dequantize_4bit(data, state, scales, per_row_blocks=True).to(state.dtype)
 
 
@@ -396,8 +404,8 @@ def _per_row_block_kernel(data: torch.Tensor, state, *args, **kwargs) -> torch.T
 @pytest.mark.usefixtures("fresh_kernel_probe")
 def test_the_kernel_probe_agrees_with_a_reference_dequantisation(in_features: int) -> None:
     weight = torch.randn(8, in_features, generator=torch.Generator().manual_seed(3))
-    data, state = quantization.quantize_tensor(weight, QuantizationConfig())
-    reference = reference_dequantize_4bit(data, state, quantization._dense_scales(state))
+    data, state = quantized_weights.quantize_tensor(weight, QuantizationConfig())
+    reference = reference_dequantize_4bit(data, state, quantized_weights.dense_scales(state))
     kernel_is_right = torch.equal(bnb.functional.dequantize_4bit(data, state).float(), reference)
     assert _kernel_is_correct(in_features) == kernel_is_right
 
@@ -427,7 +435,7 @@ def test_narrow_4bit_layers_are_accepted_exactly_where_the_installed_kernel_is_c
 
     def reference_layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         state = layer.weight.quant_state
-        weight = reference_dequantize_4bit(layer.weight.data, state, quantization._dense_scales(state))
+        weight = reference_dequantize_4bit(layer.weight.data, state, quantized_weights.dense_scales(state))
         update = h @ layer.lora_A["default"].t() @ layer.lora_B["default"].t()
         return F.linear(h, weight, layer.bias) + layer.scaling("default") * update
 

@@ -34,13 +34,8 @@ from lightning_lora.core.nested_rank import active_rank, set_active_rank, trunca
 from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
 from lightning_lora.core.peft_export import peft_adapter_state
 from lightning_lora.core.peft_format import lora_config_from_peft
-from lightning_lora.core.quantization import (
-    dequantize_model,
-    enable_input_gradients,
-    keep_training_layout,
-    prepare_for_kbit_training,
-    quantized_layers,
-)
+from lightning_lora.core.quantization import dequantize_model, enable_input_gradients, prepare_for_kbit_training
+from lightning_lora.core.quantized_weights import keep_training_layout, quantized_layers
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 # Storage formats other than a plain tensor register a reader and a writer, keyed by parameter type name, e.g.
-# bitsandbytes' "Params4bit" (see lightning_lora.core.quantization).
+# bitsandbytes' "Params4bit" (see lightning_lora.core.quantized_weights), or by layer class name for weights that a
+# sharding strategy re-wraps (FSDP2's DTensor of a 4-bit layer's packed bytes).
 WeightReader = Callable[[nn.Module], torch.Tensor]
 WeightWriter = Callable[[nn.Module, torch.Tensor], None]
 _READERS: dict[str, WeightReader] = {}
@@ -23,7 +24,8 @@ def register_weight_format(param_type_name: str, reader: WeightReader, writer: W
     """Teach :func:`dense_weight` / :func:`assign_dense_weight` a weight storage format.
 
     Args:
-        param_type_name: ``type(module.weight).__name__`` of the format, e.g. ``"Params4bit"``.
+        param_type_name: ``type(module.weight).__name__`` of the format, e.g. ``"Params4bit"``, or the name of a
+            layer class, used when the weight's own type is not registered (a sharded weight).
         reader: Returns the weight as a dense floating tensor in the module's own layout.
         writer: Stores a dense tensor (same layout) back into the module, re-encoding it.
     """
@@ -31,15 +33,21 @@ def register_weight_format(param_type_name: str, reader: WeightReader, writer: W
     _WRITERS[param_type_name] = writer
 
 
+def _format_name(module: nn.Module) -> str:
+    name = type(module.weight).__name__
+    if name in _READERS:
+        return name
+    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _READERS), name)
+
+
 def is_plain_weight(module: nn.Module) -> bool:
     """True when ``module.weight`` is an ordinary floating tensor (not quantised)."""
-    weight = module.weight
-    return type(weight).__name__ not in _READERS and weight.is_floating_point()
+    return _format_name(module) not in _READERS and module.weight.is_floating_point()
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as a dense floating tensor in its own layout (dequantised if needed; no copy if plain)."""
-    reader = _READERS.get(type(module.weight).__name__)
+    reader = _READERS.get(_format_name(module))
     if reader is not None:
         return reader(module)
     if not module.weight.is_floating_point():
@@ -53,7 +61,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def assign_dense_weight(module: nn.Module, value: torch.Tensor) -> None:
     """Overwrite the module's weight in place with ``value`` (same layout), keeping the Parameter object."""
-    writer = _WRITERS.get(type(module.weight).__name__)
+    writer = _WRITERS.get(_format_name(module))
     if writer is not None:
         writer(module, value)
     else:

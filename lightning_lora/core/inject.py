@@ -26,7 +26,8 @@ from lightning_lora.core.parameter_adapters import (
     site_name,
     whole_module_sites,
 )
-from lightning_lora.core.quantization import keep_training_layout, plan_quantization, quantize_layers
+from lightning_lora.core.quantization import plan_quantization, quantize_layers
+from lightning_lora.core.quantized_weights import keep_training_layout
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
 
 logger = logging.getLogger(__name__)

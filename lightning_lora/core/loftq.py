@@ -25,7 +25,7 @@ from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.initializers import kaiming_init, register_initializer
 from lightning_lora.core.layer_types import LinearAdapters
 from lightning_lora.core.layers import LoraLayer
-from lightning_lora.core.quantization import fake_quantize, quantized_bits
+from lightning_lora.core.quantized_weights import fake_quantize, quantized_bits
 
 
 def loftq_iterations(init: str) -> int:

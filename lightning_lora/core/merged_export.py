@@ -25,6 +25,7 @@ from lightning_lora.core.base_weights import dense_weight, is_plain_weight
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.layers import AdapterDict, LoraLayer, lora_layers
 from lightning_lora.core.merge import _merge_plan, merged_bias
+from lightning_lora.core.quantized_weights import dense_reference
 from lightning_lora.core.safe_files import (
     PathLike,
     is_writer,
@@ -58,6 +59,7 @@ def save_merged_model(
     max_shard_size: Union[int, str] = "5GB",
     dtype: Optional[torch.dtype] = None,
     safe: bool = True,
+    dequantize: bool = False,
 ) -> Path:
     """Write the model with adapters merged, without changing the live model.
 
@@ -73,23 +75,26 @@ def save_merged_model(
             in one shard is written as one ``model.safetensors``.
         dtype: Cast floating tensors to this dtype (``torch.bfloat16`` for serving); default: keep.
         safe: Refuse to write merged weights with NaN/Inf (nothing is written then).
+        dequantize: Write bitsandbytes-quantised layers dequantised (the weights the adapters were trained on),
+            without changing the model; without it a quantised base is refused. The way to export from an
+            FSDP2-sharded 4-bit model, whose weights :func:`dequantize_model` cannot swap.
 
     Returns:
         The directory, as a ``Path``.
 
     Raises:
-        ValueError: No adapters, adapters that cannot be merged together, quantised base weights, non-finite
-            merged weights, or an invalid ``max_shard_size``.
+        ValueError: No adapters, adapters that cannot be merged together, quantised base weights (without
+            ``dequantize``), non-finite merged weights, or an invalid ``max_shard_size``.
     """
     limit = parse_size(max_shard_size)
-    quantised = [name for name, m in model.named_modules() if _has_tensor_weight(m) and not is_plain_weight(m)]
-    if quantised:
+    quantised = {name: m for name, m in model.named_modules() if _has_tensor_weight(m) and not is_plain_weight(m)}
+    if quantised and not dequantize:
         raise ValueError(
-            f"{quantised[:3]} hold quantised weights; a merged export needs plain floating weights. Call "
-            "dequantize_model(model) first (the dequantised weights the adapters were trained on), or load the base "
-            "model unquantised (e.g. in bfloat16), load_adapter onto it, then export."
+            f"{list(quantised)[:3]} hold quantised weights; a merged export needs plain floating weights. Pass "
+            "dequantize=True (or call dequantize_model(model) first) to write the dequantised weights the adapters "
+            "were trained on, or load the base unquantised (e.g. in bfloat16), load_adapter onto it, then export."
         )
-    sources, aliases, untied = _merged_sources(model, adapter_names, safe)
+    sources, aliases, untied = _merged_sources(model, adapter_names, safe, quantised)
     for keys in untied:
         warnings.warn(
             f"An adapter changes {keys[0]}, which is tied to {keys[1:]}; the merged weights differ, so the export "
@@ -129,10 +134,10 @@ def _has_tensor_weight(module: nn.Module) -> bool:
 
 
 def _merged_sources(
-    model: nn.Module, adapter_names: Optional[list[str]], safe: bool
+    model: nn.Module, adapter_names: Optional[list[str]], safe: bool, quantised: dict[str, nn.Module]
 ) -> tuple[dict[str, _Source], dict[str, str], list[list[str]]]:
     """The source of every written tensor, the tied keys stored once (``{alias: key}``) and the ties that an adapter
-    breaks (each as a list of keys, the adapted one first)."""
+    breaks (each as a list of keys, the adapted one first). ``quantised`` layers are written dequantised."""
     plan = _merge_plan(model, adapter_names)
     merged = {layer.weight_key(name): (name, layer, pending) for name, layer, pending in plan}
     adapter_prefixes = tuple(
@@ -146,6 +151,12 @@ def _merged_sources(
         key: _Source(value, _merged_weight_source(*merged[key], safe) if key in merged else _gathered(value))
         for key, value in state.items()
     }
+    for name, module in quantised.items():
+        for key in _extra_state_keys(state, name, module):
+            del sources[key]
+        key = f"{name}.weight" if name else "weight"
+        produce = sources[key].produce if key in merged else _dequantized(module)
+        sources[key] = _Source(dense_reference(module), produce)
     for name, layer, pending in plan:
         bias_key = f"{name}.bias" if name else "bias"
         if bias_key in sources and merged_bias(layer, pending) is not None:  # LoRA's lora_bias
@@ -163,6 +174,24 @@ def _merged_sources(
 
 def _gathered(value: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: full_tensor(value)
+
+
+def _dequantized(module: nn.Module) -> Callable[[], torch.Tensor]:
+    return lambda: full_tensor(dense_weight(module))
+
+
+def _extra_state_keys(state: dict[str, torch.Tensor], name: str, module: nn.Module) -> list[str]:
+    """Keys that a layer's own ``_save_to_state_dict`` adds beside its parameters, buffers and children
+    (bitsandbytes' quantisation state: ``weight.absmax``, ``SCB``, ...)."""
+    prefix = f"{name}." if name else ""
+    own = {*module._parameters, *module._buffers}
+    return [
+        key
+        for key in state
+        if key.startswith(prefix)
+        and key[len(prefix):] not in own
+        and key[len(prefix):].split(".")[0] not in module._modules
+    ]
 
 
 def _merged_weight_source(name: str, layer: LoraLayer, pending: list[str], safe: bool) -> Callable[[], torch.Tensor]:

@@ -6,17 +6,10 @@ weight and leave a residual that is then quantised): the module object stays the
 bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` (``LoraLinear4bit`` when it carries adapters). Models whose layers
 already are bitsandbytes layers are accepted as they are.
 
-The quantised weight formats are registered with :mod:`lightning_lora.core.base_weights`, so DoRA norms, merging
-and SVD inits read the dequantised weight and write back by re-quantising.
+How the quantised weights are stored, read and written (and sharded with FSDP2) is in
+:mod:`lightning_lora.core.quantized_weights`.
 
-One trap is avoided here for every 4-bit layer of an adapted model (:func:`keep_training_layout`): with
-bitsandbytes 0.50 on a CPU with AVX512-BF16, the first no-grad forward of a ``Linear4bit`` in eval mode (a
-validation loop, Lightning's sanity check) repacks the weight for a CPU inference kernel that has no autograd
-formula. From then on the layer passes no gradient back to its input (torch only warns), so adapters in earlier
-layers train on wrong gradients, or none where no residual path bypasses the layer. The repack also rounds the
-scales to bfloat16, so it changes the weights for good.
-
-A second one is refused up front where it exists: bitsandbytes 0.50's CPU kernel on some machines (AVX512-BF16)
+One trap is refused up front where it exists: bitsandbytes 0.50's CPU kernel on some machines (AVX512-BF16)
 dequantises 4-bit weights whose ``in_features`` is not a multiple of the block size (64) wrongly, so such layers
 would compute with scrambled weights. The installed kernel is probed once per shape; where it is wrong, such layers
 are named in a ValueError, and where it is right (AVX2-only CPUs, for one) they are quantised as usual.
@@ -27,26 +20,27 @@ bitsandbytes is imported lazily: the core works without it until quantisation is
 from __future__ import annotations
 
 import functools
-import sys
-import warnings
-from types import ModuleType
 from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import nn
 
-from lightning_lora.core.base_weights import dense_weight, register_weight_format
+from lightning_lora.core.base_weights import dense_weight
 from lightning_lora.core.config import ALL_LINEAR, LoraConfig, QuantizationConfig
 from lightning_lora.core.layers import LoraLayer, lora_class
+from lightning_lora.core.quantized_weights import (
+    BLOCKSIZE_4BIT,
+    PARAMS_4BIT,
+    PARAMS_8BIT,
+    dense_scales,
+    import_bitsandbytes,
+    keep_training_layout,
+    quantize_tensor,
+    quantized_bits,
+    quantized_layers,
+)
 from lightning_lora.core.targeting import find_modules_to_save, output_head_names
 
-PARAMS_4BIT = "Params4bit"
-PARAMS_8BIT = "Int8Params"
-REQUANTIZE_WARNING = (
-    "Writing into a quantised base weight re-quantises it: the layer's output changes by the quantisation rounding "
-    "and an unmerge does not restore the previous quantised weight exactly. For an exact full-precision merged model "
-    "call dequantize_model(model) before merge_and_unload(model)."
-)
 # Attributes bitsandbytes' constructors set on the module (removed again when a layer is dequantised).
 _ATTRIBUTES_4BIT = (
     "compute_dtype", "compute_type_is_set", "quant_state", "quant_storage", "support_avx512bf16_for_cpu"
@@ -54,157 +48,6 @@ _ATTRIBUTES_4BIT = (
 _ATTRIBUTES_8BIT = ("state", "index")
 _HOOK_8BIT = "_lora_8bit_load_hook"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BLOCKSIZE_4BIT = 64  # bitsandbytes' default, as in transformers' BitsAndBytesConfig
-
-
-def import_bitsandbytes() -> ModuleType:
-    """Import bitsandbytes, or raise an ImportError that says how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise ImportError(
-            "Quantising the base model (QLoRA) needs bitsandbytes: pip install 'bitsandbytes>=0.45'."
-        ) from err
-    return bitsandbytes
-
-
-def _loaded_bitsandbytes() -> Optional[ModuleType]:
-    # A model can only hold bitsandbytes layers when bitsandbytes is imported already.
-    return sys.modules.get("bitsandbytes")
-
-
-def quantized_bits(module: nn.Module) -> Optional[int]:
-    """4 or 8 when ``module`` is a bitsandbytes-quantised linear layer, else None."""
-    name = type(getattr(module, "weight", None)).__name__
-    return 4 if name == PARAMS_4BIT else 8 if name == PARAMS_8BIT else None
-
-
-def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every bitsandbytes-quantised linear layer of ``model`` with its name.
-
-    Args:
-        model: Any module.
-    """
-    return [(name, module) for name, module in model.named_modules() if quantized_bits(module) is not None]
-
-
-# ----- tensors -----
-def quantize_tensor(weight: torch.Tensor, options: QuantizationConfig) -> tuple[torch.Tensor, Any]:
-    """Quantise a dense ``[out, in]`` weight as ``options`` says: ``(4-bit data, QuantState)`` or ``(int8, scales)``."""
-    functional = import_bitsandbytes().functional
-    if options.bits == 4:
-        return functional.quantize_4bit(
-            weight.contiguous(),
-            blocksize=_BLOCKSIZE_4BIT,
-            compress_statistics=options.double_quant,
-            quant_type=options.quant_type,
-            quant_storage=torch.uint8,
-        )
-    # As bitsandbytes' Int8Params does: row-wise absmax of the half-precision weight.
-    data, scales, _ = functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
-    return data, scales
-
-
-def fake_quantize(weight: torch.Tensor, options: QuantizationConfig) -> torch.Tensor:
-    """``weight`` quantised and dequantised again (float32): what a quantised layer computes with."""
-    data, state = quantize_tensor(weight, options)
-    functional = import_bitsandbytes().functional
-    if options.bits == 4:
-        return functional.dequantize_4bit(data, state).float()
-    return functional.int8_vectorwise_dequant(data, state).float()
-
-
-# ----- the registered weight formats -----
-def _quant_state_4bit(module: nn.Module) -> Any:
-    state = module.weight.quant_state
-    if state is None:
-        raise ValueError(
-            f"This {type(module).__name__} holds a weight that is not quantised yet (bitsandbytes quantises on "
-            ".to(device)); call model.to('cpu') or model.to('cuda') before using it with lightning_lora."
-        )
-    _unpack_cpu_inference_layout(module)
-    return module.weight.quant_state
-
-
-def _read_4bit(module: nn.Module) -> torch.Tensor:
-    state = _quant_state_4bit(module)
-    return import_bitsandbytes().functional.dequantize_4bit(module.weight.data, state)
-
-
-def _write_4bit(module: nn.Module, value: torch.Tensor) -> None:
-    warnings.warn(REQUANTIZE_WARNING, UserWarning, stacklevel=3)
-    state, weight = _quant_state_4bit(module), module.weight
-    weight.data, weight.quant_state = import_bitsandbytes().functional.quantize_4bit(
-        value.to(state.dtype).contiguous(),
-        blocksize=state.blocksize,
-        compress_statistics=state.nested,
-        quant_type=state.quant_type,
-        quant_storage=weight.quant_storage,
-    )
-    module.quant_state = weight.quant_state
-
-
-def _int8_scales(module: nn.Module) -> torch.Tensor:
-    # Linear8bitLt's first forward moves the scales from the weight to module.state.
-    scales = getattr(module.weight, "SCB", None)
-    return scales if scales is not None else module.state.SCB
-
-
-def _read_8bit(module: nn.Module) -> torch.Tensor:
-    if module.weight.dtype != torch.int8:  # Linear8bitLt(has_fp16_weights=True) keeps a dense weight
-        return module.weight.detach()
-    return import_bitsandbytes().functional.int8_vectorwise_dequant(module.weight.data, _int8_scales(module))
-
-
-def _write_8bit(module: nn.Module, value: torch.Tensor) -> None:
-    if module.weight.dtype != torch.int8:
-        module.weight.data.copy_(value)
-        return
-    warnings.warn(REQUANTIZE_WARNING, UserWarning, stacklevel=3)
-    data, scales = quantize_tensor(value, QuantizationConfig(bits=8))
-    module.weight.data = data
-    module.weight.CB, module.weight.SCB = data, scales
-    module.state.CB = module.state.SCB = None  # the next forward takes them from the weight again
-
-
-register_weight_format(PARAMS_4BIT, _read_4bit, _write_4bit)
-register_weight_format(PARAMS_8BIT, _read_8bit, _write_8bit)
-
-
-# ----- the CPU inference repack (see the module docstring) -----
-def keep_training_layout(model: nn.Module) -> nn.Module:
-    """Keep every 4-bit layer of ``model`` in the layout whose matmul has an autograd formula.
-
-    Switches off bitsandbytes' CPU inference repack (which would silently cut the gradient through the layer after
-    the first evaluation) and undoes a repack that already happened, keeping the weights as they are now.
-    :func:`~lightning_lora.apply_lora` calls this on the whole model; call it again after adding 4-bit layers.
-
-    Args:
-        model: Any module; layers other than bitsandbytes ``Linear4bit`` are left alone.
-    """
-    bnb = _loaded_bitsandbytes()
-    if bnb is None:
-        return model
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            _unpack_cpu_inference_layout(module)
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def _unpack_cpu_inference_layout(module: nn.Module) -> None:
-    state = getattr(module.weight, "quant_state", None)
-    if not getattr(state, "packing_format_for_cpu", False):
-        return
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-    # The repack stored the scales as bfloat16 [in / blocksize, out]; keep those values (re-quantising them as
-    # bitsandbytes' inverse does for double quantisation would change the weights a second time).
-    scales = state.absmax.t().reshape(-1).float()
-    state.original_nested = False
-    module.weight.data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
-    state.absmax = scales
-    module.weight.quant_state = module.quant_state = state
 
 
 # ----- quantising layers in place -----
@@ -233,13 +76,13 @@ def _4bit_kernel_dequantizes_correctly(in_features: int, options_key: tuple, dev
     # as its scale.
     quant_type, double_quant = options_key
     options = QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant)
-    rows = max(2, -(-4 * _BLOCKSIZE_4BIT // in_features))  # at least four whole blocks
+    rows = max(2, -(-4 * BLOCKSIZE_4BIT // in_features))  # at least four whole blocks
     probe = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(0)).to(device)
     data, state = quantize_tensor(probe, options)
     restored = import_bitsandbytes().functional.dequantize_4bit(data, state).flatten().float()
-    full_blocks = restored.numel() // _BLOCKSIZE_4BIT
-    block_max = restored[: full_blocks * _BLOCKSIZE_4BIT].view(full_blocks, -1).abs().amax(1)
-    scales = _dense_scales(state)[:full_blocks]
+    full_blocks = restored.numel() // BLOCKSIZE_4BIT
+    block_max = restored[: full_blocks * BLOCKSIZE_4BIT].view(full_blocks, -1).abs().amax(1)
+    scales = dense_scales(state)[:full_blocks]
     return torch.allclose(block_max, scales, rtol=1e-3, atol=0.0)
 
 
@@ -255,15 +98,7 @@ def quantization_fits(options: QuantizationConfig, in_features: list[int], devic
     if options.bits == 8:
         return True
     key = (options.quant_type, options.double_quant)
-    return all(n % _BLOCKSIZE_4BIT == 0 or _4bit_kernel_dequantizes_correctly(n, key, device) for n in in_features)
-
-
-def _dense_scales(state: Any) -> torch.Tensor:
-    """The per-block scales of a 4-bit ``QuantState`` as float32 (dequantised when double-quantised)."""
-    if not state.nested:
-        return state.absmax.float()
-    functional = import_bitsandbytes().functional
-    return (functional.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+    return all(n % BLOCKSIZE_4BIT == 0 or _4bit_kernel_dequantizes_correctly(n, key, device) for n in in_features)
 
 
 def plan_quantization(model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> list[nn.Module]:
@@ -346,7 +181,7 @@ def _check_quantizable(name: str, module: nn.Module, options: QuantizationConfig
             raise ValueError(
                 f"Cannot quantise {name} to 4 bit on {weight.device.type}: the installed bitsandbytes kernel "
                 f"dequantises weights with in_features={module.in_features} wrongly (in_features must be a multiple "
-                f"of {_BLOCKSIZE_4BIT} there). Leave it out with exclude_modules, or use bits=8."
+                f"of {BLOCKSIZE_4BIT} there). Leave it out with exclude_modules, or use bits=8."
             )
 
 
@@ -368,7 +203,7 @@ def quantize_linear(module: nn.Linear, options: QuantizationConfig) -> nn.Module
             data,
             requires_grad=False,
             quant_state=state,
-            blocksize=_BLOCKSIZE_4BIT,
+            blocksize=BLOCKSIZE_4BIT,
             compress_statistics=options.double_quant,
             quant_type=options.quant_type,
             quant_storage=torch.uint8,
@@ -550,11 +385,8 @@ def _inputs_require_grad(module: nn.Module, args: tuple, kwargs: dict) -> tuple[
 __all__ = [
     "dequantize_model",
     "enable_input_gradients",
-    "fake_quantize",
-    "keep_training_layout",
     "plan_quantization",
     "prepare_for_kbit_training",
     "quantize_layers",
     "quantize_linear",
-    "quantized_layers",
 ]

@@ -35,7 +35,7 @@ from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A
-from lightning_lora.core.quantization import quantized_layers
+from lightning_lora.core.quantized_weights import check_sharded_quantization, quantized_layers
 from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
@@ -320,8 +320,9 @@ class LoraCallback(DataInitHooks, Callback):
             raise ValueError(
                 "merged_weights_dir cannot be written from a quantised base: merging in place re-quantises the "
                 "weights. Train with merge_on_fit_end=False, then export a full-precision merged model with "
-                "save_merged_model(dequantize_model(model), directory)."
+                "save_merged_model(model, directory, dequantize=True)."
             )
+        check_sharded_quantization(target)
         if self._merged_into(target):
             # Sharded strategies only: their checkpoint restore comes after on_fit_start.
             with _full_parameters(trainer.strategy):

@@ -1,13 +1,14 @@
 """Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT, AdaLoRA and DoRA adapters, LoRA under
-ReLoRA and LoRA with activation checkpointing, with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo; LoRA on
-a 4-bit base (QLoRA) with DDP (FSDP cannot shard bitsandbytes' 4-bit weights). Lightning re-launches this script for
-rank 1.
+ReLoRA, LoRA with activation checkpointing, and LoRA and DoRA on a 4-bit base (QLoRA; FSDP2 shards the packed 4-bit
+weights: FSDP-QLoRA), with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script
+for rank 1.
 
     python kind_runs.py OUT_DIR
 
 For each ``<kind>-<strategy>`` it writes ``<name>-uninterrupted-rank<r>.pt`` (two epochs) and
 ``<name>-resumed-rank<r>.pt`` (one epoch, adapter-only checkpoint, a new Trainer and module, one more epoch): the
-full adapter tensors and adapted base weights as rank ``r`` holds them. Each rank reads its half of every batch in order
+full adapter tensors and adapted base weights as rank ``r`` holds them; runs on a 4-bit base also write the merged
+model, dequantised and gathered from the shards, to ``<name>-merged``. Each rank reads its half of every batch in order
 (``DistributedSampler(shuffle=False)``, ``use_distributed_sampler=False``), so one process on whole batches is the
 reference.
 """
@@ -37,6 +38,7 @@ from lightning_lora import (
     QuantizationConfig,
     ReLoraSchedule,
     adapter_state_dict,
+    save_merged_model,
 )
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.quantization import quantization_fits
@@ -57,10 +59,11 @@ CONFIGS: dict[str, AdapterConfig] = {
 # QLoRA where the installed bitsandbytes CPU kernel computes these layers' 4-bit weights right (not on AVX512-BF16)
 QLORA = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True)
 if quantization_fits(QLORA, [8, 16]):
-    CONFIGS["qlora"] = LoraConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"],
-                                  quantization=QLORA)
+    for name, dora in (("qlora", False), ("dora-qlora", True)):
+        CONFIGS[name] = LoraConfig(r=2, alpha=4, use_dora=dora, target_modules=["fc1", "fc2"],
+                                   modules_to_save=["head"], quantization=QLORA)
 # Strategies each configuration runs with (default: both)
-STRATEGIES: dict[str, tuple[str, ...]] = {"qlora": ("ddp",)}
+STRATEGIES: dict[str, tuple[str, ...]] = {"dora-qlora": ("fsdp2",)}
 # Schedules that change the adapter (and ReLoRA the base) while training: 8 steps, so AdaLoRA re-allocates at
 # steps 2-5 and finalises at 6, and ReLoRA restarts after steps 3 and 6 (one restart before the resume point).
 SCHEDULES: dict[str, Any] = {
@@ -142,6 +145,8 @@ def runs(out: Path, kind: str, name: str, module_class: type, strategy: Any) -> 
     module = module_class()
     fit(module, kind, strategy(), EPOCHS, ckpt_path=checkpoints / "epochepoch=0.ckpt")
     torch.save(snapshot(module), out / f"{kind}-{name}-resumed-rank{rank}.pt")
+    if CONFIGS[kind].quantization is not None:
+        save_merged_model(module.model, out / f"{kind}-{name}-merged", dequantize=True)  # every rank takes part
 
 
 def main() -> None:
