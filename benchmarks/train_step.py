@@ -5,8 +5,10 @@ The model is a transformers Llama built from a config (768 hidden, 2048 intermed
 LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks, VeRA r=256.
 The floor is the same model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each
 measurement runs in its own process with fixed threads (every process imports the same libraries, so resident
-memory starts from the same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step (process time) and
-the peak RSS, as ratios; and the MiB of activations autograd saves for the backward pass.
+memory starts from the same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step
+(process time) and the peak RSS, as ratios; and the MiB of activations autograd saves for the backward pass. With
+``--device cuda`` the steps are timed in wall seconds up to a synchronisation and the peak is the GPU memory torch
+allocated (``max_memory_allocated``), not RSS.
 
 Usage::
 
@@ -18,6 +20,7 @@ Usage::
         --out benchmarks/results/train_step_kinds.json
     python benchmarks/train_step.py --only ours-lora peft-lora floor-ckpt ours-lora-ckpt peft-lora-ckpt \
         --out benchmarks/results/train_step_checkpointing.json   # activation checkpointing
+    python benchmarks/train_step.py --device cuda --only peft-lora ours-lora peft-dora ours-dora   # on a GPU
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -89,17 +93,18 @@ def build_model(name: str) -> torch.nn.Module:
     return model.train()
 
 
-def worker(name: str, threads: int, warmup: int, steps: int) -> dict:
+def worker(name: str, threads: int, warmup: int, steps: int, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
     # Every worker imports the same libraries, so resident-memory readings start from the same baseline.
     import lightning_lora  # noqa: F401
     import peft  # noqa: F401
 
-    model = build_model(name)
+    model = build_model(name).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    tokens = torch.randint(0, 32000, (4, 128), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 32000, (4, 128), generator=torch.Generator().manual_seed(0)).to(device)
     rss_before = harness.current_rss_mb()
+    cuda = device.startswith("cuda")
 
     def step() -> None:
         loss = model(input_ids=tokens, labels=tokens).loss
@@ -107,13 +112,15 @@ def worker(name: str, threads: int, warmup: int, steps: int) -> dict:
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
 
-    times = harness.time_steps(step, warmup, steps)
+    times = harness.time_steps(step, warmup, steps, clock=time.perf_counter if cuda else time.process_time)
     saved = saved_for_backward_mib(model, tokens)
     return {
         "step_cpu_s": sorted(times)[len(times) // 2],
         "step_cpu_min_s": min(times),
-        "peak_rss_mb": harness.peak_rss_mb(),
+        "peak_rss_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else harness.peak_rss_mb(),
         "rss_before_training_mb": rss_before,
         "trainable_params": sum(p.numel() for p in trainable),
         "saved_for_backward_mib": saved,
@@ -184,12 +191,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", nargs="*", default=NAMES, help="subset of runs (floor is always included)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: wall time and allocated GPU memory")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.threads, args.warmup, args.steps)))
+        print(json.dumps(worker(args.worker, args.threads, args.warmup, args.steps, args.device)))
         return
     names = ["floor"] + [n for n in args.only if n != "floor"]
-    extra = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    extra = ["--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
     results = harness.interleaved(__file__, names, args.rounds, args.threads, extra)
     rows = report(results)
     harness.write_json(

@@ -1,6 +1,6 @@
-"""FSDP-QLoRA in one process (a one-rank FSDP2 mesh on gloo, so every sharded code path runs): reading, merging
-into and exporting a 4-bit base whose packed weights FSDP2 holds as DTensors, and the refusal of sharded 8-bit
-layers. Two-process training, resume and export run in tests/test_kinds_distributed.py."""
+"""FSDP-QLoRA in one process (a one-rank FSDP2 mesh: gloo on CPU, NCCL on CUDA where there is one, so every sharded
+code path runs): reading, merging into and exporting a 4-bit base whose packed weights FSDP2 holds as DTensors, and
+the refusal of sharded 8-bit layers. Two-process training, resume and export run in tests/test_kinds_distributed.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 
 from lightning_models import ShardedBuiltInInit, dataloader, lora_config, trainer_arguments  # noqa: E402
+from models import randomize_adapters  # noqa: E402
 from quantized_models import chain, chain_batch  # noqa: E402
 
 from lightning_lora import (  # noqa: E402
@@ -30,55 +31,64 @@ from lightning_lora import (  # noqa: E402
 )
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from lightning_lora.core.distributed import is_dtensor  # noqa: E402
-from models import randomize_adapters  # noqa: E402
 
 NF4 = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True, layers="all-linear")
 
 
-@pytest.fixture
-def one_rank_group() -> Iterator[None]:
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The device, inside a one-rank process group for it."""
+    backend = "nccl" if request.param == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        yield
+        yield request.param
     finally:
         dist.destroy_process_group()
 
 
-def qlora_chain() -> nn.Module:
+def exact(device: str) -> dict:
+    """Sharded and unsharded runs compute the same numbers: bitwise on CPU, to rounding on CUDA."""
+    return {"rtol": 0, "atol": 0} if device == "cpu" else {}
+
+
+def qlora_chain(device: str) -> nn.Module:
     """The 64-128-128-64 chain, every layer 4-bit, adapters on ``first`` and ``last`` (``middle`` has none)."""
-    model = chain()
+    model = chain().to(device)
     torch.manual_seed(10)
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=NF4))
     randomize_adapters(model)
     return model
 
 
-def sharded(model: nn.Module) -> nn.Module:
+def sharded(model: nn.Module, device: str) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (1,))
+    mesh = init_device_mesh(device, (1,))
     for layer in (model.first, model.middle, model.last):
         fully_shard(layer, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
-def test_a_sharded_4bit_layer_reads_as_its_dequantised_weight_and_computes_the_same(one_rank_group) -> None:
-    plain = qlora_chain()
-    model = sharded(copy.deepcopy(plain))
+def test_a_sharded_4bit_layer_reads_as_its_dequantised_weight_and_computes_the_same(device: str) -> None:
+    plain = qlora_chain(device)
+    model = sharded(copy.deepcopy(plain), device)
     assert is_dtensor(model.middle.weight) and model.middle.weight.dtype == torch.uint8
     assert [name for name, _ in quantized_layers(model)] == ["first", "middle", "last"]
     for name in ("first", "middle", "last"):
         weight = dense_weight(getattr(model, name))
         assert is_dtensor(weight)  # sharded by rows, like a full-precision FSDP2 weight
         assert torch.equal(weight.full_tensor(), dense_weight(getattr(plain, name)))
-    x = chain_batch()
-    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    x = chain_batch().to(device)
+    torch.testing.assert_close(model(x), plain(x), **exact(device))
 
 
-def test_merging_into_a_sharded_4bit_base_requantizes_like_an_unsharded_one(one_rank_group) -> None:
-    plain = qlora_chain()
-    model = sharded(copy.deepcopy(plain))
+def test_merging_into_a_sharded_4bit_base_requantizes_like_an_unsharded_one(device: str) -> None:
+    plain = qlora_chain(device)
+    model = sharded(copy.deepcopy(plain), device)
     with pytest.warns(UserWarning, match="re-quantises"):
         merge_lora(plain)
     with pytest.warns(UserWarning, match="re-quantises"):
@@ -87,16 +97,16 @@ def test_merging_into_a_sharded_4bit_base_requantizes_like_an_unsharded_one(one_
         layer, reference = getattr(model, name), getattr(plain, name)
         assert torch.equal(layer.weight.full_tensor(), reference.weight.data)
         assert torch.equal(layer.quant_state.absmax, reference.weight.quant_state.absmax)
-    x = chain_batch()
-    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    x = chain_batch().to(device)
+    torch.testing.assert_close(model(x), plain(x), **exact(device))
 
 
-def test_save_merged_model_dequantizes_a_sharded_4bit_base_into_full_precision_files(one_rank_group, tmp_path) -> None:
-    plain = qlora_chain()
-    model = sharded(copy.deepcopy(plain))
+def test_save_merged_model_dequantizes_a_sharded_4bit_base_into_full_precision_files(device: str, tmp_path) -> None:
+    plain = qlora_chain(device)
+    model = sharded(copy.deepcopy(plain), device)
     x = chain_batch()
     with torch.no_grad():
-        expected = plain(x)
+        expected = plain(x.to(device)).cpu()
     with pytest.raises(ValueError, match="dequantize=True"):
         save_merged_model(model, tmp_path / "refused")
     written = load_merged_state_dict(save_merged_model(model, tmp_path / "merged", dequantize=True))
