@@ -1,8 +1,8 @@
-"""LoKr, OFT, AdaLoRA and DoRA adapters, ReLoRA, activation checkpointing and a 4-bit base (QLoRA, FSDP-QLoRA) with
-two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2 (ModelParallelStrategy) on
-CPU/gloo. Every rank holds the same adapter (AdaLoRA: the same ranks; ReLoRA: the same folded base), training equals
-one process on the same batches, resuming from an adapter-only checkpoint is exact, and the merged export of a 4-bit
-base gathered from shards equals one process's."""
+"""LoHa, LoKr, OFT, VeRA, AdaLoRA and DoRA adapters, ReLoRA, activation checkpointing and a 4-bit base (QLoRA, FSDP-
+QLoRA) with two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2
+(ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter (AdaLoRA: the same ranks; ReLoRA: the same
+folded base), training equals one process on the same batches, resuming from an adapter-only checkpoint is exact,
+and the merged export of a 4-bit base gathered from shards equals one process's."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import kind_runs as runs  # noqa: E402
 
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in runs.STRATEGIES.get(kind, ("ddp", "fsdp2"))]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
-MARKERS = {"lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E", "relora": "lora_A", "lora-checkpointed": "lora_A",
+MARKERS = {"loha": "hada_w1_a", "vera": "vera_lambda_d", "lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E",
+           "relora": "lora_A", "lora-checkpointed": "lora_A",
            "dora": "lora_magnitude", "qlora": "lora_A", "dora-qlora": "lora_magnitude"}
 QUANTIZED_RUNS = [(kind, strategy) for kind, strategy in RUNS if runs.CONFIGS[kind].quantization is not None]
 

@@ -1,7 +1,7 @@
-"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoKr, OFT, AdaLoRA and DoRA adapters, LoRA under
-ReLoRA, LoRA with activation checkpointing, and LoRA and DoRA on a 4-bit base (QLoRA; FSDP2 shards the packed 4-bit
-weights: FSDP-QLoRA), with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning re-launches this script
-for rank 1.
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoHa, LoKr, OFT, VeRA, AdaLoRA and DoRA adapters,
+LoRA under ReLoRA, LoRA with activation checkpointing, and LoRA and DoRA on a 4-bit base (QLoRA; FSDP2 shards the
+packed 4-bit weights: FSDP-QLoRA), with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning
+re-launches this script for rank 1.
 
     python kind_runs.py OUT_DIR
 
@@ -31,12 +31,14 @@ from lightning_lora import (
     AdaLoraConfig,
     AdaLoraSchedule,
     AdapterConfig,
+    LoHaConfig,
     LoKrConfig,
     LoraCallback,
     LoraConfig,
     OFTConfig,
     QuantizationConfig,
     ReLoraSchedule,
+    VeraConfig,
     adapter_state_dict,
     save_merged_model,
 )
@@ -46,8 +48,10 @@ from lightning_lora.core.quantization import quantization_fits
 EPOCHS = 2
 BATCH_PER_RANK = 2
 CONFIGS: dict[str, AdapterConfig] = {
+    "loha": LoHaConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
     "lokr": LoKrConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_weights="lycoris"),
     "oft": OFTConfig(oft_block_size=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    "vera": VeraConfig(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),  # projections shared by layers
     # total_step fixed: the stopped run (one epoch, standing in for a kill) must follow the 8-step schedule too
     "adalora": AdaLoraConfig(init_r=4, target_r=2, alpha=8, tinit=1, tfinal=2, delta_t=1, total_step=8,
                              target_modules=["fc1", "fc2"], modules_to_save=["head"]),
