@@ -14,6 +14,8 @@ Each variant is ``configs/quickstart.yaml`` with one change, run through the ``l
         --plot benchmarks/results/family_leaderboard.png
     python benchmarks/quickstart_variants.py --variants lora corda_ipm corda_kpm eva \
         --out benchmarks/results/family_leaderboard_data_inits.json
+    python benchmarks/quickstart_variants.py --plot-from benchmarks/results/family_leaderboard.json \
+        benchmarks/results/family_leaderboard_data_inits.json --plot benchmarks/results/family_leaderboard.png
 
 Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32
 with decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024
@@ -256,7 +258,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("lightning_logs/quickstart_variants"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quickstart_variants.json"))
     parser.add_argument("--plot", type=Path, help="also draw accuracy against trainable parameters (matplotlib)")
+    parser.add_argument("--plot-from", nargs="+", type=Path, default=[],
+                        help="draw --plot from earlier result files instead of running (a variant in several: first)")
     args = parser.parse_args()
+    if args.plot_from:
+        stored = [row for path in args.plot_from for row in json.loads(path.read_text())["rows"]]
+        plot(list({row["variant"]: row for row in reversed(stored)}.values()), args.plot)
+        print(f"wrote {args.plot}")
+        return
     base = yaml.safe_load(QUICKSTART.read_text())
     args.workdir.mkdir(parents=True, exist_ok=True)
     rows = [row for name in args.variants for row in run_variant(name, base, args.workdir)]

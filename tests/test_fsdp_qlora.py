@@ -24,6 +24,7 @@ from lightning_lora import (  # noqa: E402
     LoraConfig,
     QuantizationConfig,
     apply_lora,
+    dequantize_model,
     load_merged_state_dict,
     merge_lora,
     quantized_layers,
@@ -109,6 +110,9 @@ def test_save_merged_model_dequantizes_a_sharded_4bit_base_into_full_precision_f
         expected = plain(x.to(device)).cpu()
     with pytest.raises(ValueError, match="dequantize=True"):
         save_merged_model(model, tmp_path / "refused")
+    with pytest.raises(ValueError, match=r"sharded by FSDP2.*save_merged_model\(model, directory, dequantize=True\)"):
+        dequantize_model(model)
+    assert len(quantized_layers(model)) == 3  # unchanged
     written = load_merged_state_dict(save_merged_model(model, tmp_path / "merged", dequantize=True))
     exported = chain()
     exported.load_state_dict(written)  # strict: plain nn.Linear keys, no quantisation state

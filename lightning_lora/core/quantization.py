@@ -27,6 +27,7 @@ from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight
 from lightning_lora.core.config import ALL_LINEAR, LoraConfig, QuantizationConfig
+from lightning_lora.core.distributed import is_dtensor
 from lightning_lora.core.layers import LoraLayer, lora_class
 from lightning_lora.core.quantized_weights import (
     BLOCKSIZE_4BIT,
@@ -277,8 +278,18 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
         model: A model with bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` layers (others are left alone).
         dtype: dtype of the restored weights; default: the dtype the weight had before 4-bit quantisation,
             float32 for 8-bit layers.
+
+    Raises:
+        ValueError: The model is sharded (FSDP2 manages its weights; nothing is changed).
     """
-    for _, module in quantized_layers(model):
+    layers = quantized_layers(model)
+    sharded = [name for name, module in layers if is_dtensor(module.weight)]
+    if sharded:
+        raise ValueError(
+            f"{sharded[:3]} are sharded by FSDP2, whose parameters cannot be swapped for dequantised ones. For a "
+            "full-precision merged export call save_merged_model(model, directory, dequantize=True) on every rank."
+        )
+    for _, module in layers:
         dense = dense_weight(module)
         weight = nn.Parameter(dense.to(dtype or dense.dtype).contiguous(), requires_grad=False)
         _strip_quantization(module, weight)
