@@ -70,7 +70,8 @@ def build(name: str) -> tuple[torch.nn.Module, dict, object]:
         return model, {"adapter_names": INTERLEAVED}, nullcontext()
 
     from lightning_lora.core.config import LoraConfig
-    from lightning_lora.core.inject import apply_lora, set_active_adapters
+    from lightning_lora.core.adapter_set import set_active_adapters
+    from lightning_lora.core.inject import apply_lora
     from lightning_lora.core.mixed_batch import mixed_adapter_batch
 
     for adapter in ADAPTERS:

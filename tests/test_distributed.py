@@ -28,7 +28,7 @@ DEEPSPEED = pytest.mark.skipif(
 KINDS = {
     "ddp": ["ddp"],
     "fsdp2": ["fsdp2-sharded", "fsdp2-full"],
-    "fsdp1": ["fsdp1-sharded", "fsdp1-full"],
+    "fsdp1": ["fsdp1-sharded", "fsdp1-full", "fsdp1-qlora"],
     "deepspeed": ["deepspeed2", "deepspeed3"],
 }
 MARKS = {"ddp": [], "fsdp2": [], "fsdp1": [TWO_GPUS], "deepspeed": [DEEPSPEED]}

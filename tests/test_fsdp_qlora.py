@@ -5,7 +5,8 @@ the refusal of sharded 8-bit layers. Two-process training, resume and export run
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+import dataclasses
+from typing import Any, Iterator
 
 import lightning as L
 import pytest
@@ -55,23 +56,24 @@ def exact(device: str) -> dict:
     return {"rtol": 0, "atol": 0} if device == "cpu" else {}
 
 
-def qlora_chain(device: str) -> nn.Module:
+def qlora_chain(device: str, storage_dtype: str = "uint8") -> nn.Module:
     """The 64-128-128-64 chain, every layer 4-bit, adapters on ``first`` and ``last`` (``middle`` has none)."""
     model = chain().to(device)
     torch.manual_seed(10)
-    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=NF4))
+    quantization = dataclasses.replace(NF4, storage_dtype=storage_dtype)
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=quantization))
     randomize_adapters(model)
     return model
 
 
-def sharded(model: nn.Module, device: str) -> nn.Module:
+def sharded(model: nn.Module, device: str, **fully_shard_arguments: Any) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device, (1,))
     for layer in (model.first, model.middle, model.last):
-        fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **fully_shard_arguments)
+    return fully_shard(model, mesh=mesh, **fully_shard_arguments)
 
 
 def test_a_sharded_4bit_layer_reads_as_its_dequantised_weight_and_computes_the_same(device: str) -> None:
@@ -118,6 +120,36 @@ def test_save_merged_model_dequantizes_a_sharded_4bit_base_into_full_precision_f
     exported.load_state_dict(written)  # strict: plain nn.Linear keys, no quantisation state
     with torch.no_grad():
         torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_4bit_weights_stored_as_floats_are_the_same_bytes_and_compute_the_same(storage_dtype: str) -> None:
+    packed_bytes, stored_as_floats = qlora_chain("cpu"), qlora_chain("cpu", storage_dtype)
+    for name in ("first", "middle", "last"):
+        weight = getattr(stored_as_floats, name).weight
+        assert weight.dtype == getattr(torch, storage_dtype)
+        assert torch.equal(weight.data.view(torch.uint8).flatten(), getattr(packed_bytes, name).weight.data.flatten())
+        assert torch.equal(dense_weight(getattr(stored_as_floats, name)), dense_weight(getattr(packed_bytes, name)))
+    x = chain_batch()
+    torch.testing.assert_close(stored_as_floats(x), packed_bytes(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="storage_dtype must be one of"):
+        QuantizationConfig(storage_dtype="int4")
+
+
+def test_a_mixed_precision_policy_may_shard_uint8_storage_but_not_cast_float_storage(device: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    x = chain_batch().to(device)
+    reference = qlora_chain(device)
+    with torch.no_grad():
+        expected = reference(x)
+    cast = sharded(qlora_chain(device, "float32"), device, mp_policy=policy)
+    with pytest.raises(ValueError, match=r"cast it.*storage_dtype='uint8'"):
+        cast(x)
+    packed = sharded(qlora_chain(device), device, mp_policy=policy)  # FSDP2 casts floating parameters only
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x).float(), expected, rtol=0.05, atol=0.05)  # bf16 adapters and inputs
 
 
 def test_lora_callback_refuses_an_8bit_base_that_fsdp2_sharded() -> None:

@@ -14,8 +14,9 @@ from peft_oracle import copy_adapter_into_peft, peft_twin
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lightning_lora.core.adapter_set import set_active_adapters
 from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.inject import apply_lora, set_active_adapters
+from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.kinds import OFTConfig
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import disable_adapters, merge_lora

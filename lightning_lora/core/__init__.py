@@ -4,17 +4,15 @@ Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
 from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
-from lightning_lora.core.combine import add_weighted_adapter
-from lightning_lora.core.config import AdapterConfig, LoraConfig, QuantizationConfig
-from lightning_lora.core.inject import (
+from lightning_lora.core.adapter_set import (
     adapter_names,
-    apply_lora,
-    delete_adapter,
     get_lora_config,
-    initialize_pending_adapters,
     mark_only_adapters_trainable,
     set_active_adapters,
 )
+from lightning_lora.core.combine import add_weighted_adapter
+from lightning_lora.core.config import AdapterConfig, LoraConfig, QuantizationConfig
+from lightning_lora.core.inject import apply_lora, initialize_pending_adapters
 from lightning_lora.core.kinds import (
     KINDS,
     AdaLoraConfig,
@@ -36,6 +34,7 @@ from lightning_lora.core.peft_export import peft_adapter_state
 from lightning_lora.core.peft_format import lora_config_from_peft
 from lightning_lora.core.quantization import dequantize_model, enable_input_gradients, prepare_for_kbit_training
 from lightning_lora.core.quantized_weights import keep_training_layout, quantized_layers
+from lightning_lora.core.removal import delete_adapter
 from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
 from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
 from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight

@@ -24,17 +24,12 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import SAVED_WITH, adapter_names, get_lora_config
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.base_updates import check_base_untouched
 from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import full_tensor
-from lightning_lora.core.inject import (
-    SAVED_WITH,
-    _rollback,
-    adapter_names,
-    apply_lora,
-    get_lora_config,
-)
+from lightning_lora.core.inject import _rollback, apply_lora
 from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers import AdapterSettings, lora_layers

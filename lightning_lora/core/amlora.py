@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names, saved_module_state
 from lightning_lora.core.adapter_tensors import adapter_parameters
-from lightning_lora.core.inject import adapter_names, saved_module_state
 from lightning_lora.core.layer_types import LinearAdapters, check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.svd_init import has_init_factors

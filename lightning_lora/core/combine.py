@@ -24,9 +24,10 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.adapter_tensors import adapter_parameters
 from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.inject import adapter_names, apply_lora, get_lora_config
+from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.svd_init import has_init_factors
 

@@ -30,6 +30,9 @@ class QuantizationConfig:
         layers: Which layers to quantise: ``"targets"`` (the ``nn.Linear`` layers that get adapters) or
             ``"all-linear"`` (every ``nn.Linear`` except the output head and ``modules_to_save``). Other layer kinds
             (embeddings, convolutions, Hugging Face ``Conv1D``) stay in full precision.
+        storage_dtype: 4-bit only: the dtype the packed 4-bit bytes are stored as (bitsandbytes' ``quant_storage``).
+            ``"uint8"`` shards under FSDP2 with any mixed precision; FSDP1 and DeepSpeed ZeRO-3 flatten a unit's
+            parameters into one tensor of one dtype, so they need the dtype of the model's other parameters.
     """
 
     bits: Literal[4, 8] = 4
@@ -38,6 +41,7 @@ class QuantizationConfig:
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     int8_threshold: float = 6.0
     layers: Literal["targets", "all-linear"] = "targets"
+    storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
 
     def __post_init__(self) -> None:
         choices = {
@@ -45,6 +49,7 @@ class QuantizationConfig:
             "quant_type": ("nf4", "fp4"),
             "compute_dtype": ("float32", "bfloat16", "float16"),
             "layers": ("targets", ALL_LINEAR),
+            "storage_dtype": ("uint8", "float32", "bfloat16", "float16"),
         }
         for name, valid in choices.items():
             value = getattr(self, name)

@@ -32,9 +32,9 @@ from lightning_lora.core.config import EvaConfig, LoraConfig, pattern_matches
 from lightning_lora.core.distributed import copy_into, is_distributed, is_dtensor
 from lightning_lora.core.incremental_pca import IncrementalPCA
 from lightning_lora.core.initializers import CALIBRATION, register_initializer
-from lightning_lora.core.inject import remove_layer_adapter
 from lightning_lora.core.layer_types import LinearAdapters
 from lightning_lora.core.layers import AdapterDict, LoraLayer
+from lightning_lora.core.removal import remove_layer_adapter
 
 if TYPE_CHECKING:
     from lightning_lora.core.calibration import CalibrationRun

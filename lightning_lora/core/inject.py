@@ -1,41 +1,42 @@
-"""Adding adapters to a model, choosing what trains, and taking adapters away again."""
+"""Adding adapters to a model (``apply_lora``) and initialising the ones still pending."""
 
 from __future__ import annotations
 
 import logging
 import time
 import warnings
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import (
+    SAVED_WITH,
+    adapter_names,
+    mark_only_adapters_trainable,
+    mark_saved_modules,
+)
 from lightning_lora.core.adapter_tensors import adapter_parameters, shared_holder
 from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import full_parameters, global_rank
 from lightning_lora.core.initializers import initializer_needs_data, needs_calibration
-from lightning_lora.core.kinds import ADAPTER_CONTAINERS, kind_of
+from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
 from lightning_lora.core.layer_types import layer_type_of
 from lightning_lora.core.layers import AdapterDict, AdapterSettings, LoraLayer, SharedTensors, lora_class, lora_layers
 from lightning_lora.core.parameter_adapters import (
-    ParameterAdapters,
     adapt_parameter,
     find_parameter_targets,
-    release_parameter,
     site_name,
     whole_module_sites,
 )
 from lightning_lora.core.quantization import plan_quantization, quantize_layers
 from lightning_lora.core.quantized_weights import keep_training_layout
+from lightning_lora.core.removal import remove_adapter_tensors, restore_base_class
 from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
 
 logger = logging.getLogger(__name__)
 
-# Marks modules whose own state trains and is saved with an adapter: {adapter: ("bias",)} for a trained bias,
-# {adapter: ()} for a whole module in modules_to_save.
-SAVED_WITH = "_lora_saved_with"
-WHOLE_MODULE: tuple[str, ...] = ()
 
 
 def apply_lora(
@@ -50,7 +51,7 @@ def apply_lora(
     ``<layer>.lora_A.<adapter_name>`` and ``<layer>.lora_B.<adapter_name>`` (DoRA: ``<layer>.lora_magnitude.<name>``).
     With ``config.quantization`` the selected ``nn.Linear`` layers are quantised in place with bitsandbytes after
     the adapters are initialised (QLoRA); adapters stay in full precision. Bitsandbytes 4-bit layers are kept in
-    their trainable layout (:func:`~lightning_lora.core.quantization.keep_training_layout`).
+    their trainable layout (:func:`~lightning_lora.core.quantized_weights.keep_training_layout`).
     All checks run before anything is changed: on any error the model is left exactly as it was.
 
     Args:
@@ -134,7 +135,7 @@ def apply_lora(
                 if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
                     layer.lora_settings[adapter_name].kind.after_base_change(layer, adapter_name)  # DoRA norms
         keep_training_layout(model)
-        _mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
+        mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
         mark_only_adapters_trainable(model, [*still_training, adapter_name])
     except BaseException:
         if undo_quantization is not None:
@@ -234,69 +235,6 @@ def _attach_shared(
             layer._modules[container] = holder
 
 
-def _mark_saved_modules(
-    model: nn.Module,
-    config: AdapterConfig,
-    adapter_name: str,
-    modules_to_save: dict[str, nn.Module],
-    adapted: list[nn.Module],
-) -> None:
-    for module in modules_to_save.values():
-        _marks(module)[adapter_name] = WHOLE_MODULE
-    if config.bias == "none":
-        return
-    with_bias = adapted if config.bias == "lora_only" else list(model.modules())
-    for module in with_bias:
-        if isinstance(getattr(module, "bias", None), nn.Parameter) and adapter_name not in _marks(module):
-            _marks(module)[adapter_name] = ("bias",)
-
-
-def _marks(module: nn.Module) -> dict[str, tuple[str, ...]]:
-    if SAVED_WITH not in module.__dict__:
-        module.__dict__[SAVED_WITH] = {}
-    return module.__dict__[SAVED_WITH]
-
-
-def saved_module_state(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(state-dict key, tensor)`` of the non-adapter state that trains with ``adapter_name`` (modules_to_save,
-    trained biases)."""
-    for name, module in model.named_modules():
-        local = getattr(module, SAVED_WITH, {}).get(adapter_name)
-        if local is None:
-            continue
-        prefix = f"{name}." if name else ""
-        if local == WHOLE_MODULE:
-            for key, value in module.state_dict().items():
-                yield prefix + key, value
-        else:
-            for attribute in local:
-                yield prefix + attribute, getattr(module, attribute)
-
-
-def mark_only_adapters_trainable(model: nn.Module, adapter_names: Union[str, list[str]]) -> nn.Module:
-    """Freeze every parameter, then unfreeze the tensors of the given adapters and the state saved with them.
-
-    Args:
-        model: A model with LoRA adapters.
-        adapter_names: The adapter (or adapters) to train.
-    """
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for adapter_name in names:
-        for _, parameter in adapter_parameters(model, adapter_name, include_frozen=False):
-            parameter.requires_grad_(True)
-    for module in model.modules():
-        for adapter_name in names:
-            local = getattr(module, SAVED_WITH, {}).get(adapter_name)
-            if local == WHOLE_MODULE:
-                module.requires_grad_(True)
-            elif local:
-                for attribute in local:
-                    getattr(module, attribute).requires_grad_(True)
-    return model
-
-
 def _rollback(
     model: nn.Module,
     adapter_name: str,
@@ -307,10 +245,10 @@ def _rollback(
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
             layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
-            _remove_layer_adapter(layer, adapter_name)
+            remove_adapter_tensors(layer, adapter_name)
     for module in converted:
         if isinstance(module, LoraLayer) and not module.lora_settings:
-            _restore_base_class(module)
+            restore_base_class(module)
     for module, marks in previous_marks.items():
         if marks:
             module.__dict__[SAVED_WITH] = marks
@@ -318,120 +256,6 @@ def _rollback(
             module.__dict__.pop(SAVED_WITH, None)
     for parameter, flag in previous_flags:
         parameter.requires_grad_(flag)
-
-
-def _remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> None:
-    for dict_name in ADAPTER_CONTAINERS:
-        container = layer._modules.get(dict_name)
-        if container is None:
-            continue
-        if adapter_name in container:
-            del container[adapter_name]  # a SharedTensors holder: for every layer at once
-        if not len(container):
-            del layer._modules[dict_name]  # no empty containers left behind by another kind's adapter
-    layer.lora_settings.pop(adapter_name, None)
-    layer.merge_state.pop(adapter_name, None)
-    if adapter_name in layer.active_adapters:
-        layer.active_adapters.remove(adapter_name)
-
-
-_LORA_ATTRIBUTES = (
-    "lora_settings",
-    "active_adapters",
-    "merged_adapters",
-    "adapters_disabled",
-    "merge_state",
-)
-
-
-def _restore_base_class(layer: LoraLayer) -> nn.Module:
-    """Turn a LoRA layer back into its plain base class (adapters dropped, weights as they are); a parameter's
-    site leaves its owner."""
-    if isinstance(layer, ParameterAdapters):
-        release_parameter(layer)
-        return layer
-    for dict_name in ADAPTER_CONTAINERS:
-        layer._modules.pop(dict_name, None)
-    for attribute in _LORA_ATTRIBUTES:
-        layer.__dict__.pop(attribute, None)
-    layer.__class__ = layer.base_class
-    return layer
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters present anywhere in ``model``, in the order they were added.
-
-    Args:
-        model: Any module.
-    """
-    names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.lora_settings))
-    return list(names)
-
-
-def get_lora_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
-    """The config an adapter was created with (a ``LoraConfig`` or another kind's config).
-
-    Args:
-        model: A model with LoRA adapters.
-        adapter_name: Which adapter.
-
-    Raises:
-        ValueError: The model has no adapter of that name.
-    """
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_settings:
-            return layer.lora_settings[adapter_name].config
-    raise ValueError(f"The model has no adapter {adapter_name!r}; it has {adapter_names(model)}.")
-
-
-def _check_known(model: nn.Module, names: list[str]) -> None:
-    known = adapter_names(model)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"Unknown adapter(s) {unknown}; the model has {known}.")
-
-
-def set_active_adapters(model: nn.Module, names: Union[str, list[str]]) -> nn.Module:
-    """Choose which adapters take part in forward (in this order). Trainability is not changed.
-
-    Args:
-        model: A model with LoRA adapters.
-        names: One adapter name or a list of them.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    _check_known(model, names)
-    for _, layer in lora_layers(model):
-        layer.active_adapters = [n for n in names if n in layer.lora_settings]
-    return model
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Remove one adapter; layers left without adapters become plain modules again.
-
-    A base weight that holds the residual of an SVD init (PiSSA, OLoRA, ...) gets the adapter's initial part back.
-
-    Args:
-        model: A model with LoRA adapters.
-        adapter_name: The adapter to remove.
-
-    Raises:
-        ValueError: Unknown adapter, or the adapter is merged (call ``unmerge_lora`` first).
-    """
-    _check_known(model, [adapter_name])
-    merged = [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
-    if merged:
-        raise ValueError(f"Adapter {adapter_name!r} is merged into {merged[:3]}...; call unmerge_lora(model) first.")
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_settings:
-            layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
-            _remove_layer_adapter(layer, adapter_name)
-            if not layer.lora_settings:
-                _restore_base_class(layer)
-    for module in model.modules():
-        getattr(module, SAVED_WITH, {}).pop(adapter_name, None)
-    return model
 
 
 def initialize_pending_adapters(
@@ -489,21 +313,3 @@ def initialize_pending_adapters(
     if elapsed >= progress_after_s:
         report(f"lightning_lora: initialised {len(pending)} adapter layers in {elapsed:.0f}s")
     return count
-
-
-def remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> nn.Module:
-    """Take one adapter off one layer, as it is (EVA's rank-0 layers); a layer left without adapters becomes its
-    plain base class again. Returns the layer."""
-    _remove_layer_adapter(layer, adapter_name)
-    getattr(layer, SAVED_WITH, {}).pop(adapter_name, None)  # a bias trained with it (bias="lora_only")
-    return _restore_base_class(layer) if not layer.lora_settings else layer
-
-
-def strip_adapters(model: nn.Module) -> nn.Module:
-    """Drop every adapter and saved-module mark as they are (merged deltas stay in the weights)."""
-    for _, layer in lora_layers(model):
-        _restore_base_class(layer)
-    for module in model.modules():
-        module.__dict__.pop(SAVED_WITH, None)
-    return model
-

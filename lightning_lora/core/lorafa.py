@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.distributed import is_dtensor, is_sharded
-from lightning_lora.core.inject import adapter_names
 from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.param_groups import freeze_lora_A

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
-from lightning_lora.core.inject import strip_adapters
 from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.removal import strip_adapters
 
 
 def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tuple[str, LoraLayer, list[str]]]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_lora.core.inject import adapter_names as model_adapter_names
+from lightning_lora.core.adapter_set import adapter_names as model_adapter_names
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.parameter_adapters import ParameterAdapters
 

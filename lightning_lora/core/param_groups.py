@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from lightning_lora.core.inject import adapter_names
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.kinds import AdapterTensor
 from lightning_lora.core.layers import LoraLayer, lora_layers
 

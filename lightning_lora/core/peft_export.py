@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.config import AdapterConfig, pattern_matches
 from lightning_lora.core.distributed import full_tensor
-from lightning_lora.core.inject import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layer_types import TransposedLinearAdapters

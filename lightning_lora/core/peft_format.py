@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import SAVED_WITH, WHOLE_MODULE, saved_module_state
 from lightning_lora.core.config import AdapterConfig
-from lightning_lora.core.inject import SAVED_WITH, WHOLE_MODULE, saved_module_state
 from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.targeting import name_matches

@@ -31,9 +31,8 @@ from lightning_lora.core.distributed import is_dtensor
 from lightning_lora.core.layers import LoraLayer, lora_class
 from lightning_lora.core.quantized_weights import (
     BLOCKSIZE_4BIT,
-    PARAMS_4BIT,
-    PARAMS_8BIT,
     dense_scales,
+    follow_packed_weight,
     import_bitsandbytes,
     keep_training_layout,
     quantize_tensor,
@@ -207,14 +206,14 @@ def quantize_linear(module: nn.Linear, options: QuantizationConfig) -> nn.Module
             blocksize=BLOCKSIZE_4BIT,
             compress_statistics=options.double_quant,
             quant_type=options.quant_type,
-            quant_storage=torch.uint8,
+            quant_storage=data.dtype,
             bnb_quantized=True,
             module=module,
         )
         module.compute_dtype = _DTYPES[options.compute_dtype]
         module.compute_type_is_set = True
         module.quant_state = state
-        module.quant_storage = torch.uint8
+        module.quant_storage = data.dtype
         module.support_avx512bf16_for_cpu = False  # keep_training_layout
     else:
         base_class = bnb.nn.Linear8bitLt
@@ -242,6 +241,9 @@ def _strip_quantization(module: nn.Module, weight: nn.Parameter) -> None:
     hook = module.__dict__.pop(_HOOK_8BIT, None)
     if hook is not None:
         hook.remove()
+    for key, pre_hook in list(module._forward_pre_hooks.items()):
+        if pre_hook is follow_packed_weight:
+            del module._forward_pre_hooks[key]
     module.weight = weight
     _set_base_class(module, nn.Linear)
 
@@ -344,7 +346,8 @@ def prepare_for_kbit_training(
         for module in model.modules():
             if upcast == "all" or _is_norm(module):
                 for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                    packed = type(tensor).__name__ in (PARAMS_4BIT, PARAMS_8BIT)  # 4-bit data may be stored as bf16
+                    # 4-bit data may be stored as bf16 (sharded by FSDP2 it is a DTensor: known by its layer)
+                    packed = tensor is getattr(module, "weight", None) and quantized_bits(module) is not None
                     if tensor.dtype in (torch.float16, torch.bfloat16) and not packed:
                         tensor.data = tensor.data.float()
     enable_input_gradients(model)

@@ -38,6 +38,7 @@ from lightning_lora.core.distributed import copy_into, full_tensor, is_dtensor
 
 PARAMS_4BIT = "Params4bit"
 PARAMS_8BIT = "Int8Params"
+STORAGE_DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REQUANTIZE_WARNING = (
     "Writing into a quantised base weight re-quantises it: the layer's output changes by the quantisation rounding "
     "and an unmerge does not restore the previous quantised weight exactly. For an exact full-precision merged model "
@@ -117,7 +118,7 @@ def quantize_tensor(weight: torch.Tensor, options: QuantizationConfig) -> tuple[
             blocksize=BLOCKSIZE_4BIT,
             compress_statistics=options.double_quant,
             quant_type=options.quant_type,
-            quant_storage=torch.uint8,
+            quant_storage=STORAGE_DTYPES[options.storage_dtype],
         )
     # As bitsandbytes' Int8Params does: row-wise absmax of the half-precision weight.
     data, scales, _ = functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
@@ -214,8 +215,10 @@ def keep_training_layout(model: nn.Module) -> nn.Module:
     """Keep every 4-bit layer of ``model`` in the layout whose matmul has an autograd formula.
 
     Switches off bitsandbytes' CPU inference repack (which would silently cut the gradient through the layer after
-    the first evaluation) and undoes a repack that already happened, keeping the weights as they are now.
-    :func:`~lightning_lora.apply_lora` calls this on the whole model; call it again after adding 4-bit layers.
+    the first evaluation) and undoes a repack that already happened, keeping the weights as they are now. Each
+    layer also gets a forward pre-hook (:func:`follow_packed_weight`) for sharding strategies that move or cast
+    its packed weight. :func:`~lightning_lora.apply_lora` calls this on the whole model; call it again after adding
+    4-bit layers.
 
     Args:
         model: Any module; layers other than bitsandbytes ``Linear4bit`` are left alone.
@@ -227,7 +230,28 @@ def keep_training_layout(model: nn.Module) -> nn.Module:
         if isinstance(module, bnb.nn.Linear4bit):
             _unpack_cpu_inference_layout(module)
             module.support_avx512bf16_for_cpu = False
+            if follow_packed_weight not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(follow_packed_weight)
     return model
+
+
+def follow_packed_weight(module: nn.Module, args: tuple) -> None:
+    """Before a 4-bit layer computes: its quantisation state moves to the device of its weight (FSDP moves the
+    packed bytes, not the state bitsandbytes keeps on the module), and a weight that a mixed-precision policy cast
+    away from its storage dtype (FSDP2's ``MixedPrecisionPolicy(param_dtype=...)`` casts floating parameters) is
+    refused, as its bytes no longer encode the weights."""
+    state, weight = getattr(module, "quant_state", None), module.weight
+    if state is None:
+        return  # not quantised yet (bitsandbytes quantises on .to(device))
+    storage = getattr(module, "quant_storage", weight.dtype)
+    if weight.dtype != storage:
+        raise ValueError(
+            f"A 4-bit {type(module).__name__} received its packed weight as {weight.dtype} instead of its storage "
+            f"dtype {storage}: a mixed-precision policy cast it, which scrambles the packed 4-bit values. Quantise "
+            "with QuantizationConfig(storage_dtype='uint8') (never cast), or store as the policy's param_dtype."
+        )
+    if state.absmax.device != weight.device:
+        state.to(weight.device)
 
 
 def _unpack_cpu_inference_layout(module: nn.Module) -> None:
@@ -255,6 +279,7 @@ def dense_scales(state: Any) -> torch.Tensor:
 
 
 __all__ = [
+    "STORAGE_DTYPES",
     "check_sharded_quantization",
     "dense_reference",
     "dense_scales",

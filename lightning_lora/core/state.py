@@ -7,9 +7,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.adapter_tensors import adapter_parameters, shared_adapter_tensors
 from lightning_lora.core.distributed import copy_into, full_tensor
-from lightning_lora.core.inject import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers import lora_layers
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.adapter_tensors import adapter_parameters
-from lightning_lora.core.inject import adapter_names
 
 
 def parameter_count(parameter: torch.Tensor) -> int:

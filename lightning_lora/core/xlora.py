@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.inject import adapter_names
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.layer_types import check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
 

@@ -22,15 +22,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_lora.core.adapter_set import get_lora_config
 from lightning_lora.core.calibration import calibrate_adapters
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.distributed import clean_name, is_sharded
 from lightning_lora.core.init_names import is_data_init
-from lightning_lora.core.inject import apply_lora, delete_adapter, get_lora_config
+from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.param_groups import freeze_lora_A
+from lightning_lora.core.removal import delete_adapter
 from lightning_lora.core.svd_init import apply_init_residual, has_init_factors
 from lightning_lora.lightning.checkpoint import remember_adapter_shapes
+from lightning_lora.lightning.fit_support import check_optimizer_holds_trainable_parameters
 
 CalibrationForward = Callable[[pl.LightningModule, Any], Any]
 # What EVA writes into a config (its ranks); a checkpoint's config may differ from the run's in these only.
@@ -218,8 +221,6 @@ class DataInitHooks:
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_lora.lightning.callback import check_optimizer_holds_trainable_parameters
-
         target = self.target(pl_module)
         if target is None or not pending_data_layers(target, self.adapter_name):
             return  # no data-driven init, or restored from a checkpoint

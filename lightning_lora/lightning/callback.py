@@ -8,39 +8,38 @@ down to the adapters, and can merge the adapters into the base weights when trai
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
-from lightning_lora.core.distributed import barrier, clean_name, is_sharded, reshard_fsdp2
-from lightning_lora.core.inject import (
-    adapter_names,
-    apply_lora,
-    check_adapter_name,
-    get_lora_config,
-    initialize_pending_adapters,
-)
+from lightning_lora.core.distributed import is_sharded, reshard_fsdp2
+from lightning_lora.core.inject import apply_lora, check_adapter_name, initialize_pending_adapters
 from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora, unmerge_lora
-from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.core.param_groups import freeze_lora_A
 from lightning_lora.core.quantized_weights import check_sharded_quantization, quantized_layers
-from lightning_lora.core.safe_files import is_writer, write_safetensors
 from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
 from lightning_lora.lightning.calibration import CalibrationForward, DataInitHooks, pending_data_layers, uses_data_init
-from lightning_lora.lightning.checkpoint import is_adapter_key, patch_strategy_checkpointing, remember_adapter_shapes
+from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
+from lightning_lora.lightning.fit_support import (
+    check_optimizer_holds_trainable_parameters,
+    full_parameters_of,
+    is_zero3,
+    submodule_of,
+    write_merged_weights,
+)
 
 
 class LoraCallback(DataInitHooks, Callback):
@@ -229,7 +228,7 @@ class LoraCallback(DataInitHooks, Callback):
         if self.lora_fa:
             freeze_lora_A(target, self.adapter_name)
         trainer = pl_module._trainer
-        if trainer is not None and _is_zero3(trainer.strategy):
+        if trainer is not None and is_zero3(trainer.strategy):
             register_zero3_external_parameters(target)
         remember_adapter_shapes(pl_module)
         return True
@@ -297,7 +296,7 @@ class LoraCallback(DataInitHooks, Callback):
             trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own checkpoints
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        if self.merge_on_fit_end and _is_zero3(trainer.strategy):
+        if self.merge_on_fit_end and is_zero3(trainer.strategy):
             raise ValueError(
                 "merge_on_fit_end is not supported with DeepSpeed ZeRO-3 (the base weights are partitioned); train "
                 "with merge_on_fit_end=False and merge the saved adapter afterwards with merge_and_unload."
@@ -325,7 +324,7 @@ class LoraCallback(DataInitHooks, Callback):
         check_sharded_quantization(target)
         if self._merged_into(target):
             # Sharded strategies only: their checkpoint restore comes after on_fit_start.
-            with _full_parameters(trainer.strategy):
+            with full_parameters_of(trainer.strategy):
                 reshard_fsdp2(target)
                 self._unmerge(target)
         self._initialize_pending(trainer, pl_module)
@@ -373,7 +372,7 @@ class LoraCallback(DataInitHooks, Callback):
     def _merge_at_train_end(self, pl_module: pl.LightningModule) -> None:
         trainer = pl_module.trainer
         target = self.target(pl_module)
-        with _full_parameters(trainer.strategy):
+        with full_parameters_of(trainer.strategy):
             reshard_fsdp2(target)
             merge_lora(target, adapter_names=[self.adapter_name])
             reshard_fsdp2(target)
@@ -390,15 +389,6 @@ class LoraCallback(DataInitHooks, Callback):
             "config": self.config.to_dict(),
             "submodule": self.submodule,
         }
-
-
-def submodule_of(pl_module: nn.Module, path: Optional[str]) -> Optional[nn.Module]:
-    """The module at attribute ``path`` (``"model.encoder"``) of ``pl_module`` (itself for None), or None while it
-    does not exist."""
-    module: Any = pl_module
-    for attribute in path.split(".") if path else ():
-        module = getattr(module, attribute, None)
-    return module if isinstance(module, nn.Module) else None
 
 
 def inject_adapters(pl_module: pl.LightningModule) -> None:
@@ -440,81 +430,3 @@ def lora_callbacks(pl_module: pl.LightningModule) -> list[LoraCallback]:
     found = [c for c in trainer.callbacks if isinstance(c, LoraCallback)] if trainer is not None else []
     own = getattr(pl_module, "lora_callback", None)
     return found if own is None or own in found else [*found, own]
-
-
-def check_optimizer_holds_trainable_parameters(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Raise when the optimizers miss a trainable parameter of ``pl_module`` or hold a frozen one.
-
-    Raises:
-        ValueError: With the parameters concerned and how to build the optimizer instead.
-    """
-    if not trainer.optimizers or isinstance(trainer.strategy, DeepSpeedStrategy):
-        return  # DeepSpeed's optimizer holds flattened copies, not the module's parameters
-    held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
-    missing, frozen = [], []
-    for name, parameter in pl_module.named_parameters():
-        if parameter.requires_grad and id(parameter) not in held:
-            missing.append(clean_name(name))
-        elif not parameter.requires_grad and id(parameter) in held:
-            frozen.append(clean_name(name))
-    if not missing and not frozen:
-        return
-    problems = []
-    if missing:
-        problems.append(f"misses {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
-    if frozen:
-        problems.append(f"holds {len(frozen)} frozen tensor(s), e.g. {frozen[:3]}")
-    raise ValueError(
-        "The optimizer does not match the LoRA training setup: it " + " and ".join(problems) + ". It was built "
-        "from parameters collected before the adapters were added (LightningCLI's automatic optimizer does that), or "
-        "from all parameters. Build it in configure_optimizers from the trainable parameters, e.g. "
-        "torch.optim.AdamW(lightning_lora.lora_param_groups(self, lr=1e-4)); with LightningCLI use "
-        "auto_configure_optimizers=False and an `optimizer: OptimizerCallable` module argument (LoraMixin has one). "
-        "To skip this check: LoraCallback(check_optimizer=False)."
-    )
-
-
-def write_merged_weights(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path, adapter_name: str
-) -> Path:
-    """Write ``target`` with ``adapter_name`` merged (already merged in place, or merged now from copies) to
-    ``directory`` as a merged export (``model.safetensors``, or shards with an index; ``config.json`` for Hugging
-    Face models), from rank 0. Sharded tensors are gathered first, so every rank takes part.
-
-    Returns:
-        The directory.
-    """
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        reshard_fsdp2(target)
-        return save_merged_model(target, directory, adapter_names=[adapter_name])
-    # FSDP1 flattens parameters: gather the full state dict on rank 0 through FSDP itself.
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-    with FSDP.state_dict_type(trainer.strategy.model, StateDictType.FULL_STATE_DICT, config):
-        state = trainer.strategy.model.state_dict()
-    name = next(clean_name(name) for name, module in pl_module.named_modules() if module is target)
-    prefix = f"{name}." if name else ""
-    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not is_adapter_key(k)}
-    if is_writer():
-        directory.mkdir(parents=True, exist_ok=True)
-        write_safetensors(directory / SINGLE_FILE_NAME, state)
-    barrier()
-    return directory
-
-
-@contextmanager
-def _full_parameters(strategy: Any) -> Iterator[None]:
-    """Under FSDP1, unshard every parameter for in-place edits (written back on exit); elsewhere a no-op."""
-    if not isinstance(strategy, FSDPStrategy):
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(strategy.model, writeback=True):
-        yield
-
-
-def _is_zero3(strategy: Any) -> bool:
-    return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3

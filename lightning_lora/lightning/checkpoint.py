@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.base_updates import trained_base_weight_names
 from lightning_lora.core.distributed import clean_name
-from lightning_lora.core.inject import adapter_names
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems

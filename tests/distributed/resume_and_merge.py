@@ -3,14 +3,13 @@ Lightning re-launches this script for rank 1.
 
     python resume_and_merge.py {ddp|fsdp2|fsdp1|deepspeed} OUT_DIR
 
-``ddp`` and ``fsdp2`` (ModelParallelStrategy) run on CPU with gloo; ``fsdp1`` (FSDPStrategy) and ``deepspeed``
-need two GPUs. For each resume flavour ``<name>`` it writes ``<name>-uninterrupted.pt`` (adapter after two epochs)
-and ``<name>-resumed.pt`` (one epoch, checkpoint, a new Trainer and module, one more epoch), both
+``ddp`` and ``fsdp2`` (ModelParallelStrategy) run on CPU with gloo; ``fsdp1`` (FSDPStrategy, also on a 4-bit base)
+and ``deepspeed`` need two GPUs. For each resume flavour ``<name>`` it writes ``<name>-uninterrupted.pt`` (adapter
+after two epochs) and ``<name>-resumed.pt`` (one epoch, checkpoint, a new Trainer and module, one more epoch), both
 ``{"adapter": full tensors, "sharded": whether the live adapter tensors were sharded}``, and keeps the checkpoints
-under ``<name>-checkpoints/``; ``<name>-refused.txt`` holds the error of resuming it with another rank (FSDP2).
-The merge run writes ``merged/model.safetensors`` and ``merge.pt``
-(``{"adapter": ..., "merged": whether the model was left merged}``).
-"""
+under ``<name>-checkpoints/``; ``<name>-refused.txt`` holds the error of resuming it with another rank (FSDP2). The
+merge run writes ``merged/model.safetensors`` and ``merge.pt`` (``{"adapter": ..., "merged": whether the model was
+left merged}``)."""
 
 from __future__ import annotations
 
@@ -32,7 +31,7 @@ from lightning_models import (
     trainer_arguments,
 )
 
-from lightning_lora import LoraCallback, adapter_state_dict
+from lightning_lora import LoraCallback, QuantizationConfig, adapter_state_dict
 from lightning_lora.core.distributed import gather_full_state_dict, global_rank, is_dtensor
 
 EPOCHS = 2  # 4 steps each on each rank
@@ -121,8 +120,8 @@ def merge_on_fit_end(out: Path, module_class: type, strategy: Any, accelerator: 
     save(payload, out / "merge.pt")
 
 
-def with_callback(module_class: type, r: int = 4) -> Make:
-    return lambda: (module_class(), [LoraCallback(lora_config(r=r))])
+def with_callback(module_class: type, r: int = 4, **overrides: Any) -> Make:
+    return lambda: (module_class(), [LoraCallback(lora_config(r=r, **overrides))])
 
 
 def mixin_on_meta_device(r: int = 4) -> tuple[L.LightningModule, list]:
@@ -158,6 +157,9 @@ def main() -> None:
         merge_on_fit_end(out, BuiltInInit, fsdp1(), "cuda")
         uninterrupted_and_resumed(out, "fsdp1-sharded", with_callback(BuiltInInit), fsdp1, "cuda")
         uninterrupted_and_resumed(out, "fsdp1-full", with_callback(BuiltInInit), lambda: fsdp1("full"), "cuda")
+        # FSDP-QLoRA through FSDP1: a unit's flat parameter has one dtype, so the 4-bit bytes are stored as float32
+        qlora = QuantizationConfig(bits=4, double_quant=True, storage_dtype="float32")
+        uninterrupted_and_resumed(out, "fsdp1-qlora", with_callback(BuiltInInit, quantization=qlora), fsdp1, "cuda")
     elif kind == "deepspeed":
         from lightning.pytorch.strategies import DeepSpeedStrategy
 

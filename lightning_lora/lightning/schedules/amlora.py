@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_lora.core.adapter_set import adapter_names
 from lightning_lora.core.amlora import (
     GATES,
     add_amlora,
@@ -19,7 +20,6 @@ from lightning_lora.core.amlora import (
     has_amlora,
     set_amlora_l1_weight,
 )
-from lightning_lora.core.inject import adapter_names
 from lightning_lora.lightning.schedules.base import AdapterSchedule
 
 

@@ -25,9 +25,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 from typing_extensions import override
 
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.base_updates import mark_base_trained
 from lightning_lora.core.base_weights import is_plain_weight
-from lightning_lora.core.inject import adapter_names, get_lora_config
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.lightning.callback import lora_callbacks
 from lightning_lora.lightning.export import AdapterExport
