@@ -29,7 +29,7 @@ KINDS = {
     "ddp": ["ddp"],
     "fsdp2": ["fsdp2-sharded", "fsdp2-full"],
     "fsdp1": ["fsdp1-sharded", "fsdp1-full", "fsdp1-qlora"],
-    "deepspeed": ["deepspeed2", "deepspeed3"],
+    "deepspeed": ["deepspeed2", "deepspeed3", "deepspeed3-qlora"],
 }
 MARKS = {"ddp": [], "fsdp2": [], "fsdp1": [TWO_GPUS], "deepspeed": [DEEPSPEED]}
 RESUME_CASES = [pytest.param(kind, name, marks=MARKS[kind], id=name) for kind, names in KINDS.items() for name in names]

@@ -3,13 +3,13 @@ Lightning re-launches this script for rank 1.
 
     python resume_and_merge.py {ddp|fsdp2|fsdp1|deepspeed} OUT_DIR
 
-``ddp`` and ``fsdp2`` (ModelParallelStrategy) run on CPU with gloo; ``fsdp1`` (FSDPStrategy, also on a 4-bit base)
-and ``deepspeed`` need two GPUs. For each resume flavour ``<name>`` it writes ``<name>-uninterrupted.pt`` (adapter
-after two epochs) and ``<name>-resumed.pt`` (one epoch, checkpoint, a new Trainer and module, one more epoch), both
-``{"adapter": full tensors, "sharded": whether the live adapter tensors were sharded}``, and keeps the checkpoints
-under ``<name>-checkpoints/``; ``<name>-refused.txt`` holds the error of resuming it with another rank (FSDP2). The
-merge run writes ``merged/model.safetensors`` and ``merge.pt`` (``{"adapter": ..., "merged": whether the model was
-left merged}``)."""
+``ddp`` and ``fsdp2`` (ModelParallelStrategy) run on CPU with gloo; ``fsdp1`` (FSDPStrategy) and ``deepspeed`` (each
+also on a 4-bit base) need two GPUs. For each resume flavour ``<name>`` it writes ``<name>-uninterrupted.pt``
+(adapter after two epochs) and ``<name>-resumed.pt`` (one epoch, checkpoint, a new Trainer and module, one more
+epoch), both ``{"adapter": full tensors, "sharded": whether the live adapter tensors were sharded}``, and keeps the
+checkpoints under ``<name>-checkpoints/``; ``<name>-refused.txt`` holds the error of resuming it with another rank
+(FSDP2). The merge run writes ``merged/model.safetensors`` and ``merge.pt`` (``{"adapter": ..., "merged": whether
+the model was left merged}``)."""
 
 from __future__ import annotations
 
@@ -167,6 +167,10 @@ def main() -> None:
         for stage in (2, 3):
             strategy = functools.partial(DeepSpeedStrategy, stage=stage)
             uninterrupted_and_resumed(out, f"deepspeed{stage}", with_callback(BuiltInInit), strategy, "cuda")
+        qlora = QuantizationConfig(bits=4, double_quant=True, storage_dtype="float32")  # ZeRO-3 flattens too
+        zero3 = functools.partial(DeepSpeedStrategy, stage=3)
+        on_4bit_base = with_callback(BuiltInInit, quantization=qlora)
+        uninterrupted_and_resumed(out, "deepspeed3-qlora", on_4bit_base, zero3, "cuda")
     else:
         raise ValueError(f"unknown kind {kind!r}")
 
