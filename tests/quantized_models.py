@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_lora.core.adapter_tensors import adapter_parameters
+
 
 class Chain(nn.Module):
     """``first -> relu -> middle -> relu -> last`` with no residual: every gradient reaching ``first`` (and the
@@ -113,3 +115,13 @@ def reference_dequantize_4bit(data: torch.Tensor, state, scales: torch.Tensor, p
     else:
         index = (torch.arange(rows * columns) // state.blocksize).view(rows, columns)
     return values * scales.float()[index]
+
+
+def outputs_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Outputs, input gradient and the default adapter's gradients of one training-mode backward of a fixed
+    weighted sum of the outputs."""
+    model.train()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum().backward()
+    return out.detach(), x.grad, {key: p.grad for key, p in adapter_parameters(model, "default")}

@@ -44,6 +44,7 @@ from quantized_models import (  # noqa: E402
     chain_batch,
     checkpointed_stack,
     llama64,
+    outputs_and_grads,
     reference_dequantize_4bit,
     validation_pass,
 )
@@ -62,14 +63,6 @@ def qlora_chain(quantization: QuantizationConfig, **config) -> nn.Module:
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["first", "last"], quantization=quantization, **config))
     randomize_adapters(model)
     return model
-
-
-def outputs_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    model.train()
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-    return out.detach(), x.grad, {key: p.grad for key, p in adapter_parameters(model, "default")}
 
 
 def adapter_grads(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:

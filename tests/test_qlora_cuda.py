@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 pytest.importorskip("bitsandbytes")
 
 from models import randomize_adapters  # noqa: E402
-from quantized_models import chain, chain_batch  # noqa: E402
+from quantized_models import chain, chain_batch, outputs_and_grads  # noqa: E402
 
 from lightning_lora import (  # noqa: E402
     LoraConfig,
@@ -28,7 +28,6 @@ from lightning_lora import (  # noqa: E402
     save_adapter,
     save_merged_model,
 )
-from lightning_lora.core.adapter_tensors import adapter_parameters  # noqa: E402
 
 # (quantisation, tolerance): bf16 compute rounds the activations
 OPTIONS = {
@@ -45,14 +44,6 @@ def qlora_chain_on_gpu(quantization: QuantizationConfig, use_dora: bool = False)
     apply_lora(model, config)
     randomize_adapters(model)
     return model
-
-
-def outputs_and_grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    model.train()
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out * torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)).sum().backward()
-    return out.detach(), x.grad, {key: p.grad for key, p in adapter_parameters(model, "default")}
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
