@@ -257,6 +257,13 @@ def _task(seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, ids % 5
 
 
+def test_a_later_all_linear_adapter_leaves_the_classifier_alone(expert_dirs: dict[str, Path]) -> None:
+    model = _ours(expert_dirs, XLoraConfig(xlora_depth=2, hidden_size=32))
+    apply_lora(model, LoraConfig(r=2, target_modules="all-linear"), adapter_name="later")
+    adapted = [name for name, layer in lora_layers(model) if "later" in layer.lora_settings]
+    assert adapted and not [name for name in adapted if "xlora_classifier" in name]
+
+
 def test_training_lowers_the_loss_and_moves_only_the_classifier() -> None:
     model = add_xlora(_tagger_with_experts(), ["a", "b"], XLoraConfig(hidden_size=16, xlora_depth=2, xlora_size=8,
                                                                       xlora_dropout_p=0.0), hidden_states="norm")

@@ -99,6 +99,8 @@ class AttentionalSelector(nn.Module):
     ``.`` written ``-`` and ``-selector`` appended (``encoder-layer-0-attention-self-query-selector``), so that no
     ``target_modules`` name or pattern of a later task selects it."""
 
+    is_adapter_machinery = True  # never an adapter target (targeting)
+
     def __init__(self, gate: str) -> None:
         super().__init__()
         self.gate = gate

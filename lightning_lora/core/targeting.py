@@ -61,11 +61,16 @@ def bypassed_linears(model: nn.Module) -> set[str]:
 
 
 def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    # Skip the adapters' own containers so a second adapter never targets them.
+    # Skip the adapters' own containers and the modules that mix adapters (X-LoRA's classifier, AM-LoRA's
+    # selector, marked ``is_adapter_machinery``), so a later adapter never targets them.
+    machinery = [f"{n}." for n, m in model.named_modules() if n and getattr(m, "is_adapter_machinery", False)]
     return [
         (name, module)
         for name, module in model.named_modules()
-        if name and not isinstance(module, (AdapterDict, ParameterAdapters)) and not name.endswith(f".{SITES}")
+        if name
+        and not isinstance(module, (AdapterDict, ParameterAdapters))
+        and not name.endswith(f".{SITES}")
+        and not any(f"{name}.".startswith(prefix) for prefix in machinery)
     ]
 
 

@@ -102,6 +102,8 @@ class XLoraClassifier(nn.Module):
         n_layers: Number of adapted layers the weights are for.
     """
 
+    is_adapter_machinery = True  # never an adapter target (targeting)
+
     def __init__(self, config: XLoraConfig, n_experts: int, n_layers: int) -> None:
         super().__init__()
         self.config, self.n_experts, self.n_layers = config, n_experts, n_layers
