@@ -476,6 +476,11 @@ def test_resume_with_another_config_or_expert_order_is_refused(tagger_expert_dir
     swapped = dict(reversed(list(tagger_expert_dirs.items())))
     with pytest.raises(ValueError, match=r"experts \['a', 'b'\], in this order, not \['b', 'a'\]"):
         _fit(tagger_expert_dirs, max_steps=2, ckpt_path=path, experts=swapped)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if CLASSIFIER_NAME not in k}
+    torch.save(checkpoint, tmp_path / "no_classifier.ckpt")
+    with pytest.raises(ValueError, match=rf"does not fit.*model\.{CLASSIFIER_NAME}\.layers"):
+        _fit(tagger_expert_dirs, max_steps=2, ckpt_path=tmp_path / "no_classifier.ckpt")
 
 
 class CausalLMModule(__import__("lightning").LightningModule):

@@ -37,14 +37,14 @@ _PATCHED = "_lightning_lora_patched"
 
 def required_adapter_shapes(module: nn.Module) -> Shapes:
     """Keys and shapes a checkpoint must contain to restore every adapter of ``module``: adapter tensors, the
-    ``modules_to_save`` state and trained biases (what :func:`~lightning_lora.core.state.adapter_state_dict` holds)."""
+    ``modules_to_save`` state and trained biases (what :func:`~lightning_lora.core.state.adapter_state_dict` holds),
+    and the modules that mix adapters (X-LoRA's classifier, AM-LoRA's selector)."""
     remembered = module.__dict__.get(_SHAPES_ATTRIBUTE, {})
-    shapes = {}
-    for name in adapter_names(module):
-        for key, tensor in adapter_state_dict(module, name).items():
-            key = clean_name(key)
-            shapes[key] = remembered.get(key, tuple(tensor.shape))
-    return shapes
+    tensors = [item for name in adapter_names(module) for item in adapter_state_dict(module, name).items()]
+    for prefix, machinery in module.named_modules():
+        if getattr(machinery, "is_adapter_machinery", False):
+            tensors += list(machinery.state_dict(prefix=f"{prefix}.").items())
+    return {clean_name(key): remembered.get(clean_name(key), tuple(tensor.shape)) for key, tensor in tensors}
 
 
 def remember_adapter_shapes(module: nn.Module) -> None:
