@@ -103,6 +103,20 @@ def check_checkpoint_fits(module: nn.Module, checkpoint_shapes: Mapping[str, tup
         )
 
 
+def check_schedule_states(callback_states: Mapping[str, Any], module: Any) -> None:
+    """Let each schedule among the Trainer's callbacks refuse a saved state it cannot resume (AM-LoRA's gate, say),
+    before the model's keys are checked: its message names the cause.
+
+    Args:
+        callback_states: ``checkpoint["callbacks"]``.
+        module: The LightningModule (nothing is checked when it has no Trainer).
+    """
+    for schedule in getattr(getattr(module, "_trainer", None), "callbacks", []):
+        saved = callback_states.get(getattr(schedule, "state_key", None))
+        if hasattr(schedule, "check_saved_state") and isinstance(saved, dict):
+            schedule.check_saved_state(saved)
+
+
 def check_saved_configs(callback_states: Mapping[str, Any], callbacks: Sequence[Any]) -> None:
     """Raise when an adapter's config (kind and fields) in the checkpoint differs from the one the run uses.
 
@@ -142,6 +156,7 @@ def check_and_complete_checkpoint(
         ValueError: See :func:`check_checkpoint_fits` and :func:`check_saved_configs`.
     """
     state = checkpoint.get("state_dict", {})
+    check_schedule_states(checkpoint.get("callbacks", {}), module)
     check_checkpoint_fits(module, shapes_of(state), source)
     check_saved_configs(checkpoint.get("callbacks", {}), callbacks)
     complete_with_model_state(module, state)
@@ -263,6 +278,7 @@ def _load_checked(
         limit: Any = nullcontext()
         if header is not None:
             shapes, callback_states = header
+            check_schedule_states(callback_states, module)
             check_checkpoint_fits(module, shapes, source)
             check_saved_configs(callback_states, callbacks)
             limit = state_dict_limited_to(strategy.model, {clean_name(key) for key in shapes})

@@ -128,8 +128,8 @@ class AmLoraSchedule(AdapterSchedule):
         return {"adapters": list(self._adapters), "gate": self.gate}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, gate = state_dict.get("adapters"), state_dict.get("gate")
+    def check_saved_state(self, state: dict[str, Any]) -> None:
+        saved, gate = state.get("adapters"), state.get("gate")
         if gate is not None and gate != self.gate:
             raise ValueError(f"The checkpoint's AM-LoRA selector used gate={gate!r}; resume with the same gate.")
         if saved and self._adapters and saved != self._adapters:
@@ -137,4 +137,8 @@ class AmLoraSchedule(AdapterSchedule):
                 f"The checkpoint's AM-LoRA selector mixes {saved}, in this order, not {self._adapters}; resume with "
                 "the same adapters (earlier_adapters=...)."
             )
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_saved_state(state_dict)
         super().load_state_dict(state_dict)

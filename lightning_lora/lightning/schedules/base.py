@@ -109,6 +109,9 @@ class AdapterSchedule(Callback):
     def restore_state(self, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore :meth:`schedule_state` from a checkpoint (at train start)."""
 
+    def check_saved_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if this schedule cannot resume a checkpoint's state; runs before anything loads."""
+
     # ----- hooks -----
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
