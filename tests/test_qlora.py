@@ -641,6 +641,6 @@ def test_lora_callback_refuses_to_write_merged_weights_from_a_quantised_base(tmp
     )
     trainer = _quiet_trainer(max_steps=2)
     trainer.callbacks.append(callback)
-    with pytest.raises(ValueError, match=r"dequantize_model"):
+    with pytest.raises(ValueError, match=r"save_merged_model\(model, directory, dequantize=True\)"):
         trainer.fit(LlamaModule(), train_dataloaders=DataLoader(TensorDataset(token_batch(length=12)), batch_size=2))
     assert not (tmp_path / "merged").exists()
