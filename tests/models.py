@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -103,3 +107,13 @@ def randomize_adapters(model: nn.Module, seed: int = 2, scale: float = 0.1) -> N
                     parameter.mul_(1 + scale * noise.to(parameter.dtype))
                 else:
                     parameter.copy_(scale * noise)
+
+
+@functools.cache
+def _built(builder: Callable[[], nn.Module]) -> nn.Module:
+    return builder()
+
+
+def fresh(builder: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """A new copy of a test model, ``tiny_llama`` by default (each is built once: building is the slow part)."""
+    return copy.deepcopy(_built(builder or tiny_llama))

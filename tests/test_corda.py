@@ -5,11 +5,10 @@ the data. Single process; the Lightning callback and DDP/FSDP2 runs are in test_
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
-from models import tiny_gpt2, tiny_llama, token_batch
+from models import fresh, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 import lightning_lora.core.corda as corda
@@ -30,21 +29,9 @@ MODES = ["ipm", "kpm"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.cache
-def _built(builder) -> nn.Module:
-    return builder()
-
-
-def fresh(builder=tiny_llama) -> nn.Module:
-    return copy.deepcopy(_built(builder))
 
 
 def samples(count: int = 6) -> list[torch.Tensor]:

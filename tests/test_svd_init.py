@@ -6,7 +6,6 @@ test_svd_init_lightning.py (DDP, FSDP2, FSDP1, DeepSpeed through the callback) a
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import safetensors.torch
@@ -27,30 +26,16 @@ from lightning_lora import (
     save_adapter,
     unload_lora,
 )
-from models import small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from models import fresh, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from peft_oracle import peft_twin
 
 SVD_INITS = ["pissa", "pissa_niter_4", "milora", "olora"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # Hugging Face Conv1D: weight stored [in, out]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # LAPACK on tiny matrices gains nothing from threads, and its spinning threads slow to a crawl on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.cache
-def _built(builder) -> nn.Module:
-    return builder()
-
-
-def fresh(builder=tiny_llama) -> nn.Module:
-    """A new copy of a test model (each is built once: building is the slow part)."""
-    return copy.deepcopy(_built(builder))
 
 
 def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ these two functions, so a new storage format (a quantised weight, say) is taught
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -31,13 +32,19 @@ def register_weight_format(param_type_name: str, reader: WeightReader, writer: W
     """
     _READERS[param_type_name] = reader
     _WRITERS[param_type_name] = writer
+    _format_of.cache_clear()
 
 
 def _format_name(module: nn.Module) -> str:
-    name = type(module.weight).__name__
-    if name in _READERS:
-        return name
-    return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in _READERS), name)
+    return _format_of(type(module.weight), type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _format_of(weight_type: type, module_type: type) -> str:
+    # Cached per class pair: DoRA reads its base weight in every forward.
+    if weight_type.__name__ in _READERS:
+        return weight_type.__name__
+    return next((cls.__name__ for cls in module_type.__mro__ if cls.__name__ in _READERS), weight_type.__name__)
 
 
 def is_plain_weight(module: nn.Module) -> bool:

@@ -110,7 +110,11 @@ class AdapterSchedule(Callback):
         """Restore :meth:`schedule_state` from a checkpoint (at train start)."""
 
     def check_saved_state(self, state: dict[str, Any]) -> None:
-        """Raise ``ValueError`` if this schedule cannot resume a checkpoint's state; runs before anything loads."""
+        """Raise ``ValueError`` if this schedule cannot resume a checkpoint's state; runs before anything loads.
+
+        Args:
+            state: The state this schedule's :meth:`state_dict` wrote into the checkpoint.
+        """
 
     # ----- hooks -----
     @override
