@@ -36,6 +36,7 @@ from lightning_lora import (
 )
 from lightning_lora.core import adapter_files, safe_files
 from models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
 
 
 def _assert_same_adapter(loaded, saved, adapter_name: str = "default") -> None:
@@ -55,7 +56,7 @@ def test_round_trip_onto_the_base_model_restores_the_adapter_exactly(case: str, 
     loaded = load_adapter(copy.deepcopy(base), tmp_path)
     _assert_same_adapter(loaded, saved)
     inputs = inputs_for(base)
-    torch.testing.assert_close(outputs(loaded, inputs), outputs(saved, inputs), atol=1e-6, rtol=0)
+    assert_parity(outputs(loaded, inputs), outputs(saved, inputs))
 
 
 def test_own_format_keeps_the_config(tmp_path) -> None:
@@ -100,12 +101,12 @@ def test_svd_initialised_adapter_round_trips_onto_the_original_base(tmp_path) ->
 
     loaded = load_adapter(copy.deepcopy(original), tmp_path)
     for (name, ours), (_, theirs) in zip(lora_layers(loaded), lora_layers(saved)):
-        torch.testing.assert_close(ours.weight, theirs.weight, atol=1e-6, rtol=0, msg=name)  # the same residual
+        assert_parity(ours.weight, theirs.weight, msg=name)  # the same residual
         assert torch.equal(ours.lora_init_A["default"], theirs.lora_init_A["default"])
         assert torch.equal(ours.lora_init_B["default"], theirs.lora_init_B["default"])
         assert not ours.lora_init_A["default"].requires_grad
     tokens = token_batch()
-    torch.testing.assert_close(outputs(loaded, tokens), outputs(saved, tokens), atol=1e-5, rtol=1.3e-6)
+    assert_parity(outputs(loaded, tokens), outputs(saved, tokens))
 
 
 # ----- atomic writes -----
@@ -270,7 +271,7 @@ def test_merged_export_loads_strictly_into_the_original_class(case: str, tmp_pat
     fresh = CASES[case][0](seed=11)
     fresh.load_state_dict(load_merged_state_dict(tmp_path), strict=True)
     inputs = inputs_for(base)
-    torch.testing.assert_close(outputs(fresh, inputs), outputs(model, inputs), atol=1e-5, rtol=1.3e-6)
+    assert_parity(outputs(fresh, inputs), outputs(model, inputs))
 
 
 def test_merged_export_is_sharded_with_an_index_above_the_size_limit(tmp_path) -> None:
@@ -286,7 +287,7 @@ def test_merged_export_is_sharded_with_an_index_above_the_size_limit(tmp_path) -
     assert not (tmp_path / "model.safetensors").exists()
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     tokens = token_batch()
-    torch.testing.assert_close(outputs(reloaded, tokens), outputs(model, tokens), atol=1e-5, rtol=1.3e-6)
+    assert_parity(outputs(reloaded, tokens), outputs(model, tokens))
 
 
 def test_merged_export_replaces_the_previous_weight_files(tmp_path) -> None:
@@ -311,7 +312,7 @@ def test_merged_export_stores_tied_weights_once(tmp_path) -> None:
     tokens = token_batch()
     for reloaded in (fresh, GPT2LMHeadModel.from_pretrained(tmp_path).eval()):
         assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
-        torch.testing.assert_close(outputs(reloaded, tokens), outputs(model, tokens), atol=1e-5, rtol=1.3e-6)
+        assert_parity(outputs(reloaded, tokens), outputs(model, tokens))
 
 
 def test_merged_export_unties_weights_that_an_adapter_changes(tmp_path) -> None:
@@ -324,7 +325,7 @@ def test_merged_export_unties_weights_that_an_adapter_changes(tmp_path) -> None:
     assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is False
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
     tokens = token_batch()
-    torch.testing.assert_close(outputs(reloaded, tokens), outputs(model, tokens), atol=1e-5, rtol=1.3e-6)
+    assert_parity(outputs(reloaded, tokens), outputs(model, tokens))
 
 
 def test_merged_export_of_non_finite_weights_writes_nothing(tmp_path) -> None:

@@ -18,6 +18,7 @@ from example_assets import write_tiny_encoder, write_tiny_tweets
 from lightning_lora import LoKrConfig, LoraConfig, load_adapter, trainable_parameters_summary
 from lightning_lora.lightning.cli import LoraLightningCLI, main
 from lightning_lora_examples import SentimentClassifier
+from numerics import assert_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -95,7 +96,7 @@ def test_fit_exports_the_adapter_in_peft_format_that_reproduces_the_model(tiny_r
     with torch.no_grad():
         expected = trained(batch["input_ids"], batch["attention_mask"])
         actual = reloaded(batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(actual, expected)
+    assert_parity(actual, expected)
 
 
 def test_test_and_predict_run_from_the_checkpoint(tiny_run: TinyRun) -> None:
@@ -179,7 +180,7 @@ def test_quickstart_config_trains_minilm_on_tweets_and_exports_a_peft_adapter(
     with torch.no_grad():
         expected = cli.model.eval()(batch["input_ids"], batch["attention_mask"])
         actual = peft_model(batch["input_ids"], batch["attention_mask"])
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_parity(actual, expected)
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda path: path.stem)

@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 from models import tiny_llama, token_batch
+from numerics import assert_parity
 from torch import nn
 
 import lightning_lora.core.eva as eva
@@ -97,7 +98,7 @@ def assert_matches_peft(lora_config: LoraConfig) -> dict[str, int]:
         assert (written.rank_for(name), twin.r["default"]) == (rank, rank), name
         assert layer.lora_settings["default"].scaling == pytest.approx(twin.scaling["default"]), name
         assert written.alpha_for(name) == layer.lora_settings["default"].alpha
-        torch.testing.assert_close(layer.lora_A["default"], state[key], atol=1e-6, rtol=1e-5, msg=name)
+        assert_parity(layer.lora_A["default"], state[key], msg=name)
         assert not layer.lora_B["default"].any()
     return ranks
 
@@ -158,9 +159,9 @@ def test_exported_eva_adapter_loads_in_peft_as_a_plain_lora(tmp_path) -> None:
     save_adapter(model, tmp_path, format="peft")
     theirs = peft.PeftModel.from_pretrained(fresh(), tmp_path)
     tokens = token_batch()
-    torch.testing.assert_close(logits(theirs, tokens), logits(model, tokens), atol=1e-5, rtol=1e-5)
+    assert_parity(logits(theirs, tokens), logits(model, tokens))
     mine = load_adapter(fresh(), tmp_path)  # and back
-    torch.testing.assert_close(logits(mine, tokens), logits(model, tokens), atol=1e-5, rtol=1e-5)
+    assert_parity(logits(mine, tokens), logits(model, tokens))
 
 
 def test_native_file_loads_without_calibrating(tmp_path, monkeypatch) -> None:

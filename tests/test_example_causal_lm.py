@@ -13,6 +13,7 @@ from example_assets import write_tiny_causal_lm, write_tiny_tweets
 from lightning_lora.lightning.cli import LoraLightningCLI
 from lightning_lora_examples.smollm2 import IGNORE_INDEX, PromptedTweets, prompt
 from lightning_lora_examples.tweets import LABELS, read_tweets
+from numerics import assert_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_CONFIG = ROOT / "configs" / "smollm2_loraplus.yaml"
@@ -63,4 +64,4 @@ def test_mixin_config_trains_a_causal_lm_and_exports_an_adapter_peft_loads(
     with torch.no_grad():
         expected = cli.model.model.eval()(input_ids).logits
         actual = peft_model(input_ids).logits
-    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert_parity(actual, expected)

@@ -18,6 +18,7 @@ pytest.importorskip("bitsandbytes")
 
 from lightning_models import ShardedBuiltInInit, dataloader, lora_config, trainer_arguments  # noqa: E402
 from models import randomize_adapters  # noqa: E402
+from numerics import RELATIVE_TOLERANCE, assert_parity  # noqa: E402
 from quantized_models import chain, chain_batch  # noqa: E402
 
 from lightning_lora import (  # noqa: E402
@@ -119,7 +120,7 @@ def test_save_merged_model_dequantizes_a_sharded_4bit_base_into_full_precision_f
     exported = chain()
     exported.load_state_dict(written)  # strict: plain nn.Linear keys, no quantisation state
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+        assert_parity(exported(x), expected)
 
 
 @pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
@@ -149,7 +150,7 @@ def test_a_mixed_precision_policy_may_shard_uint8_storage_but_not_cast_float_sto
         cast(x)
     packed = sharded(qlora_chain(device), device, mp_policy=policy)  # FSDP2 casts floating parameters only
     with torch.no_grad():
-        torch.testing.assert_close(packed(x).float(), expected, rtol=0.05, atol=0.05)  # bf16 adapters and inputs
+        assert_parity(packed(x).float(), expected, rel=RELATIVE_TOLERANCE[torch.bfloat16])  # bf16 adapters and inputs
 
 
 def test_lora_callback_refuses_an_8bit_base_that_fsdp2_sharded() -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kind_cases import CASE_MODEL_PAIRS, KIND_CASES, build, deep, model_input, randomized, targets
+from numerics import assert_parity
 from quantized_models import bitsandbytes_chain, chain_batch, validation_pass
 
 from lightning_lora import (
@@ -41,10 +42,17 @@ def adapted(case: str, model_name: str, random: bool = True, **overrides) -> tup
     return base, randomized(model) if random else model
 
 
-def peft_model(case: str, model_name: str, base: nn.Module) -> nn.Module:
-    """PEFT's adapter of the same kind, with PEFT's non-identity init."""
+def peft_model(case: str, model_name: str, base: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """PEFT's adapter of the same kind, with PEFT's non-identity init, then cast to ``dtype``."""
     torch.manual_seed(7)
-    return peft.get_peft_model(deep(base), KIND_CASES[case].peft_config(targets(model_name)))
+    return peft.get_peft_model(deep(base), KIND_CASES[case].peft_config(targets(model_name))).to(dtype)
+
+
+def float64_input(model_name: str) -> torch.Tensor:
+    """The model's input in float64, for the PEFT parity tests, whose models are cast to float64: both sides then
+    agree to float64 rounding, whatever order the CPU sums in."""
+    x = model_input(model_name)
+    return x.double() if x.is_floating_point() else x
 
 
 def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,7 +64,7 @@ def plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_outputs_at_init_equal_the_base_model(case: str, model_name: str) -> None:
     base, model = adapted(case, model_name, random=False)
     x = model_input(model_name)
-    torch.testing.assert_close(model(x), base(x), atol=1e-6, rtol=0)
+    assert_parity(model(x), base(x))
 
 
 @pytest.mark.parametrize("case, model_name", CASE_MODEL_PAIRS)
@@ -85,11 +93,11 @@ def test_merge_equals_unmerged_outputs_and_unmerge_restores_the_weights(case: st
     weights = {name: layer.weight.detach().clone() for name, layer in lora_layers(model)}
     expected = model(x)
     merge_lora(model)
-    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    assert_parity(model(x), expected, msg="merged")
     unmerge_lora(model)
     for name, layer in lora_layers(model):
-        torch.testing.assert_close(layer.weight, weights[name], atol=1e-6, rtol=0, msg=name)
-    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert_parity(layer.weight, weights[name], msg=name)
+    assert_parity(model(x), expected, msg="unmerged")
 
 
 @pytest.mark.parametrize("case, model_name", CASE_MODEL_PAIRS)
@@ -160,30 +168,32 @@ def test_a_peft_file_with_an_option_we_lack_is_refused_by_name(case: str, tmp_pa
 # ----- each kind against PEFT -----
 @pytest.mark.parametrize("case, model_name", CASE_MODEL_PAIRS)
 def test_a_peft_adapter_loads_with_peft_outputs_and_merges_like_peft(case: str, model_name: str, tmp_path) -> None:
-    base = build(model_name)
-    theirs = peft_model(case, model_name, base)
+    theirs = peft_model(case, model_name, build(model_name), torch.float64)
+    base, x = build(model_name).double(), float64_input(model_name)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(deep(base), tmp_path)
-    x = model_input(model_name)
     unmerged = ours(x)
+    assert unmerged.dtype == torch.float64
     assert not torch.allclose(unmerged, base(x), atol=1e-3)  # PEFT's init is not the identity here
     if model_name not in KIND_CASES[case].peft_forward_wrong_on:
-        torch.testing.assert_close(unmerged, theirs(x), atol=1e-5, rtol=1e-5)
+        assert_parity(unmerged, theirs(x), msg="unmerged")
     merged_theirs, merged_ours = theirs.merge_and_unload(), merge_and_unload(ours)
     assert not lora_layers(merged_ours)
-    torch.testing.assert_close(merged_ours(x), merged_theirs(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(merged_ours(x), unmerged, atol=1e-5, rtol=1e-5)
+    assert_parity(merged_ours(x), merged_theirs(x), msg="merged vs PEFT merged")
+    assert_parity(merged_ours(x), unmerged, msg="merged vs unmerged")
 
 
 @pytest.mark.parametrize("case, model_name", CASE_MODEL_PAIRS)
 def test_our_adapter_loads_in_peft_with_our_outputs(case: str, model_name: str, tmp_path) -> None:
-    base, ours = adapted(case, model_name)
+    base, x = build(model_name).double(), float64_input(model_name)
+    ours = randomized(apply_lora(deep(base), KIND_CASES[case].config(targets(model_name))))
     save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(deep(base), tmp_path)
-    x = model_input(model_name)
     if model_name in KIND_CASES[case].peft_forward_wrong_on:
         theirs = theirs.merge_and_unload()
-    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+    expected = ours(x)
+    assert expected.dtype == torch.float64
+    assert_parity(theirs(x), expected)
 
 
 def _our_key(peft_name: str) -> str:
@@ -199,30 +209,30 @@ def _our_key(peft_name: str) -> str:
     "case, model_name", [(c, m) for c, m in CASE_MODEL_PAIRS if m not in KIND_CASES[c].peft_forward_wrong_on]
 )
 def test_forward_and_gradients_equal_peft_for_the_same_tensors(case: str, model_name: str, tmp_path) -> None:
-    base = build(model_name)
-    theirs = peft_model(case, model_name, base)
+    theirs = peft_model(case, model_name, build(model_name), torch.float64)
     theirs.save_pretrained(tmp_path)
-    ours = load_adapter(deep(base), tmp_path)
+    ours = load_adapter(build(model_name).double(), tmp_path)
     results = {}
     for name, model in (("ours", ours), ("theirs", theirs)):
         model.train()
-        x = model_input(model_name)
+        x = float64_input(model_name)
         x.requires_grad_(x.is_floating_point())
         out = model(x)
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        assert out.dtype == torch.float64
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
         grads = {_our_key(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
         results[name] = (out.detach(), x.grad, grads)
     (out, x_grad, grads), (peft_out, peft_x_grad, peft_grads) = results["ours"], results["theirs"]
-    torch.testing.assert_close(out, peft_out, atol=1e-5, rtol=1e-5)
+    assert_parity(out, peft_out, msg="output")
     if x_grad is not None or peft_x_grad is not None:
-        torch.testing.assert_close(x_grad, peft_x_grad, atol=1e-5, rtol=1e-5)
+        assert_parity(x_grad, peft_x_grad, msg="input gradient")
     assert grads.keys() == peft_grads.keys()
     for key, grad in grads.items():
         layer_name, container, _ = key.rsplit(".", 2)
         cp_layer = hasattr(ours.get_submodule(layer_name), "hada_t1")
         if cp_layer and container in KIND_CASES[case].peft_wrong_cp_gradients:
             continue  # PEFT is wrong there; test_loha_cp_gradients_are_exact_where_peft_is_not checks ours
-        torch.testing.assert_close(grad, peft_grads[key].reshape(grad.shape), atol=1e-5, rtol=1e-4, msg=key)
+        assert_parity(grad, peft_grads[key].reshape(grad.shape), msg=key)
 
 
 def test_loha_cp_gradients_are_exact_where_peft_is_not(tmp_path) -> None:
@@ -247,7 +257,7 @@ def test_loha_cp_gradients_are_exact_where_peft_is_not(tmp_path) -> None:
     theirs_grad = theirs.base_model.model.conv.hada_w1_a["default"].grad
     assert not torch.allclose(ours_grad, theirs_grad, atol=1e-3)
     same = (ours.conv.hada_w1_b["default"].grad, theirs.base_model.model.conv.hada_w1_b["default"].grad)
-    torch.testing.assert_close(*same)  # the other factors agree
+    assert_parity(*same)  # the other factors agree
 
 
 @pytest.mark.parametrize("case", list(KIND_CASES))
@@ -266,11 +276,11 @@ def test_each_kind_trains_on_a_4bit_base_like_on_its_dequantized_weights(case: s
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         results.append((out.detach(), x.grad, {n: p.grad for n, p in candidate.named_parameters() if p.requires_grad}))
     (out, x_grad, grads), (ref_out, ref_x_grad, ref_grads) = results
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x_grad, ref_x_grad, atol=1e-5, rtol=1e-5)
+    assert_parity(out, ref_out, msg="output")
+    assert_parity(x_grad, ref_x_grad, msg="input gradient")
     assert grads.keys() == ref_grads.keys() and grads
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert_parity(grad, ref_grads[key], msg=key)
 
 
 def test_oft_on_a_3x3_conv_computes_its_merged_weight_where_peft_does_not(tmp_path) -> None:
@@ -281,10 +291,10 @@ def test_oft_on_a_3x3_conv_computes_its_merged_weight_where_peft_does_not(tmp_pa
     identity_theirs = peft.get_peft_model(deep(base), peft.OFTConfig(target_modules=["conv"], oft_block_size=3))
     identity_ours = apply_lora(deep(base), OFTConfig(target_modules=["conv"], oft_block_size=3))
     assert not torch.allclose(identity_theirs(x), base(x), atol=1e-2)
-    torch.testing.assert_close(identity_ours(x), base(x), atol=1e-6, rtol=0)
+    assert_parity(identity_ours(x), base(x))
     trained = randomized(identity_ours)
     expected = merge_and_unload(deep(trained))(x)
-    torch.testing.assert_close(trained(x), expected, atol=1e-5, rtol=1e-5)
+    assert_parity(trained(x), expected)
 
 
 def test_vera_projections_are_held_once_in_memory_and_once_in_files(tmp_path) -> None:
@@ -335,15 +345,15 @@ def test_adapters_of_two_kinds_on_one_layer_add_switch_disable_and_delete() -> N
         for key, value in adapter_state_dict(only_lokr, "kron").items():
             both.state_dict()[key].copy_(value)
     expected_lin0 = base.lin0(x) + (only_lora.lin0(x) - base.lin0(x)) + (only_lokr.lin0(x) - base.lin0(x))
-    torch.testing.assert_close(both.lin0(x), expected_lin0, atol=1e-6, rtol=1e-6)
+    assert_parity(both.lin0(x), expected_lin0)
     set_active_adapters(both, "kron")
-    torch.testing.assert_close(both(x), only_lokr(x), atol=1e-6, rtol=1e-6)
+    assert_parity(both(x), only_lokr(x))
     set_active_adapters(both, ["default", "kron"])
     with disable_adapters(both):
         torch.testing.assert_close(both(x), base(x), atol=0, rtol=0)
     merge_lora(both)
-    torch.testing.assert_close(both.lin0(x), expected_lin0, atol=1e-5, rtol=1e-5)
+    assert_parity(both.lin0(x), expected_lin0, msg="merged")
     unmerge_lora(both)
     delete_adapter(both, "default")
-    torch.testing.assert_close(both(x), only_lokr(x), atol=1e-6, rtol=1e-6)
+    assert_parity(both(x), only_lokr(x), msg="after delete")
     assert list(both.lin0.lora_settings) == ["kron"] and not hasattr(both.lin0, "lora_A")

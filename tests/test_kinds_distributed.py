@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
+from numerics import RELATIVE_TOLERANCE, assert_parity
 from torch.utils.data import DataLoader
 
 from lightning_lora import load_merged_state_dict, save_merged_model
@@ -30,6 +31,10 @@ MARKERS = {"loha": "hada_w1_a", "vera": "vera_lambda_d", "lokr": "lokr_w1", "oft
            "relora": "lora_A", "lora-checkpointed": "lora_A",
            "dora": "lora_magnitude", "qlora": "lora_A", "dora-qlora": "lora_magnitude"}
 QUANTIZED_RUNS = [(kind, strategy) for kind, strategy in RUNS if runs.CONFIGS[kind].quantization is not None]
+# Training compares two processes with one: each step's gradients are summed in another order (per rank, then across
+# ranks), and the optimizer steps carry that rounding forward (measured: up to 9e-6 of a tensor's largest value, on
+# ReLoRA's folded fc2 weight). The bound is ten times float32's parity bound, still far below a wrong update.
+TRAINED_REL = 10 * RELATIVE_TOLERANCE[torch.float32]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +102,7 @@ def test_two_processes_train_like_one_on_the_same_batches(out_dir: Path, single_
     reference = single_process[kind]
     assert trained.keys() == reference.keys()
     for key, value in reference.items():
-        torch.testing.assert_close(trained[key], value, atol=1e-5, rtol=1e-4, msg=key)
+        assert_parity(trained[key], value, rel=TRAINED_REL, msg=key)
 
 
 @pytest.mark.parametrize("kind, strategy", RUNS)
@@ -118,7 +123,7 @@ def test_the_merged_export_of_a_4bit_base_is_gathered_dequantised_like_one_proce
     assert written.keys() == reference.keys() == BuiltInInit().model.state_dict().keys()
     assert all(value.dtype == torch.float32 for value in written.values())
     for key, value in reference.items():
-        torch.testing.assert_close(written[key], value, atol=1e-5, rtol=1e-4, msg=key)
+        assert_parity(written[key], value, rel=TRAINED_REL, msg=key)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -134,4 +139,4 @@ def test_adalora_ranks_and_relora_restarts_are_the_same_decisions_as_one_process
     L.seed_everything(0)
     initial = BuiltInInit().model.fc1.weight  # the restarts moved the base, the same way in every process
     assert not torch.allclose(relora["model.fc1.weight"], initial)
-    torch.testing.assert_close(relora["model.fc1.weight"], single_process["relora"]["model.fc1.weight"])
+    assert_parity(relora["model.fc1.weight"], single_process["relora"]["model.fc1.weight"], rel=TRAINED_REL)

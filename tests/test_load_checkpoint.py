@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import BuiltInInit, MixinModule, dataloader, lora_config, probe_inputs, trainer_arguments
+from numerics import assert_parity
 
 from lightning_lora import LoHaConfig, LoraCallback, load_lora_checkpoint, lora_layers
 
@@ -33,11 +33,11 @@ def test_the_trained_module_comes_back_with_its_adapters_merged_or_not(tmp_path:
         BuiltInInit.load_from_checkpoint(path)
     L.seed_everything(0)
     loaded = load_lora_checkpoint(BuiltInInit, path)
-    torch.testing.assert_close(loaded.model(probe_inputs()), expected)
+    assert_parity(loaded.model(probe_inputs()), expected)
     L.seed_everything(0)
     merged = load_lora_checkpoint(BuiltInInit, path, merge=True)
     assert all(layer.merged_adapters == ["default"] for _, layer in lora_layers(merged))
-    torch.testing.assert_close(merged.model(probe_inputs()), expected, atol=1e-6, rtol=1e-5)
+    assert_parity(merged.model(probe_inputs()), expected)
 
 
 def test_a_lora_mixin_checkpoint_loads_too(tmp_path: Path) -> None:
@@ -46,7 +46,7 @@ def test_a_lora_mixin_checkpoint_loads_too(tmp_path: Path) -> None:
     path = _train(tmp_path, trained, None)
     L.seed_everything(0)
     loaded = load_lora_checkpoint(MixinModule, path, lora_config=lora_config())  # MixinModule saves no hparams
-    torch.testing.assert_close(loaded.model(probe_inputs()), trained.model(probe_inputs()))
+    assert_parity(loaded.model(probe_inputs()), trained.model(probe_inputs()))
 
 
 def test_a_checkpoint_without_adapters_is_refused_naming_load_from_checkpoint(tmp_path: Path) -> None:

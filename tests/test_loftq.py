@@ -11,6 +11,7 @@ pytest.importorskip("bitsandbytes")
 from lightning_lora import LoraConfig, QuantizationConfig, apply_lora, lora_layers  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from models import token_batch  # noqa: E402
+from numerics import assert_parity  # noqa: E402
 from quantized_models import chain, chain_batch, llama64  # noqa: E402
 
 OPTIONS = {
@@ -62,7 +63,7 @@ def test_one_loftq_iteration_keeps_the_qlora_base_and_adds_the_truncated_svd_of_
         assert torch.equal(base, dense_weight(getattr(qlora, name))), name
         U, S, Vh = torch.linalg.svd(weights[name] - base)
         best_rank_8 = U[:, :8] @ torch.diag(S[:8]) @ Vh[:8]
-        torch.testing.assert_close(layer.delta_weight("default"), best_rank_8, atol=1e-5, rtol=1e-4, msg=name)
+        assert_parity(layer.delta_weight("default"), best_rank_8, msg=name)
 
 
 def test_more_loftq_iterations_reduce_the_error_further() -> None:
@@ -78,16 +79,14 @@ def test_loftq_update_does_not_depend_on_the_adapter_scaling(scaling: dict) -> N
     scaled = injected("loftq", OPTIONS["nf4"], **scaling)
     for name, layer in lora_layers(scaled):
         assert layer.scaling("default") != 1.0
-        torch.testing.assert_close(
-            layer.delta_weight("default"), getattr(reference, name).delta_weight("default"), atol=1e-6, rtol=1e-5
-        )
+        assert_parity(layer.delta_weight("default"), getattr(reference, name).delta_weight("default"), msg=name)
 
 
 def test_loftq_with_dora_starts_from_the_same_function_as_without() -> None:
     lora, dora = injected("loftq", OPTIONS["nf4"]), injected("loftq", OPTIONS["nf4"], use_dora=True)
     x = chain_batch()
     with torch.no_grad():
-        torch.testing.assert_close(dora(x), lora(x), atol=1e-5, rtol=1e-5)
+        assert_parity(dora(x), lora(x))
 
 
 def test_loftq_llama_outputs_are_closer_to_the_full_precision_model_than_qlora() -> None:

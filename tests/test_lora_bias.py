@@ -1,5 +1,6 @@
 """``lora_bias``: a trainable bias on B (PEFT's option for adapters extracted from full fine-tunes). Forward,
-gradients, merge, merged export and files both ways equal PEFT's; what it cannot do is refused by name."""
+gradients, merge, merged export and files both ways equal PEFT's (compared in float64); what it cannot do is refused
+by name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import image_batch, small_convnet, tiny_bert, tiny_llama, token_batch
+from numerics import assert_parity
 
 from lightning_lora import (
     LoraConfig,
@@ -38,9 +40,10 @@ def _randomize(model: torch.nn.Module, seed: int = 3) -> None:
 
 
 def _pair(base, config: LoraConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
-    ours = apply_lora(base(), config)
+    """Our model and PEFT's with the same adapter tensors, in float64."""
+    ours = apply_lora(base().double(), config)
     _randomize(ours)
-    theirs = peft.get_peft_model(base(), peft.LoraConfig(
+    theirs = peft.get_peft_model(base().double(), peft.LoraConfig(
         r=config.r, lora_alpha=config.alpha, target_modules=config.target_modules, lora_bias=True))
     # PEFT's lora_B is an nn.Linear/Conv whose bias is our lora_bias.
     theirs_modules = dict(theirs.base_model.model.named_modules())
@@ -56,7 +59,7 @@ def _pair(base, config: LoraConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 CASES = {
     "bert": (tiny_bert, BERT, lambda: {"input_ids": token_batch()}, lambda out: out.logits),
-    "convnet": (small_convnet, CONV, lambda: {"x": image_batch()}, lambda out: out),
+    "convnet": (small_convnet, CONV, lambda: {"x": image_batch().double()}, lambda out: out),
 }
 
 
@@ -68,19 +71,19 @@ def test_forward_gradients_and_merge_equal_peft(case: str) -> None:
     assert torch.count_nonzero(ours.state_dict()[next(k for k in ours.state_dict() if "lora_bias" in k)])
     expected = logits(theirs(**batch))
     got = logits(ours(**batch))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert got.dtype == expected.dtype == torch.float64
+    assert_parity(got, expected, msg="output")
     got.square().sum().backward()
     expected.square().sum().backward()
     theirs_modules = dict(theirs.base_model.model.named_modules())
     for name, module in ours.named_modules():
         if hasattr(module, "lora_bias"):
-            torch.testing.assert_close(module.lora_bias["default"].grad,
-                                       theirs_modules[name].lora_B["default"].bias.grad, atol=1e-5, rtol=1e-4)
+            assert_parity(module.lora_bias["default"].grad, theirs_modules[name].lora_B["default"].bias.grad, msg=name)
     with torch.no_grad():
         theirs.merge_adapter()
         merged = logits(merge_lora(ours)(**batch))
-        torch.testing.assert_close(merged, logits(theirs(**batch)), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(merged, got, atol=1e-5, rtol=1e-4)
+        assert_parity(merged, logits(theirs(**batch)), msg="merged vs PEFT merged")
+        assert_parity(merged, got, msg="merged vs unmerged")
 
 
 def test_unmerge_restores_the_base_bias() -> None:
@@ -91,7 +94,7 @@ def test_unmerge_restores_the_base_bias() -> None:
     merge_lora(model)
     assert not torch.allclose(query.bias, bias_before)
     unmerge_lora(model)
-    torch.testing.assert_close(query.bias, bias_before, atol=1e-6, rtol=0)
+    assert_parity(query.bias, bias_before)
 
 
 def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
@@ -101,11 +104,12 @@ def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
     theirs.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
-        from_ours = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "ours")
-        torch.testing.assert_close(from_ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
-        loaded = load_adapter(tiny_bert(), tmp_path / "peft")
+        assert expected.dtype == torch.float64
+        from_ours = peft.PeftModel.from_pretrained(tiny_bert().double(), tmp_path / "ours")
+        assert_parity(from_ours(input_ids=ids).logits, expected, msg="PEFT from our file")
+        loaded = load_adapter(tiny_bert().double(), tmp_path / "peft")
         assert loaded.bert.encoder.layer[0].attention.self.value.lora_settings["default"].config.lora_bias
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert_parity(loaded(input_ids=ids).logits, expected, msg="ours from PEFT's file")
 
 
 def test_the_merged_export_carries_the_bias(tmp_path: Path) -> None:
@@ -116,7 +120,7 @@ def test_the_merged_export_carries_the_bias(tmp_path: Path) -> None:
     fresh.load_state_dict(load_merged_state_dict(tmp_path), strict=True)
     ids = token_batch()
     with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        assert_parity(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_merging_into_a_layer_without_bias_is_refused_and_changes_nothing() -> None:

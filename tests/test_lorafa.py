@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import BuiltInInit, TinyNet, dataloader, lora_config, trainer_arguments
 from models import tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
 from peft_oracle import copy_adapter_into_peft, peft_key, peft_twin
 from torch import nn
 
@@ -82,14 +83,14 @@ def test_B_outputs_and_saved_modules_equal_peft_lorafa_after_several_steps(
     their_state = theirs.state_dict()
     for key, value in adapter_state_dict(ours).items():
         if ".lora_" in key:
-            torch.testing.assert_close(value, their_state[peft_key(key, "default", their_state)], atol=1e-6, rtol=0)
+            assert_parity(value, their_state[peft_key(key, "default", their_state)], msg=key)
     assert max(v.abs().max().item() for k, v in adapter_state_dict(ours).items() if ".lora_B." in k) > 1e-2
     if saved:
         their_head = theirs.base_model.model.lm_head.modules_to_save["default"].weight
-        torch.testing.assert_close(ours.lm_head.weight, their_head, atol=1e-6, rtol=0)
+        assert_parity(ours.lm_head.weight, their_head, msg="lm_head")
     ids = token_batch(seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-6, rtol=0)
+        assert_parity(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, msg="logits")
     assert all(torch.equal(value, initial_A[key]) for key, value in _lora_A(ours).items())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_parity
 from torch import nn
 
 from lightning_lora import (
@@ -77,7 +78,7 @@ def test_both_weights_get_the_exact_update_and_gradients() -> None:
         f"attn.lora_parameters.{site}.lora_{f}.default" for site in ("in_proj_weight", "out_proj_weight") for f in "AB"
     }
     got = model(X)
-    torch.testing.assert_close(got, _reference(model)(X), atol=1e-6, rtol=1e-5)
+    assert_parity(got, _reference(model)(X))
     got.square().sum().backward()
     A, B = (t.detach().clone().requires_grad_() for t in _factors(model, "in_proj_weight"))
     plain = attention_net()
@@ -89,8 +90,8 @@ def test_both_weights_get_the_exact_update_and_gradients() -> None:
         False, 0.0, out_weight, plain.attn.out_proj.bias, training=False, need_weights=False,
     )
     plain.head(attended.transpose(0, 1)).square().sum().backward()
-    torch.testing.assert_close(_factors(model, "in_proj_weight")[0].grad, A.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(_factors(model, "in_proj_weight")[1].grad, B.grad, atol=1e-5, rtol=1e-4)
+    assert_parity(_factors(model, "in_proj_weight")[0].grad, A.grad)
+    assert_parity(_factors(model, "in_proj_weight")[1].grad, B.grad)
 
 
 def test_files_go_both_ways_with_peft_and_its_in_proj_numbers_match(tmp_path: Path) -> None:
@@ -98,10 +99,10 @@ def test_files_go_both_ways_with_peft_and_its_in_proj_numbers_match(tmp_path: Pa
     save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(attention_net(), tmp_path / "ours")
     with torch.no_grad():
-        torch.testing.assert_close(theirs(X), ours(X), atol=1e-5, rtol=1e-4)
+        assert_parity(theirs(X), ours(X))
     theirs.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(load_adapter(attention_net(), tmp_path / "peft")(X), ours(X), atol=1e-6, rtol=0)
+        assert_parity(load_adapter(attention_net(), tmp_path / "peft")(X), ours(X))
 
 
 def test_peft_0_21_adds_the_out_proj_update_twice(tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_peft_0_21_adds_the_out_proj_update_twice(tmp_path: Path) -> None:
     theirs = peft.PeftModel.from_pretrained(attention_net(), tmp_path)
     with torch.no_grad():
         assert (theirs(X) - ours(X)).abs().max() > 1e-3
-        torch.testing.assert_close(theirs(X), _reference(ours, out_proj_times=2.0)(X), atol=1e-5, rtol=1e-4)
+        assert_parity(theirs(X), _reference(ours, out_proj_times=2.0)(X))
 
 
 def test_merge_unmerge_and_the_merged_export(tmp_path: Path) -> None:
@@ -118,14 +119,14 @@ def test_merge_unmerge_and_the_merged_export(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = model(X)
         weights = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.testing.assert_close(merge_lora(model)(X), expected, atol=1e-6, rtol=1e-5)
+        assert_parity(merge_lora(model)(X), expected)
         unmerge_lora(model)
         for key, value in model.state_dict().items():
-            torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
+            assert_parity(value, weights[key])
         save_merged_model(model, tmp_path)
         fresh = attention_net(seed=3)
         fresh.load_state_dict(load_merged_state_dict(tmp_path), strict=True)
-        torch.testing.assert_close(fresh(X), expected, atol=1e-6, rtol=1e-5)
+        assert_parity(fresh(X), expected)
 
 
 @pytest.mark.parametrize(

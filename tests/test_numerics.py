@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from lightning_lora import LoraConfig, adapter_state_dict, apply_lora
+from lightning_lora import LoraConfig, apply_lora
 from models import randomize_adapters, tiny_llama, token_batch
+from numerics import assert_parity
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
@@ -49,7 +49,7 @@ def test_compiled_model_matches_eager_for_lora_and_dora() -> None:
     model.zero_grad()
     compiled = torch.compile(model)
     out = compiled(x)
-    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    assert_parity(out, eager)
     out.square().sum().backward()
     for key, grad in eager_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[key].grad, grad, atol=1e-5, rtol=1e-5, msg=key)
+        assert_parity(dict(model.named_parameters())[key].grad, grad, msg=key)

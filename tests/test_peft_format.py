@@ -1,4 +1,5 @@
-"""PEFT interchange: our exports load in PEFT, PEFT-written adapters load here, vLLM-ready exports (fp32, atol 1e-5)."""
+"""PEFT interchange: our exports load in PEFT, PEFT-written adapters load here, vLLM-ready exports. Both sides run in
+float64, so outputs and gradients agree to float64 rounding (``numerics.assert_parity``)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,27 @@ from lightning_lora import (
 from lightning_lora.core import peft_export
 from lightning_lora.core.initializers import register_initializer
 from models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
 from peft_oracle import peft_adapter_grads, peft_twin
 
 peft = pytest.importorskip("peft")
 
-ATOL = 1e-5
+
+def _trained64(case: str) -> tuple[nn.Module, nn.Module]:
+    """``trained_model(case)`` in float64."""
+    base, model = trained_model(case)
+    return base.double(), model.double()
+
+
+def _inputs64(base: nn.Module) -> torch.Tensor:
+    inputs = inputs_for(base)
+    return inputs.double() if inputs.is_floating_point() else inputs
+
+
+def _outputs64(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    out = outputs(model, inputs)
+    assert out.dtype == torch.float64
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +71,7 @@ def _peft_load(base: nn.Module, directory, **kwargs) -> nn.Module:
 
 def _peft_written_adapter(case: str, directory) -> nn.Module:
     """An adapter trained (randomised) and saved by PEFT itself, with PEFT's own config for the case."""
-    base = CASES[case][0]()
+    base = CASES[case][0]().double()
     theirs = peft_twin(base, case_config(case))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -67,12 +84,12 @@ def _peft_written_adapter(case: str, directory) -> nn.Module:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_loads_in_peft_with_equal_outputs(case: str, tmp_path) -> None:
-    base, ours = trained_model(case)
-    inputs = inputs_for(base)
+    base, ours = _trained64(case)
+    inputs = _inputs64(base)
     save_adapter(ours, tmp_path, format="peft")
 
     theirs = _peft_load(base, tmp_path)
-    torch.testing.assert_close(outputs(theirs, inputs), outputs(ours, inputs), atol=ATOL, rtol=1.3e-6)
+    assert_parity(_outputs64(theirs, inputs), _outputs64(ours, inputs))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -96,10 +113,10 @@ def test_export_has_exactly_the_keys_and_shapes_peft_writes(case: str, tmp_path)
 @pytest.mark.parametrize("case", list(CASES))
 def test_peft_written_adapter_loads_with_equal_outputs(case: str, tmp_path) -> None:
     base, theirs = _peft_written_adapter(case, tmp_path)
-    inputs = inputs_for(base)
+    inputs = _inputs64(base)
 
     ours = load_adapter(copy.deepcopy(base), tmp_path)
-    torch.testing.assert_close(outputs(ours, inputs), outputs(theirs, inputs), atol=ATOL, rtol=1.3e-6)
+    assert_parity(_outputs64(ours, inputs), _outputs64(theirs, inputs))
 
 
 def test_training_continues_from_a_peft_written_adapter(tmp_path) -> None:
@@ -115,7 +132,8 @@ def test_training_continues_from_a_peft_written_adapter(tmp_path) -> None:
     assert our_grads.keys() == adapter_state_dict(ours).keys()
     their_grads = peft_adapter_grads(theirs, list(our_grads))
     for key, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[key].reshape(grad.shape), atol=ATOL, rtol=1e-5, msg=key)
+        assert grad.dtype == torch.float64
+        assert_parity(grad, their_grads[key].reshape(grad.shape), msg=key)
 
     adapter_before = {k: v.clone() for k, v in adapter_state_dict(ours).items()}
     torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
@@ -125,7 +143,7 @@ def test_training_continues_from_a_peft_written_adapter(tmp_path) -> None:
 
 def test_peft_task_heads_that_the_model_lacks_are_ignored(tmp_path) -> None:
     # PEFT's SEQ_CLS task adds modules_to_save=["classifier", "score"]; BERT has no "score".
-    base = tiny_bert()
+    base = tiny_bert().double()
     config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
@@ -135,7 +153,7 @@ def test_peft_task_heads_that_the_model_lacks_are_ignored(tmp_path) -> None:
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     assert "classifier.weight" in adapter_state_dict(ours)
     tokens = token_batch()
-    torch.testing.assert_close(outputs(ours, tokens), outputs(theirs.eval(), tokens), atol=ATOL, rtol=1.3e-6)
+    assert_parity(_outputs64(ours, tokens), _outputs64(theirs.eval(), tokens))
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
@@ -145,7 +163,7 @@ def test_svd_initialised_adapter_exports_as_delta_on_the_original_base(builder, 
     original = builder()
     ours = apply_lora(copy.deepcopy(original), LoraConfig(r=4, alpha=8, target_modules=targets,
                                                           use_rslora=use_rslora))
-    make_svd_initialised(ours)
+    make_svd_initialised(ours)  # in float32: the residual base holds float32 rounding that PEFT's delta does not
     save_adapter(ours, tmp_path)
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -153,7 +171,7 @@ def test_svd_initialised_adapter_exports_as_delta_on_the_original_base(builder, 
     assert math.isclose(config["lora_alpha"], 8 * (math.sqrt(2) if use_rslora else 2))
     theirs = _peft_load(original, tmp_path)
     tokens = token_batch()
-    torch.testing.assert_close(outputs(theirs, tokens), outputs(ours, tokens), atol=ATOL, rtol=1.3e-6)
+    assert_parity(outputs(theirs, tokens), outputs(ours, tokens))
 
 
 def test_svd_initialised_dora_adapter_is_refused(tmp_path) -> None:
@@ -179,7 +197,7 @@ def test_adapter_whose_init_rewrote_the_base_without_factors_is_refused(tmp_path
 
 
 def test_vllm_export_has_one_rank_and_scaling_and_only_lora_tensors(tmp_path) -> None:
-    base = tiny_llama()
+    base = tiny_llama().double()
     ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules="all-linear", use_rslora=True,
                                                       rank_pattern={"layers.0.*": 2}, alpha_pattern={"o_proj": 3}))
     randomize_adapters(ours)
@@ -191,8 +209,7 @@ def test_vllm_export_has_one_rank_and_scaling_and_only_lora_tensors(tmp_path) ->
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in tensors)
     assert {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")} == {config["r"]}
     tokens = token_batch()
-    torch.testing.assert_close(outputs(_peft_load(base, tmp_path), tokens), outputs(ours, tokens), atol=ATOL,
-                               rtol=1.3e-6)
+    assert_parity(_outputs64(_peft_load(base, tmp_path), tokens), _outputs64(ours, tokens))
 
 
 @pytest.mark.parametrize("option, message", [

@@ -1,7 +1,7 @@
 """PEFT LoRA adapters that must load: a rank larger than a layer can use (PEFT allows it; an adapter on a small head)
 gives a warning, and forward, merge and files both ways equal PEFT's (SVD inits still refuse: tests/test_errors.py);
 an EVA-initialised adapter is the plain LoRA it is after training; a LoRA on a grouped convolution computes, trains
-and saves as PEFT's and refuses to merge."""
+and saves as PEFT's and refuses to merge. Comparisons with PEFT run in float64 (to float64 rounding)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import image_batch, randomize_adapters, small_convnet, tiny_llama, token_batch
+from numerics import assert_parity
 from peft_oracle import copy_adapter_into_peft, peft_twin
 
 from lightning_lora import LoraConfig, apply_lora, load_adapter, merge_lora, save_adapter
@@ -21,22 +22,27 @@ peft = pytest.importorskip("peft")
 CONFIG = LoraConfig(r=24, alpha=12, target_modules=["k_proj", "v_proj"])
 
 
+def _llama64() -> torch.nn.Module:
+    return tiny_llama().double()
+
+
 def _ours() -> torch.nn.Module:
     with pytest.warns(UserWarning, match=r"r=24 on model.layers.0.self_attn.k_proj can use at most 16 ranks"):
-        model = apply_lora(tiny_llama(), CONFIG)
+        model = apply_lora(_llama64(), CONFIG)
     randomize_adapters(model)
     return model
 
 
 def test_forward_and_merge_equal_peft_at_a_rank_beyond_the_layer(tmp_path: Path) -> None:
     ours = _ours()
-    theirs = peft_twin(tiny_llama(), CONFIG)
+    theirs = peft_twin(_llama64(), CONFIG)
     copy_adapter_into_peft(ours, theirs)
     ids = token_batch()
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
-        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(merge_lora(ours)(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert expected.dtype == torch.float64
+        assert_parity(ours(input_ids=ids).logits, expected, msg="unmerged")
+        assert_parity(merge_lora(ours)(input_ids=ids).logits, expected, msg="merged")
 
 
 def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
@@ -45,12 +51,13 @@ def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
     save_adapter(ours, tmp_path / "ours")
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
-        reloaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert expected.dtype == torch.float64
+        reloaded = peft.PeftModel.from_pretrained(_llama64(), tmp_path / "ours")
+        assert_parity(reloaded(input_ids=ids).logits, expected, msg="PEFT from our file")
         reloaded.save_pretrained(tmp_path / "peft")
         with pytest.warns(UserWarning, match="can use at most 16 ranks"):
-            loaded = load_adapter(tiny_llama(), tmp_path / "peft")
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+            loaded = load_adapter(_llama64(), tmp_path / "peft")
+        assert_parity(loaded(input_ids=ids).logits, expected, msg="ours from PEFT's file")
 
 
 def test_an_eva_initialised_peft_adapter_loads_as_the_plain_lora_it_is(tmp_path: Path) -> None:
@@ -58,23 +65,28 @@ def test_an_eva_initialised_peft_adapter_loads_as_the_plain_lora_it_is(tmp_path:
         r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0),
         rank_pattern={"v_proj": 6}, alpha_pattern={"v_proj": 3},  # what EVA's rank redistribution writes
     )
-    theirs = peft.get_peft_model(tiny_llama(), config)
+    theirs = peft.get_peft_model(tiny_llama(), config).double()
     randomize_adapters(theirs)  # stands in for the EVA init and training
     theirs.save_pretrained(tmp_path / "eva")
     ids = token_batch()
     with torch.no_grad():
-        torch.testing.assert_close(load_adapter(tiny_llama(), tmp_path / "eva")(input_ids=ids).logits,
-                                   theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        expected = theirs(input_ids=ids).logits
+        assert expected.dtype == torch.float64
+        assert_parity(load_adapter(_llama64(), tmp_path / "eva")(input_ids=ids).logits, expected)
 
 
 # ----- grouped convolutions: A sees every input channel, B is grouped like the base (PEFT's layout); never merged -----
 GROUPED = LoraConfig(r=4, alpha=8, target_modules=["conv1", "conv2"])
 
 
+def _convnet64() -> torch.nn.Module:
+    return small_convnet(groups=4).double()
+
+
 def _grouped_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
-    ours = apply_lora(small_convnet(groups=4), GROUPED)
+    ours = apply_lora(_convnet64(), GROUPED)
     randomize_adapters(ours)
-    theirs = peft_twin(small_convnet(groups=4), GROUPED)
+    theirs = peft_twin(_convnet64(), GROUPED)
     copy_adapter_into_peft(ours, theirs)
     return ours, theirs
 
@@ -82,27 +94,27 @@ def _grouped_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 def test_a_lora_on_a_grouped_convolution_computes_and_trains_as_peft() -> None:
     ours, theirs = _grouped_pair()
     assert ours.conv2.lora_B["default"].shape == (16, 1, 1, 1)  # r / groups input channels per output channel
-    images = image_batch()
+    images = image_batch().double()
     ours(images).square().sum().backward()
     theirs(images).square().sum().backward()
-    torch.testing.assert_close(ours(images), theirs(images), atol=1e-5, rtol=1e-4)
+    assert ours(images).dtype == torch.float64
+    assert_parity(ours(images), theirs(images), msg="output")
     for factor in ("lora_A", "lora_B"):
-        torch.testing.assert_close(getattr(ours.conv2, factor)["default"].grad,
-                                   getattr(theirs.base_model.model.conv2, factor)["default"].weight.grad,
-                                   atol=1e-5, rtol=1e-4)
+        assert_parity(getattr(ours.conv2, factor)["default"].grad,
+                      getattr(theirs.base_model.model.conv2, factor)["default"].weight.grad, msg=factor)
 
 
 def test_a_grouped_convolution_adapter_goes_both_ways_with_peft_files(tmp_path: Path) -> None:
     ours, theirs = _grouped_pair()
-    images = image_batch()
+    images = image_batch().double()
     save_adapter(ours, tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         expected = ours(images)
-        from_ours = peft.PeftModel.from_pretrained(small_convnet(groups=4), tmp_path / "ours")
-        torch.testing.assert_close(from_ours(images), expected, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(load_adapter(small_convnet(groups=4), tmp_path / "peft")(images), expected,
-                                   atol=1e-5, rtol=1e-4)
+        assert expected.dtype == torch.float64
+        from_ours = peft.PeftModel.from_pretrained(_convnet64(), tmp_path / "ours")
+        assert_parity(from_ours(images), expected, msg="PEFT from our file")
+        assert_parity(load_adapter(_convnet64(), tmp_path / "peft")(images), expected, msg="ours from PEFT's file")
 
 
 def test_merging_a_grouped_convolution_adapter_is_refused_and_changes_nothing() -> None:

@@ -37,6 +37,7 @@ from lightning_lora.core import quantization, quantized_weights  # noqa: E402
 from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from lightning_lora.core.adapter_tensors import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
+from numerics import RELATIVE_TOLERANCE, assert_parity  # noqa: E402
 from quantized_models import (  # noqa: E402
     CHAIN_LAYERS,
     bitsandbytes_chain,
@@ -109,7 +110,7 @@ def test_dora_on_a_quantized_base_starts_from_the_quantized_base_outputs(kind: s
         adapted = model(x)
         with disable_adapters(model):
             base = model(x)
-    torch.testing.assert_close(adapted, base, atol=1e-5, rtol=1e-5)  # magnitudes are the quantised weights' norms
+    assert_parity(adapted, base)  # magnitudes are the quantised weights' norms
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
@@ -121,12 +122,12 @@ def test_forward_and_backward_match_dequantized_weight_math(kind: str, use_dora:
     x = chain_batch()
     out, grad_x, grads = outputs_and_grads(quantized, x)
     ref_out, ref_grad_x, ref_grads = outputs_and_grads(reference, x)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
+    assert_parity(out, ref_out)
+    assert_parity(grad_x, ref_grad_x)
     assert grads.keys() == ref_grads.keys()
     for key, grad in grads.items():
         assert grad.dtype == torch.float32, key
-        torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert_parity(grad, ref_grads[key], msg=key)
 
 
 def test_bfloat16_compute_dtype_keeps_float32_inputs_outputs_and_adapters() -> None:
@@ -136,7 +137,7 @@ def test_bfloat16_compute_dtype_keeps_float32_inputs_outputs_and_adapters() -> N
     out, _, grads = outputs_and_grads(quantized, chain_batch())
     ref_out, _, _ = outputs_and_grads(reference, chain_batch())
     assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads.values())
-    torch.testing.assert_close(out, ref_out, atol=0.05, rtol=0.02)  # bfloat16 matmuls in the base
+    assert_parity(out, ref_out, rel=RELATIVE_TOLERANCE[torch.bfloat16])  # bfloat16 matmuls in the base
 
 
 def test_plain_bitsandbytes_4bit_layer_loses_the_input_gradient_after_an_eval_forward() -> None:
@@ -179,10 +180,10 @@ def test_a_bitsandbytes_model_evaluated_before_injection_trains_correctly(bits: 
     out, grad_x, grads = outputs_and_grads(model, x)
     model.zero_grad()
     ref_out, ref_grad_x, ref_grads = outputs_and_grads(dequantize_model(model), x)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad_x, ref_grad_x, atol=1e-5, rtol=1e-5)
+    assert_parity(out, ref_out)
+    assert_parity(grad_x, ref_grad_x)
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert_parity(grad, ref_grads[key], msg=key)
 
 
 def test_training_a_4bit_llama_lowers_the_loss_and_leaves_the_quantized_base_untouched() -> None:
@@ -250,7 +251,7 @@ def test_dequantize_then_merge_and_unload_exports_a_full_precision_model_with_th
     assert exported.state_dict().keys() == chain().state_dict().keys()
     assert all(v.dtype == torch.float32 for v in exported.state_dict().values())
     with torch.no_grad():
-        torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+        assert_parity(exported(x), expected)
 
 
 @pytest.mark.parametrize("option", OPTIONS)
@@ -272,7 +273,7 @@ def test_save_merged_model_of_a_qlora_model_writes_a_full_precision_checkpoint(t
         exported = chain()
         exported.load_state_dict(written)
         with torch.no_grad():
-            torch.testing.assert_close(exported(x), expected, atol=1e-5, rtol=1e-5)
+            assert_parity(exported(x), expected)
 
 
 def test_adapter_state_dict_does_not_depend_on_the_base_quantization() -> None:
@@ -435,7 +436,7 @@ def test_narrow_4bit_layers_are_accepted_exactly_where_the_installed_kernel_is_c
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = reference_layer(model[2], torch.relu(reference_layer(model[0], x)))
-        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert_parity(model(x), expected)
 
 
 @pytest.mark.usefixtures("fresh_kernel_probe")
@@ -508,7 +509,7 @@ def test_prepare_for_kbit_training_lets_gradients_reach_adapters_in_checkpointed
     reference = grads(checkpointing=False, prepare=False)
     assert all(g is None for g in grads(checkpointing=True, prepare=False).values())  # the problem it solves
     for key, grad in grads(checkpointing=True, prepare=True).items():
-        torch.testing.assert_close(grad, reference[key], atol=1e-6, rtol=1e-5, msg=key)
+        assert_parity(grad, reference[key], msg=key)
 
 
 def test_prepare_for_kbit_training_refuses_checkpointing_a_model_that_cannot() -> None:

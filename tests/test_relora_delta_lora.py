@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import BuiltInInit, dataloader, lora_config, probe_inputs, trainer_arguments
+from numerics import assert_parity
 from torch import nn
 
 from lightning_lora import (
@@ -74,7 +75,7 @@ def _assert_same_model(ours: BuiltInInit, reference: BuiltInInit, exact: bool = 
         if exact:
             assert torch.equal(mine, value), key
         else:
-            torch.testing.assert_close(mine, value, atol=1e-6, rtol=1e-5, msg=key)
+            assert_parity(mine, value, msg=key)
 
 
 def _resume_pair(tmp_path: Path, schedule: Callable[[], L.Callback]) -> tuple[BuiltInInit, BuiltInInit, dict, L.Trainer]:
@@ -145,7 +146,7 @@ def test_relora_leaves_a_merged_model_and_refuses_adapter_files(tmp_path: Path) 
     L.Trainer(**trainer_arguments(max_epochs=1, callbacks=callbacks)).fit(merged, dataloader())
     assert all(layer.merged_adapters == ["default"] for _, layer in lora_layers(merged))
     x = probe_inputs()
-    torch.testing.assert_close(merged.model(x), module.model(x), atol=1e-6, rtol=1e-5)
+    assert_parity(merged.model(x), module.model(x))
 
 
 # ----- Delta-LoRA -----
@@ -223,4 +224,4 @@ def test_runs_the_schedule_cannot_serve_fail_before_any_step_and_leave_the_model
     with pytest.raises(ValueError, match=message):
         trainer.fit(module, dataloader())
     assert trainer.global_step == 0  # and the model computes what it did (adapters at their init, base unmoved)
-    torch.testing.assert_close(module.model(probe_inputs()), before, atol=1e-5, rtol=1e-5)
+    assert_parity(module.model(probe_inputs()), before)

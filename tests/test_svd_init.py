@@ -27,6 +27,7 @@ from lightning_lora import (
     unload_lora,
 )
 from models import fresh, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from numerics import RELATIVE_TOLERANCE, assert_parity
 from peft_oracle import peft_twin
 
 SVD_INITS = ["pissa", "pissa_niter_4", "milora", "olora"]
@@ -68,12 +69,12 @@ def _forbid_decompositions(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(svd_init, name, refuse)
 
 
-def _assert_same_factors_up_to_sign(ours, theirs, atol: float = 1e-5) -> None:
+def _assert_same_factors_up_to_sign(ours, theirs, rel: float | None = None) -> None:
     """A and B agree up to the sign of each singular pair (u_i, v_i), which the SVD leaves open."""
     (A, B), (A_ref, B_ref) = ours, theirs
     signs = torch.sign((A * A_ref).sum(dim=1))
-    torch.testing.assert_close(A, signs[:, None] * A_ref, atol=atol, rtol=1e-4)
-    torch.testing.assert_close(B, B_ref * signs, atol=atol, rtol=1e-4)
+    assert_parity(A, signs[:, None] * A_ref, rel=rel, msg="A")
+    assert_parity(B, B_ref * signs, rel=rel, msg="B")
 
 
 # ----- outputs and numerics -----
@@ -91,7 +92,7 @@ def test_outputs_equal_the_base_model_at_init(builder, targets, use_dora: bool, 
     model = apply_lora(copy.deepcopy(base), _config(init, target_modules=targets, use_dora=use_dora))
     residuals = _base_weights(model)
     assert all(not torch.equal(base.get_submodule(name).weight, weight) for name, weight in residuals.items())
-    torch.testing.assert_close(_logits(model, tokens), _logits(base, tokens), atol=1e-5, rtol=1e-5)
+    assert_parity(_logits(model, tokens), _logits(base, tokens))
 
 
 @pytest.mark.parametrize(
@@ -109,7 +110,7 @@ def test_pissa_matches_peft(builder, targets, dtype: torch.dtype, options: dict)
     config = _config("pissa", target_modules=targets, **options)
     ours = apply_lora(copy.deepcopy(base), config)
     theirs = peft_twin(base, config, init_lora_weights="pissa")
-    _assert_matches_peft(ours, theirs, atol=1e-5 if dtype == torch.float32 else 1e-2)
+    _assert_matches_peft(ours, theirs, rel=RELATIVE_TOLERANCE[dtype])
 
 
 def test_fast_pissa_matches_peft_given_the_same_random_projection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,18 +131,17 @@ def test_olora_matches_peft() -> None:
     _assert_matches_peft(apply_lora(copy.deepcopy(base), config), peft_twin(base, config, "default", "olora"))
 
 
-def _assert_matches_peft(ours: nn.Module, theirs: nn.Module, atol: float = 1e-5) -> None:
+def _assert_matches_peft(ours: nn.Module, theirs: nn.Module, rel: float | None = None) -> None:
+    """Residual and factors equal PEFT's (PEFT's SVD inits refuse float64: compared in the model's dtype)."""
     layers = lora_layers(ours)
     assert layers
     for name, layer in layers:
         peft_layer = theirs.base_model.model.get_submodule(name)
-        torch.testing.assert_close(
-            layer.weight.float(), peft_layer.get_base_layer().weight.float(), atol=atol, rtol=1e-4, msg=name
-        )
+        assert_parity(layer.weight, peft_layer.get_base_layer().weight, rel=rel, msg=name)
         _assert_same_factors_up_to_sign(
             (layer.lora_A["default"], layer.lora_B["default"]),
             (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight),
-            atol=atol,
+            rel=rel,
         )
 
 
@@ -152,8 +152,8 @@ def test_milora_moves_the_smallest_singular_components_into_the_adapter() -> Non
     U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
     scaling = 6 / 3
     adapter_part = scaling * layer.lora_B["default"] @ layer.lora_A["default"]
-    torch.testing.assert_close(adapter_part, U[:, -3:] @ torch.diag(S[-3:]) @ Vh[-3:], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.linalg.svdvals(layer.weight)[:7], S[:7], atol=1e-5, rtol=1e-5)
+    assert_parity(adapter_part, U[:, -3:] @ torch.diag(S[-3:]) @ Vh[-3:])
+    assert_parity(torch.linalg.svdvals(layer.weight)[:7], S[:7])
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_initial_factors_are_frozen_and_saved_with_the_adapter() -> None:
         assert torch.equal(init_A, layer.lora_A["default"]) and torch.equal(init_B, layer.lora_B["default"])
         scaling = layer.lora_settings["default"].scaling
         original = base.get_submodule(name).weight
-        torch.testing.assert_close(layer.weight + scaling * init_B @ init_A, original, atol=1e-6, rtol=1e-5)
+        assert_parity(layer.weight + scaling * init_B @ init_A, original, msg=name)
 
 
 def test_training_changes_neither_initial_factors_nor_residual() -> None:
@@ -217,7 +217,7 @@ def test_merge_and_unload_keeps_the_trained_function() -> None:
     _train(model)
     tokens = token_batch()
     expected = _logits(model, tokens)
-    torch.testing.assert_close(_logits(merge_and_unload(model), tokens), expected, atol=1e-5, rtol=1e-5)
+    assert_parity(_logits(merge_and_unload(model), tokens), expected)
 
 
 @pytest.mark.parametrize("remove", [lambda m: delete_adapter(m, "default"), unload_lora], ids=["delete", "unload"])
@@ -228,7 +228,7 @@ def test_removing_the_adapter_gives_back_the_original_base_weights(remove) -> No
     remove(model)
     assert not lora_layers(model)
     for key, value in base.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        assert_parity(model.state_dict()[key], value, msg=key)
 
 
 def test_failed_injection_leaves_the_base_weights_as_they_were(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,7 +248,7 @@ def test_failed_injection_leaves_the_base_weights_as_they_were(monkeypatch: pyte
         apply_lora(model, _config("pissa"))
     assert not lora_layers(model)
     for key, value in base.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        assert_parity(model.state_dict()[key], value, msg=key)
 
 
 # ----- loading and resuming never re-run the init -----
@@ -298,7 +298,7 @@ def test_loading_other_factors_over_an_initialised_adapter_corrects_the_residual
     model = apply_lora(copy.deepcopy(base), _config("pissa_niter_1"))  # same shapes, different factors
     load_adapter_state_dict(model, adapter_state_dict(trained))
     for key, value in trained.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+        assert_parity(model.state_dict()[key], value, msg=key)
 
 
 def test_a_full_checkpoint_restores_the_residual_as_saved() -> None:
@@ -373,7 +373,7 @@ def test_exported_svd_adapter_loads_in_peft_on_the_original_base(builder, target
         assert torch.equal(theirs.base_model.model.get_submodule(name).get_base_layer().weight,
                            base.get_submodule(name).weight)
     tokens = token_batch()
-    torch.testing.assert_close(_logits(theirs, tokens), _logits(model, tokens), atol=1e-5, rtol=1e-5)
+    assert_parity(_logits(theirs, tokens), _logits(model, tokens))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -395,5 +395,5 @@ def test_peft_pissa_adapter_file_loads_like_peft(tmp_path) -> None:
     theirs.save_pretrained(tmp_path)  # init_lora_weights="pissa": the base weights are the loader's to rewrite
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     tokens = token_batch()
-    torch.testing.assert_close(_logits(ours, tokens), _logits(theirs, tokens), atol=1e-5, rtol=1e-5)
+    assert_parity(_logits(ours, tokens), _logits(theirs, tokens))
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Sampler
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
+from numerics import assert_parity
 
 from lightning_lora import LoraCallback, adapter_state_dict
 
@@ -96,7 +97,7 @@ def _load(launched, kind: str, run: str, rank: int) -> dict[str, dict[str, torch
 def _assert_close(state: dict, reference: dict) -> None:
     assert state.keys() == reference.keys()
     for key, value in reference.items():
-        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=1e-4, msg=key)
+        assert_parity(state[key], value, msg=key)
 
 
 @pytest.mark.parametrize("kind", KINDS)

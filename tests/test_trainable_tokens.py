@@ -1,5 +1,6 @@
 """``trainable_token_indices``: a LoRA adapter that also trains chosen embedding rows (new special tokens). Forward,
-gradients, merge and files both ways equal PEFT's; only the chosen rows change; bad input is refused by name."""
+gradients, merge and files both ways equal PEFT's (compared in float64, to float64 rounding); only the chosen rows
+change; bad input is refused by name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
 from peft_oracle import copy_adapter_into_peft
 
 from lightning_lora import (
@@ -34,13 +36,17 @@ def _ids() -> torch.Tensor:
     return ids
 
 
-def _pair() -> tuple[torch.nn.Module, torch.nn.Module]:
-    ours = apply_lora(tiny_llama(), CONFIG)
+def _llama64() -> torch.nn.Module:
+    return tiny_llama().double()
+
+
+def _pair(dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ours = apply_lora(tiny_llama().to(dtype), CONFIG)
     with torch.no_grad():
         for name, parameter in ours.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(
+    theirs = peft.get_peft_model(tiny_llama().to(dtype), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices=TOKENS))
     copy_adapter_into_peft(ours, theirs)
     with torch.no_grad():
@@ -55,7 +61,7 @@ def test_only_the_chosen_rows_train_and_start_as_the_base_rows() -> None:
     torch.testing.assert_close(rows, base.model.embed_tokens.weight[TOKENS], rtol=0, atol=0)
     assert rows.requires_grad and not model.model.embed_tokens.weight.requires_grad
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=_ids()).logits, base(input_ids=_ids()).logits)
+        assert_parity(model(input_ids=_ids()).logits, base(input_ids=_ids()).logits)
 
 
 def test_a_training_step_moves_the_chosen_rows_only() -> None:
@@ -75,16 +81,16 @@ def test_forward_gradients_and_merge_equal_peft() -> None:
     ours, theirs = _pair()
     ids = _ids()
     got, expected = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert got.dtype == expected.dtype == torch.float64
+    assert_parity(got, expected, msg="logits")
     got.square().sum().backward()
     expected.square().sum().backward()
     theirs_rows = dict(theirs.named_parameters())[PEFT_DELTA]
-    torch.testing.assert_close(ours.model.embed_tokens.trainable_tokens_delta["default"].grad, theirs_rows.grad,
-                               atol=1e-5, rtol=1e-4)
+    assert_parity(ours.model.embed_tokens.trainable_tokens_delta["default"].grad, theirs_rows.grad, msg="rows' grad")
     with torch.no_grad():
         table = ours.model.embed_tokens.weight.detach().clone()
         merged = merge_lora(ours)(input_ids=ids).logits
-        torch.testing.assert_close(merged, got, atol=1e-5, rtol=1e-4)
+        assert_parity(merged, got, msg="merged")
         changed = (ours.model.embed_tokens.weight != table).any(dim=1).nonzero().flatten().tolist()
         assert changed == TOKENS
         unmerge_lora(ours)
@@ -98,25 +104,25 @@ def test_files_go_both_ways_with_peft(tmp_path: Path) -> None:
     theirs.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
         expected = ours(input_ids=ids).logits
-        from_ours = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
-        torch.testing.assert_close(from_ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
-        loaded = load_adapter(tiny_llama(), tmp_path / "peft")
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
-        native = load_adapter(tiny_llama(), save_adapter(ours, tmp_path / "native", format="lightning_lora"))
-        torch.testing.assert_close(native(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert expected.dtype == torch.float64
+        from_ours = peft.PeftModel.from_pretrained(_llama64(), tmp_path / "ours")
+        assert_parity(from_ours(input_ids=ids).logits, expected, msg="PEFT from our file")
+        loaded = load_adapter(_llama64(), tmp_path / "peft")
+        assert_parity(loaded(input_ids=ids).logits, expected, msg="ours from PEFT's file")
+        native = load_adapter(_llama64(), save_adapter(ours, tmp_path / "native", format="lightning_lora"))
+        assert_parity(native(input_ids=ids).logits, expected, msg="ours from our native file")
         native.model.embed_tokens.trainable_tokens_delta["default"].zero_()
         load_adapter(native, tmp_path / "peft")  # into the model's own adapter: the rows come back
-        torch.testing.assert_close(native(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        assert_parity(native(input_ids=ids).logits, expected, msg="PEFT's file into the native adapter")
 
 
 def test_the_merged_export_carries_the_rows(tmp_path: Path) -> None:
-    ours, _ = _pair()
+    ours, _ = _pair(torch.float32)
     save_merged_model(ours, tmp_path)
     fresh = tiny_llama(seed=3)
     fresh.load_state_dict(load_merged_state_dict(tmp_path), strict=True)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=_ids()).logits, ours(input_ids=_ids()).logits,
-                                   atol=1e-5, rtol=1e-4)
+        assert_parity(fresh(input_ids=_ids()).logits, ours(input_ids=_ids()).logits)
 
 
 @pytest.mark.parametrize(
@@ -141,12 +147,12 @@ def test_bad_token_choices_are_refused_by_name_and_change_nothing(build, message
 
 def test_a_head_tied_to_the_embedding_uses_the_new_rows_as_peft(tmp_path: Path) -> None:
     config = LoraConfig(r=4, alpha=8, target_modules=["c_attn"], trainable_token_indices=TOKENS)
-    ours = apply_lora(tiny_gpt2(), config)
+    ours = apply_lora(tiny_gpt2().double(), config)
     assert not ours.lm_head.adapter_containers("default")  # the rows live once, on the embedding
     rows = ours.transformer.wte.trainable_tokens_delta["default"]
     with torch.no_grad():
         rows.add_(torch.randn_like(rows))
-    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(
+    theirs = peft.get_peft_model(tiny_gpt2().double(), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn"], trainable_token_indices=TOKENS))
     copy_adapter_into_peft(ours, theirs)
     key = "base_model.model.transformer.wte.token_adapter.trainable_tokens_delta.default"
@@ -154,17 +160,18 @@ def test_a_head_tied_to_the_embedding_uses_the_new_rows_as_peft(tmp_path: Path) 
         theirs.state_dict()[key].copy_(rows)
     ids = _ids()
     got, expected = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert got.dtype == expected.dtype == torch.float64
+    assert_parity(got, expected, msg="logits")
     got.square().sum().backward()
     expected.square().sum().backward()
-    torch.testing.assert_close(rows.grad, dict(theirs.named_parameters())[key].grad, atol=1e-5, rtol=1e-4)
+    assert_parity(rows.grad, dict(theirs.named_parameters())[key].grad, msg="rows' grad")
     save_adapter(ours, tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "peft")
     with torch.no_grad():
-        from_ours = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours")
-        torch.testing.assert_close(from_ours(input_ids=ids).logits, got, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(load_adapter(tiny_gpt2(), tmp_path / "peft")(input_ids=ids).logits, got,
-                                   atol=1e-5, rtol=1e-4)
+        from_ours = peft.PeftModel.from_pretrained(tiny_gpt2().double(), tmp_path / "ours")
+        assert_parity(from_ours(input_ids=ids).logits, got, msg="PEFT from our file")
+        assert_parity(load_adapter(tiny_gpt2().double(), tmp_path / "peft")(input_ids=ids).logits, got,
+                      msg="ours from PEFT's file")
     with pytest.raises(ValueError, match=r"transformer.wte shares its weight with \['lm_head'\]"):
         merge_lora(ours)  # in place it would change both (save_merged_model writes them untied)
 

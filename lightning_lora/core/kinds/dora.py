@@ -97,5 +97,6 @@ class DoraKind(LoraKind):
     @staticmethod
     def _per_row(layer: LoraLayer, adapter_name: str, norm: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
         magnitude = layer.lora_magnitude[adapter_name].detach()
-        scale = magnitude.to(torch.float32) / norm.to(magnitude.device, torch.float32)  # the model may have moved
+        dtype = torch.promote_types(magnitude.dtype, torch.float32)  # float32 or wider (float64 models stay exact)
+        scale = magnitude.to(dtype) / norm.to(magnitude.device, dtype)  # the model may have moved
         return scale.view(-1, *([1] * (weight_out_in.dim() - 1))).to(weight_out_in.dtype)
