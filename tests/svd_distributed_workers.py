@@ -65,6 +65,9 @@ def _entry(rank: int, worker: Callable, port: int, out_dir: str, args: tuple) ->
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         worker(rank, out_dir, *args)
+        # Both ranks reach the end before either tears its connections down: a rank that destroys the group while
+        # its peer still talks to it can abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -125,3 +128,51 @@ def fsdp1_meta_worker(rank: int, out_dir: str, init: str) -> None:
     if rank == 0:
         torch.save({"initialized": initialized, "init": init_state}, os.path.join(out_dir, "fsdp1.pt"))
 
+
+
+def deepspeed_zero3_worker(rank: int, out_dir: str, inits: list[str]) -> None:
+    """ZeRO-3 core flow, no Lightning, for each init: build the base partitioned under ``zero.Init``, inject with the
+    init pending, load the base weights into the partitions, initialise (before ``deepspeed.initialize`` takes its
+    copies), then train through the engine on this rank's slice. Rank 0 saves the gathered states."""
+    os.environ.update(DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
+    import importlib
+
+    import deepspeed
+
+    from lightning_lora import register_zero3_external_parameters
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # see tests/distributed/cpu_deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group _entry made
+    config = {"train_micro_batch_size_per_gpu": BATCH // WORLD_SIZE, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    base_state = tiny_mlp().state_dict()
+    inputs, targets = batch()
+    results = {}
+    for init in inits:
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = tiny_mlp()
+        apply_lora(model, svd_config(init), initialize=False)
+        register_zero3_external_parameters(model)
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0), torch.no_grad():
+            for key, value in base_state.items():
+                model.get_parameter(key).copy_(value)
+        torch.manual_seed(1000 + rank)  # the init must not depend on the caller's RNG
+        initialized = initialize_pending_adapters(model)
+        init_state = _gathered_state(model)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        for _ in range(STEPS):
+            loss = nn.functional.mse_loss(engine(_rank_slice(inputs, rank)), _rank_slice(targets, rank))
+            engine.backward(loss)
+            engine.step()
+        results[init] = {"initialized": initialized, "init": init_state, "trained": _gathered_state(model)}
+        engine.destroy()
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "deepspeed.pt"))
+
+
+def _gathered_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {key: value.detach().clone() for key, value in model.state_dict().items()}

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning_models import BuiltInInit, lora_config, probe_inputs
+from numerics import assert_parity
 
 from lightning_lora import apply_lora, load_adapter_state_dict, load_merged_state_dict
 from lightning_lora.core.distributed import clean_name, gather_full_state_dict
@@ -97,8 +98,8 @@ def test_fsdp2_adapters_added_before_fully_shard_are_sharded(launched: Callable[
 @pytest.mark.parametrize("name", ["fsdp2-sharded", "fsdp2-full"])
 def test_fsdp2_checkpoint_of_another_rank_is_refused_before_loading(launched: Callable[[str], Path], name: str) -> None:
     message = (launched("fsdp2") / f"{name}-refused.txt").read_text()
-    assert "does not fit the model's LoRA adapters" in message
-    assert "fc1.lora_A.default: file (4, 8) vs model (2, 8)" in message
+    assert "another LoraConfig (r: checkpoint 4 vs now 2)" in message  # the changed field first, before shapes
+    assert "Nothing was loaded" in message
 
 
 @pytest.mark.parametrize("kind", KIND_CASES)
@@ -118,7 +119,7 @@ def test_merge_on_fit_end_writes_weights_that_compute_what_the_adapter_did(
     x = probe_inputs()
     with torch.no_grad():
         expected, actual = unmerged.model(x), merged(x)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert_parity(actual, expected)
     assert not torch.allclose(merged.fc1.weight, unmerged.model.fc1.weight)  # the merge changed the base
 
 

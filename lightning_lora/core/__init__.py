@@ -4,6 +4,7 @@ Every function here works on a plain ``nn.Module`` in a plain training loop.
 """
 
 from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
+from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
 from lightning_lora.core.adapter_set import (
     adapter_names,
     get_lora_config,
@@ -79,6 +80,7 @@ __all__ = [
     "lora_param_groups",
     "lorafa_optimizer",
     "mark_only_adapters_trainable",
+    "register_zero3_external_parameters",
     "restore_base_weight",
     "merge_and_unload",
     "merge_lora",

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_set import SAVED_WITH, adapter_names, get_lora_config
-from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.adapter_tensors import adapter_parameters, shared_adapter_tensors
 from lightning_lora.core.base_updates import check_base_untouched
 from lightning_lora.core.config import AdapterConfig
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.distributed import full_tensor, uncompiled
 from lightning_lora.core.inject import _rollback, apply_lora
 from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
@@ -99,6 +99,7 @@ def save_adapter(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    model = uncompiled(model)
     check_base_untouched(model, adapter_name)
     if format == "lightning_lora":
         config, tensors = native_adapter_state(model, adapter_name)
@@ -120,6 +121,7 @@ def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tup
     ``modules_to_save`` and trained biases under their own keys, and SVD inits' initial factors as
     ``<layer>.lora_init_A`` / ``<layer>.lora_init_B``.
     """
+    model = uncompiled(model)
     state = adapter_state_dict(model, adapter_name)
     adapter_keys = {key for key, _ in adapter_parameters(model, adapter_name)}
     suffix = f".{adapter_name}"
@@ -189,7 +191,7 @@ def read_adapter_config(directory: PathLike, model: nn.Module) -> AdapterConfig:
         model: The model it is for (resolves PEFT's ``modules_to_save`` names).
     """
     config, _ = read_adapter_files(directory)
-    return _lora_config(config, model, Path(directory))
+    return _lora_config(config, uncompiled(model), Path(directory))
 
 
 def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "default") -> nn.Module:
@@ -218,6 +220,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         ValueError: Unreadable files, a config of another ``peft_type`` or with options lightning_lora lacks, keys or
             shapes that do not fit the model, or an existing adapter that differs from the saved one.
     """
+    compiled, model = model, uncompiled(model)
     directory = Path(directory)
     values, tensors = read_adapter_files(directory)
     config = _lora_config(values, model, directory)
@@ -237,7 +240,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         )
     undo = _inject(model, config, adapter_name) if injected else _check_existing(model, config, adapter_name)
     try:
-        plan = _LoadPlan.build(model, adapter_name, tensors, native, injected)
+        plan = _LoadPlan.build(model, adapter_name, tensors, native, injected, config)
         _apply(model, config, adapter_name, plan, injected)
     except ValueError as err:
         undo()
@@ -245,7 +248,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     except BaseException:
         undo()
         raise
-    return model
+    return compiled
 
 
 def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -> AdapterConfig:
@@ -263,9 +266,15 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
                 f"{sorted(KINDS)}). Upgrade lightning_lora."
             )
         try:
-            return KINDS[kind].config_class.from_dict(values["lora_config"])
+            config = KINDS[kind].config_class.from_dict(values["lora_config"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{directory / CONFIG_NAME} holds no valid lora_config ({err}); save again.") from None
+        if "kind" in values and config.kind != kind:  # older files have no kind (LoRA or DoRA)
+            raise ValueError(
+                f"{directory / CONFIG_NAME} says kind={kind!r}, but its lora_config describes a {config.kind!r} "
+                "adapter: the file contradicts itself. Save the adapter again."
+            )
+        return config
     if "peft_type" in values:
         try:
             return lora_config_from_peft(values, model)
@@ -341,9 +350,24 @@ class _LoadPlan:
 
     @classmethod
     def build(
-        cls, model: nn.Module, adapter_name: str, tensors: Mapping[str, torch.Tensor], native: bool, injected: bool
+        cls,
+        model: nn.Module,
+        adapter_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        native: bool,
+        injected: bool,
+        config: AdapterConfig,
     ) -> _LoadPlan:
         tensors, shared = take_shared_state(model, adapter_name, tensors, peft=not native)
+        expected_shared = sorted(shared_adapter_tensors(model, adapter_name))
+        if kind_of(config).saves_shared(config) and sorted(shared) != expected_shared:
+            missing = [name for name in expected_shared if name not in shared]
+            raise ValueError(
+                f"The file's config says it holds the {kind_of(config).display_name} tensors {expected_shared} that "
+                f"every layer shares (VeRA: save_projection=True), but {missing} are missing: the file contradicts "
+                "itself (PEFT refuses it too). Save the adapter again, or set save_projection=False in its config "
+                "if they are rebuilt from projection_prng_key."
+            )
         if native:
             plan = cls(*_native_state(model, adapter_name, tensors))
         else:
@@ -362,6 +386,8 @@ class _LoadPlan:
         not_float = [k for k, v in plan.state.items() if not v.is_floating_point()]
         if not_float:
             raise ValueError(f"Tensors {not_float[:3]} are not floating point; the file is not a LoRA adapter.")
+        layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
+        kind_of(config).check_file_state(adapter_name, config, layers, plan.state)
         plan.shared = shared
         return plan
 

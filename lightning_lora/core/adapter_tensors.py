@@ -68,10 +68,10 @@ def register_zero3_external_parameters(model: nn.Module) -> int:
     Returns:
         How many tensors were registered.
     """
-    from deepspeed.zero import register_external_parameter
+    import deepspeed  # `deepspeed.zero` is an attribute of the package, not an importable module
 
     count = 0
     for layer, tensor in adapter_tensors(model):
-        register_external_parameter(layer, tensor)
+        deepspeed.zero.register_external_parameter(layer, tensor)
         count += 1
     return count

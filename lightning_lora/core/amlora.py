@@ -28,7 +28,7 @@ softmax ratio at ``e^2`` and forbid a sparse selection, so the score stays linea
 non-linearity.
 
 The selector is a child of the model (``model.amlora_selector``), so it trains, checkpoints and loads like any
-trainable parameter. Adapted layers reach it through their ``expert_gate`` attribute (:class:`AmLoraGate`).
+trainable parameter. Adapted layers reach it through their ``forward_plan`` (:class:`AmLoraGate`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names, saved_module_state
 from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.checks import is_finite_number
+from lightning_lora.core.forward_plan import check_free_for, install_plan, plan_of, remove_plan
 from lightning_lora.core.layer_types import LinearAdapters, check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.svd_init import has_init_factors
@@ -122,13 +124,17 @@ class _AmLoraState:
 
 
 class AmLoraGate:
-    """The plan one adapted layer follows (its ``expert_gate``): ``W_0 x + Σ_i g_i f_i`` with its selector's weights.
+    """The plan one adapted layer follows (its ``forward_plan``): ``W_0 x + Σ_i g_i f_i`` with its selector's weights.
 
     Args:
         state: The model's AM-LoRA state (shared by every gated layer).
         layer_name: The layer's name in the model.
         selector: The layer's :class:`LayerSelector`.
     """
+
+    plan_name = "AM-LoRA's selector"
+    removal = "call remove_amlora(model)"
+    capabilities: frozenset[str] = frozenset()  # task weights per token: no merged weight computes it
 
     def __init__(self, state: _AmLoraState, layer_name: str, selector: LayerSelector) -> None:
         self.state, self.layer_name, self.selector = state, layer_name, selector
@@ -254,7 +260,7 @@ def add_amlora(
         for name in held:
             if name not in layer_selector.weight:
                 layer_selector.add(name, like)
-        layer.expert_gate = AmLoraGate(state, layer_name, layer_selector)
+        install_plan(layer, AmLoraGate(state, layer_name, layer_selector))
     state.adapters, state.n_layers, state.l1_weight = adapters, len(layers), float(l1_weight)
     selector.requires_grad_(True)
     shared = {key for key, _ in saved_module_state(model, adapter_name)}  # e.g. a head every task trains
@@ -280,8 +286,7 @@ def _check(model: nn.Module, adapters: list[str], gate: str, l1_weight: float) -
     known = adapter_names(model)
     if gate not in GATES:
         raise ValueError(f"AM-LoRA: gate must be one of {GATES}, got {gate!r}.")
-    if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or not l1_weight >= 0:
-        raise ValueError(f"AM-LoRA: l1_weight must be a number >= 0, got {l1_weight!r}.")
+    check_l1_weight(l1_weight)
     unknown = [name for name in adapters if name not in known]
     if unknown:
         raise ValueError(
@@ -295,9 +300,8 @@ def _check(model: nn.Module, adapters: list[str], gate: str, l1_weight: float) -
         )
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"AM-LoRA: adapters {adapters} name an adapter twice (earlier_adapters holds the new one?).")
-    gates = [layer.__dict__.get("expert_gate") for _, layer in lora_layers(model)]
-    if any(g is not None and not isinstance(g, AmLoraGate) for g in gates):
-        raise ValueError("AM-LoRA: the model's layers are gated by X-LoRA; call remove_xlora(model) first.")
+    others = [(name, layer) for name, layer in lora_layers(model) if not isinstance(plan_of(layer), AmLoraGate)]
+    check_free_for(others, AmLoraGate.plan_name)  # a later task re-gates AM-LoRA's own layers
     state: Optional[_AmLoraState] = model.__dict__.get(_STATE_ATTRIBUTE)
     if state is not None:
         if state.gate != gate:
@@ -331,6 +335,12 @@ def _check(model: nn.Module, adapters: list[str], gate: str, l1_weight: float) -
     return layers
 
 
+def check_l1_weight(l1_weight: float) -> None:
+    """Raise a ValueError unless ``l1_weight`` is a finite number >= 0."""
+    if not (is_finite_number(l1_weight) and l1_weight >= 0):
+        raise ValueError(f"AM-LoRA: l1_weight must be a number >= 0 and finite, got {l1_weight!r}; 0 adds no L1 term.")
+
+
 def has_amlora(model: nn.Module) -> bool:
     """Whether :func:`add_amlora` is on ``model``."""
     return _STATE_ATTRIBUTE in model.__dict__
@@ -348,8 +358,7 @@ def set_amlora_l1_weight(model: nn.Module, l1_weight: float) -> nn.Module:
         ValueError: A negative or non-numeric weight, or no AM-LoRA on the model.
     """
     state = _state(model)
-    if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or not l1_weight >= 0:
-        raise ValueError(f"AM-LoRA: l1_weight must be a number >= 0, got {l1_weight!r}.")
+    check_l1_weight(l1_weight)
     state.l1_weight = float(l1_weight)
     return model
 
@@ -382,8 +391,7 @@ def remove_amlora(model: nn.Module) -> nn.Module:
     """
     _state(model)
     for _, layer in lora_layers(model):
-        if isinstance(layer.__dict__.get("expert_gate"), AmLoraGate):
-            del layer.__dict__["expert_gate"]
+        remove_plan(layer, AmLoraGate)
     delattr(model, SELECTOR_NAME)
     del model.__dict__[_STATE_ATTRIBUTE]
     return model

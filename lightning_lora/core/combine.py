@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.config import LoraConfig
 from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.layers import LoraLayer, lora_layers
@@ -111,11 +113,12 @@ def add_weighted_adapter(
     Args:
         model: The model holding the adapters.
         adapters: Names of the adapters to combine.
-        weights: One weight per adapter (negative weights subtract).
+        weights: One finite number per adapter (negative weights subtract).
         adapter_name: Name of the new adapter.
         combination_type: See the module docstring; a single adapter is always combined ``"linear"`` (as PEFT).
-        svd_rank: Rank of the SVD types' result (default: the largest source rank).
-        svd_clamp: SVD types: clamp ``U S`` and ``Vh`` to this quantile of their absolute values' distribution.
+        svd_rank: Rank of the SVD types' result (default: the largest source rank). A layer that cannot hold that
+            rank keeps every direction it has (``min(out, in)``, its whole combined update), with a warning.
+        svd_clamp: SVD types: clamp ``U S`` and ``Vh`` to this quantile (in ``[0, 1]``) of their values.
         svd_full_matrices: ``torch.linalg.svd``'s ``full_matrices``.
         svd_driver: ``torch.linalg.svd``'s ``driver`` (CUDA only).
         density: Fraction kept by the pruning types (``ties``, ``dare_*``, ``magnitude_prune*``), in ``(0, 1]``.
@@ -126,12 +129,13 @@ def add_weighted_adapter(
         The same ``model``.
 
     Raises:
-        ValueError: Unknown or duplicate names, a name in use, weights of another length, a type that needs a
-            density without one or one outside ``(0, 1]``, kinds the type cannot combine (named), factor-wise types
-            on layers whose ranks differ, trained biases. Nothing is changed then.
+        ValueError: Unknown or duplicate names, a name in use, weights of another length or not finite numbers, a
+            type that needs a density without one, a density outside ``(0, 1]``, an ``svd_clamp`` outside
+            ``[0, 1]``, kinds the type cannot combine (named), factor-wise types on layers whose ranks differ,
+            trained biases, a combination whose factors come out NaN/Inf. Nothing is changed then.
     """
     layers = _check(model, list(adapters), list(weights), adapter_name, combination_type, density,
-                    majority_sign_method, svd_rank)  # fmt: skip
+                    majority_sign_method, svd_rank, svd_clamp)  # fmt: skip
     if len(adapters) == 1:
         combination_type = "linear"
     ranks = {name: [layer.lora_settings[a].r for a in adapters if a in layer.lora_settings] for name, layer in layers}
@@ -147,6 +151,15 @@ def add_weighted_adapter(
                 )
     elif combination_type in SVD_TYPES:
         new_rank = svd_rank or max(max(r) for r in ranks.values())
+        narrow = {name: _max_rank(layer) for name, layer in layers if _max_rank(layer) < new_rank}
+        if narrow and svd_rank is not None:  # asked for more than exists
+            warnings.warn(
+                f"svd_rank={new_rank} is more than {sorted(narrow)[:3]} can hold (ranks "
+                f"{sorted(set(narrow.values()))}): those layers get rank {min(narrow.values())}.."
+                f"{max(narrow.values())}, their whole combined update. "
+                "Pass an svd_rank they can hold to silence this.",
+                stacklevel=2,
+            )
     else:
         new_rank = max(r[0] for r in ranks.values())
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -159,6 +172,13 @@ def add_weighted_adapter(
                                  density, majority_sign_method, generator)  # fmt: skip
         else:
             factors[name] = _factor_wise(layer, present, combination_type, density, majority_sign_method, generator)
+    broken = [name for name, pair in factors.items() if not all(bool(t.isfinite().all()) for t in pair)]
+    if broken:
+        raise ValueError(
+            f"Combining {list(adapters)} with weights {list(weights)} gives NaN/Inf factors on {broken[:3]}: a source "
+            "adapter holds non-finite values, or the weights overflow. Nothing was added; check the adapters and use "
+            "moderate weights."
+        )
     _add_combined(model, adapters, adapter_name, factors, new_rank)
     return model
 
@@ -172,6 +192,7 @@ def _check(
     density: Optional[float],
     majority_sign_method: str,
     svd_rank: Optional[int],
+    svd_clamp: Optional[float],
 ) -> list[tuple[str, LoraLayer]]:
     known = adapter_names(model)
     unknown = [a for a in adapters if a not in known]
@@ -182,15 +203,23 @@ def _check(
         )
     if len(weights) != len(adapters):
         raise ValueError(f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
+    bad = [w for w in weights if not is_finite_number(w)]
+    if bad:
+        raise ValueError(f"weights must be finite numbers (one per adapter), got {weights}; {bad[0]!r} is not.")
     if adapter_name in known:
         raise ValueError(f"The model already has an adapter {adapter_name!r}; choose another name or delete it.")
     if combination_type not in (*FACTOR_WISE, *SVD_TYPES, "cat"):
         raise ValueError(
             f"combination_type must be one of {[*FACTOR_WISE, 'cat', *SVD_TYPES]}, got {combination_type!r}."
         )
-    if combination_type in _NEEDS_DENSITY and len(adapters) > 1 and (density is None or not 0 < density <= 1):
+    valid_density = is_finite_number(density) and 0 < density <= 1
+    if combination_type in _NEEDS_DENSITY and len(adapters) > 1 and not valid_density:
         raise ValueError(f"combination_type={combination_type!r} needs a density in (0, 1] (the fraction of entries "
                          f"kept), got {density!r}.")  # fmt: skip
+    if density is not None and not valid_density:
+        raise ValueError(f"density must be in (0, 1] (the fraction of entries kept) or None, got {density!r}.")
+    if svd_clamp is not None and not (is_finite_number(svd_clamp) and 0 <= svd_clamp <= 1):
+        raise ValueError(f"svd_clamp must be a quantile in [0, 1] (e.g. 0.99) or None, got {svd_clamp!r}.")
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}.")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
@@ -229,6 +258,12 @@ def _check(
                 f"{sorted(ranks)}. Use 'cat' (exact, rank the sum) or 'svd' (rank svd_rank)."
             )
     return layers
+
+
+def _max_rank(layer: LoraLayer) -> int:
+    """The largest rank a LoRA factor pair of ``layer`` can have: ``min(out, in * kernel)``."""
+    in_features, out_features, kernel = layer.lora_dims()
+    return min(in_features * math.prod(kernel), out_features)
 
 
 def _scaled_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:

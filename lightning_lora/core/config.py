@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional, Union
 
+from lightning_lora.core.checks import is_finite_number, is_integer
 from lightning_lora.core.init_names import check_init_name, is_data_init
 
 ALL_LINEAR = "all-linear"
@@ -55,10 +56,11 @@ class QuantizationConfig:
             value = getattr(self, name)
             if value not in valid or isinstance(value, bool):
                 raise ValueError(f"quantization.{name} must be one of {valid}, got {value!r}.")
-        if isinstance(self.int8_threshold, bool) or not (
-            isinstance(self.int8_threshold, (int, float)) and self.int8_threshold >= 0
-        ):
-            raise ValueError(f"quantization.int8_threshold must be >= 0, got {self.int8_threshold!r}.")
+        if not (is_finite_number(self.int8_threshold) and self.int8_threshold >= 0):
+            raise ValueError(
+                f"quantization.int8_threshold must be a finite number >= 0, got {self.int8_threshold!r}; "
+                "bitsandbytes' default is 6.0, and 0 turns outlier handling off."
+            )
         self.int8_threshold = float(self.int8_threshold)
 
     @classmethod
@@ -229,10 +231,18 @@ class EvaConfig:
     adjust_scaling_factors: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or self.rho < 1.0:
-            raise ValueError(f"eva_config.rho must be >= 1.0 (1.0: no rank redistribution), got {self.rho!r}.")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= self.tau <= 1.0:
+        if not (is_finite_number(self.rho) and self.rho >= 1.0):
+            raise ValueError(
+                f"eva_config.rho must be a finite number >= 1.0 (1.0: no rank redistribution; PEFT's default 2.0), "
+                f"got {self.rho!r}."
+            )
+        if not (is_finite_number(self.tau) and 0.0 <= self.tau <= 1.0):
             raise ValueError(f"eva_config.tau must be in [0, 1] (PEFT's default 0.99), got {self.tau!r}.")
+        if not is_integer(self.label_mask_value):
+            raise ValueError(
+                f"eva_config.label_mask_value must be an integer label (PEFT's default -100), got "
+                f"{self.label_mask_value!r}."
+            )
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvaConfig:
@@ -390,7 +400,7 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:
 
 def check_dropout(name: str, value: Any) -> None:
     """Raise a ValueError unless ``value`` is a probability in ``[0, 1)``."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+    if not (is_finite_number(value) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}; use 0.0 to switch dropout off.")
 
 
@@ -400,8 +410,8 @@ def _check_rank(name: str, value: Any) -> None:
 
 
 def _check_alpha(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}; a common choice is alpha = 2 * r.")
+    if not (is_finite_number(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}; a common choice is alpha = 2 * r.")
 
 
 def _check_regex(name: str, pattern: str) -> None:

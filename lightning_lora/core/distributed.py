@@ -41,6 +41,13 @@ def clean_name(name: str) -> str:
     return name
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile(model)`` wrapped, or ``model`` itself: adapter files and merged exports name tensors
+    as the uncompiled model does (no ``_orig_mod.``), so they load into compiled and uncompiled models alike."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 

@@ -33,7 +33,7 @@ from lightning_lora.core.parameter_adapters import (
 from lightning_lora.core.quantization import plan_quantization, quantize_layers
 from lightning_lora.core.quantized_weights import keep_training_layout
 from lightning_lora.core.removal import remove_adapter_tensors, restore_base_class
-from lightning_lora.core.targeting import find_modules_to_save, find_targets, weights_all_linear_skips
+from lightning_lora.core.targeting import find_modules_to_save, find_targets, unmet_requests, weights_all_linear_skips
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,15 @@ def apply_lora(
         )
     to_quantize = plan_quantization(model, config, targets)
     shared = kind_of(config).shared_tensors(config, targets)
+    adapted = [*settings, *(name for name, _, _ in whole_modules)]
+    adapted += [site_name(owner_name, parameter) for owner_name, _, parameter in parameter_targets]
+    unmet = unmet_requests(model, config, adapted)
+    if unmet:
+        warnings.warn(
+            f"Adapter {adapter_name!r}: " + "; ".join(unmet) + ". Check the names against the model "
+            "(lora_layers(model) lists the adapted layers after apply_lora).",
+            stacklevel=2,
+        )
 
     still_training = [name for name in adapter_names(model) if _is_training(model, name)]
     previous_flags = [(p, p.requires_grad) for p in model.parameters()]

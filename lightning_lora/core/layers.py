@@ -28,9 +28,8 @@ from lightning_lora.core.config import AdapterConfig
 from lightning_lora.core.distributed import gathered_parameters, is_materialized
 
 if TYPE_CHECKING:
+    from lightning_lora.core.forward_plan import ForwardPlan
     from lightning_lora.core.kinds.base import AdapterKind
-    from lightning_lora.core.mixed_batch import MixedBatch
-    from lightning_lora.core.xlora import ExpertGate
 
 
 @dataclass
@@ -103,9 +102,8 @@ class LoraLayer(nn.Module):
         active_adapters: Adapters that take part in forward, in order.
         merged_adapters: Adapters currently folded into the base weight.
         adapters_disabled: When True, forward is the base layer's alone.
-        mixed_batch: Set inside :func:`~lightning_lora.core.mixed_batch.mixed_adapter_batch`: each sample of the
-            batch uses its own adapter.
-        expert_gate: Set by :func:`~lightning_lora.core.xlora.add_xlora`: X-LoRA weighs each expert per token.
+        forward_plan: What takes over the call for a while (a mixed-adapter batch, X-LoRA's gate, AM-LoRA's
+            selector; :mod:`lightning_lora.core.forward_plan`), or None.
     """
 
     # Set by the layer-type mixins.
@@ -113,8 +111,7 @@ class LoraLayer(nn.Module):
     applies_dropout: bool = True  # False where the input is not a feature vector (token indices)
     base_class: type[nn.Module]
     layer_type: type[LoraLayer]
-    mixed_batch: MixedBatch | None = None  # an instance attribute only inside mixed_adapter_batch
-    expert_gate: ExpertGate | None = None  # an instance attribute only on the layers of an X-LoRA model
+    forward_plan: ForwardPlan | None = None  # an instance attribute only while a plan holds the layer
 
     def _init_lora_state(self) -> None:
         self.lora_settings: dict[str, AdapterSettings] = {}
@@ -204,10 +201,8 @@ class LoraLayer(nn.Module):
         base_forward = super().forward
         if self.adapters_disabled:
             return base_forward(x, *args, **kwargs)
-        if self.mixed_batch is not None:
-            return self.mixed_batch.forward(self, x, base_forward, args, kwargs)
-        if self.expert_gate is not None:
-            return self.expert_gate.forward(self, x, base_forward, args, kwargs)
+        if self.forward_plan is not None:
+            return self.forward_plan.forward(self, x, base_forward, args, kwargs)
         pending = []
         transform = None  # a kind that transforms what the base computes (OFT) runs the base operation itself
         for name in self.active_adapters:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.distributed import is_dtensor, is_sharded
 from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters
 from lightning_lora.core.layers import lora_layers
@@ -50,8 +51,11 @@ class LoraFAOptimizer(torch.optim.Optimizer):
             reproduces that. ``None`` keeps the gradient's dtype (full precision).
 
     Raises:
-        ValueError: A negative learning rate, eps or weight decay, a beta outside ``[0, 1)``, a LoRA group whose
-            ``lora_A`` or ``scaling`` does not match its ``params``, or a sharded (``DTensor``) parameter.
+        ValueError: A learning rate, eps or weight decay that is negative or not finite, betas that are not two
+            numbers in ``[0, 1)``; a LoRA group whose ``lora_A`` or ``scaling`` does not match its ``params`` (one
+            each, ``A`` ``[r, in]`` with the rank of its ``B`` ``[out, r]``, on the same device; scalings finite and
+            > 0); an ``A`` that trains (``requires_grad``, or a parameter of any group: the projection assumes it
+            fixed); a sharded (``DTensor``) parameter. Nothing is added to the optimizer then.
     """
 
     def __init__(
@@ -64,14 +68,15 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         correct_bias: bool = True,
         projection_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate {lr!r}: it must be >= 0.")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"Invalid betas {betas!r}: each must be in [0, 1).")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid eps {eps!r}: it must be >= 0.")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay {weight_decay!r}: it must be >= 0.")
+        check_adamw_arguments(lr, betas, eps, weight_decay)
+        if projection_dtype is not None and not (
+            isinstance(projection_dtype, torch.dtype) and projection_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"projection_dtype must be a floating torch.dtype (torch.bfloat16, as PEFT) or None (full precision), "
+                f"got {projection_dtype!r}."
+            )
+        betas = (float(betas[0]), float(betas[1]))
         self.projection_dtype = projection_dtype
         self._lora_A: dict[torch.Tensor, torch.Tensor] = {}  # B -> its frozen A (kept out of state_dict)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "correct_bias": correct_bias}
@@ -89,14 +94,25 @@ class LoraFAOptimizer(torch.optim.Optimizer):
                 "Train with DDP, or use torch.optim.AdamW(lora_param_groups(model, lr, lora_fa=True)) (A frozen, no "
                 "gradient projection)."
             )
+        held = {id(p) for g in getattr(self, "param_groups", []) for p in g["params"]}
+        frozen_As = {id(A) for A in self._lora_A.values()}
+        trained_As = [i for i, p in enumerate(group["params"]) if id(p) in frozen_As]
+        if trained_As:
+            raise ValueError(
+                f"Parameters {trained_As} of this group are the frozen `lora_A` of a LoRA group: LoRA-FA projects B's "
+                "gradient for a fixed A, so A must not train. Leave the A matrices out of every group's params."
+            )
         if lora_A is not None:
             lora_A = list(lora_A)
             scaling = group.get("scaling")
             if scaling is None or not len(lora_A) == len(scaling) == len(group["params"]):
                 raise ValueError("A LoRA group needs one `lora_A` tensor and one `scaling` per parameter (B).")
+            for index, (B, A, factor) in enumerate(zip(group["params"], lora_A, scaling)):
+                _check_lora_pair(index, B, A, factor, held | {id(p) for p in group["params"]})
             group["scaling"] = [float(s) for s in scaling]
+        super().add_param_group(group)  # torch's own checks (a parameter in two groups, ...) before we keep A
+        if lora_A is not None:
             self._lora_A.update(zip(group["params"], lora_A))
-        super().add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -109,22 +125,28 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        updates = []  # everything is checked before the first parameter changes
         for group in self.param_groups:
             scalings = group.get("scaling")
             for index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                grad = p.grad if scalings is None else self._projected_grad(p, scalings[index])
-                self._adamw_update(p, grad, group)
+                if p.grad.is_sparse:
+                    raise ValueError("LoraFAOptimizer does not support sparse gradients; use dense embeddings.")
+                if scalings is not None and p not in self._lora_A:
+                    raise RuntimeError(
+                        "LoraFAOptimizer's parameters were replaced after it was built (DeepSpeed ZeRO flattens "
+                        "them); it supports one device and DDP. Use torch.optim.AdamW(lora_param_groups(model, lr, "
+                        "lora_fa=True))."
+                    )
+                updates.append((p, group, None if scalings is None else scalings[index]))
+        for p, group, scaling in updates:
+            grad = p.grad if scaling is None else self._projected_grad(p, scaling)
+            self._adamw_update(p, grad, group)
         return loss
 
     def _projected_grad(self, B: torch.Tensor, scaling: float) -> torch.Tensor:
-        A = self._lora_A.get(B)
-        if A is None:
-            raise RuntimeError(
-                "LoraFAOptimizer's parameters were replaced after it was built (DeepSpeed ZeRO flattens them); it "
-                "supports one device and DDP. Use torch.optim.AdamW(lora_param_groups(model, lr, lora_fa=True))."
-            )
+        A = self._lora_A[B]
         AA_T = A @ A.T
         inverse = torch.linalg.pinv(AA_T + RIDGE * torch.eye(A.shape[0]).to(A.device))
         grad = B.grad
@@ -134,8 +156,6 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         return projected if projected.dtype == B.grad.dtype else projected.to(B.grad.dtype)
 
     def _adamw_update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        if grad.is_sparse:
-            raise ValueError("LoraFAOptimizer does not support sparse gradients; use dense embeddings.")
         state = self.state[p]
         if not state:
             state["step"] = 0  # a Python int, as PEFT: beta ** step is then computed in double precision
@@ -154,6 +174,49 @@ class LoraFAOptimizer(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-step_size)
         if group["weight_decay"] > 0.0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+
+
+def check_adamw_arguments(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """Raise a ValueError naming the fix unless the AdamW hyperparameters of :class:`LoraFAOptimizer` are valid:
+    ``lr``, ``eps`` and ``weight_decay`` finite and >= 0, ``betas`` two finite numbers in ``[0, 1)``."""
+    if not (is_finite_number(lr) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate {lr!r}: it must be a finite number >= 0 (e.g. 1e-4).")
+    if not (
+        isinstance(betas, (tuple, list))
+        and len(betas) == 2
+        and all(is_finite_number(beta) and 0.0 <= beta < 1.0 for beta in betas)
+    ):
+        raise ValueError(
+            f"Invalid betas {betas!r}: give two decay rates, each in [0, 1) (1.0 would never forget; the default is "
+            "(0.9, 0.999))."
+        )
+    if not (is_finite_number(eps) and eps >= 0.0):
+        raise ValueError(f"Invalid eps {eps!r}: it must be a finite number >= 0 (PEFT's default 1e-6).")
+    if not (is_finite_number(weight_decay) and weight_decay >= 0.0):
+        raise ValueError(f"Invalid weight_decay {weight_decay!r}: it must be a finite number >= 0 (0: none).")
+
+
+def _check_lora_pair(index: int, B: Any, A: Any, scaling: Any, group_params: set[int]) -> None:
+    """Raise a ValueError naming the fix unless ``A`` is a frozen ``[r, in]`` matrix for ``B`` ``[out, r]``."""
+    where = f"LoRA group entry {index}"
+    if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor) and A.dim() == 2 and B.dim() == 2):
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (B, A)]
+        raise ValueError(f"{where}: B {shapes[0]} and its lora_A {shapes[1]} must be matrices [out, r] and [r, in].")
+    if A.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"{where}: lora_A {tuple(A.shape)} has rank {A.shape[0]}, its B {tuple(B.shape)} rank {B.shape[1]}; pair "
+            "each B with the A of its own layer and adapter (lorafa_optimizer(model, lr) builds the groups)."
+        )
+    if A.device != B.device:
+        raise ValueError(f"{where}: lora_A is on {A.device}, its B on {B.device}; move the model to one device first.")
+    if not (is_finite_number(scaling) and scaling > 0):
+        raise ValueError(f"{where}: scaling must be a finite number > 0 (the layer's alpha / r), got {scaling!r}.")
+    if A.requires_grad or id(A) in group_params:
+        raise ValueError(
+            f"{where}: lora_A still trains (requires_grad=True, or it is a parameter of a group), but LoRA-FA projects "
+            "B's gradient for a fixed A. Freeze it first (freeze_lora_A(model), or lorafa_optimizer(model, lr), which "
+            "does both)."
+        )
 
 
 def lorafa_optimizer(
@@ -196,6 +259,7 @@ def lorafa_optimizer(
         apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["0", "2"]))
         optimizer = lorafa_optimizer(model, lr=1e-3)  # A frozen; B's gradient projected
     """
+    check_adamw_arguments(lr, betas, eps, weight_decay)
     present = adapter_names(model)
     selected = present if adapter_name is None else [adapter_name]
     if not present or adapter_name not in (None, *present):
@@ -230,15 +294,22 @@ def lorafa_optimizer(
                 )
             if layer.lora_B[name].requires_grad:
                 pairs.append((layer.lora_A[name], layer.lora_B[name], settings.scaling))
+    # Everything is checked before the A matrices are frozen, and they thaw again if the optimizer refuses.
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
     freeze_lora_A(model, adapter_name)
-    lora_B_ids = {id(B) for _, B, _ in pairs}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_B_ids]
-    if not pairs and not others:
-        raise ValueError("The model has nothing to train; apply_lora(model, config) makes the adapter trainable.")
-    groups: list[dict[str, Any]] = []
-    if pairs:
-        A, B, scaling = (list(column) for column in zip(*pairs))
-        groups.append({"name": "lora_B", "params": B, "lora_A": A, "scaling": scaling})
-    if others:
-        groups.append({"name": "other", "params": others})
-    return LoraFAOptimizer(groups, lr, betas, eps, weight_decay, correct_bias, projection_dtype)
+    try:
+        lora_B_ids = {id(B) for _, B, _ in pairs}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_B_ids]
+        if not pairs and not others:
+            raise ValueError("The model has nothing to train; apply_lora(model, config) makes the adapter trainable.")
+        groups: list[dict[str, Any]] = []
+        if pairs:
+            A, B, scaling = (list(column) for column in zip(*pairs))
+            groups.append({"name": "lora_B", "params": B, "lora_A": A, "scaling": scaling})
+        if others:
+            groups.append({"name": "other", "params": others})
+        return LoraFAOptimizer(groups, lr, betas, eps, weight_decay, correct_bias, projection_dtype)
+    except BaseException:
+        for parameter, flag in frozen:
+            parameter.requires_grad_(flag)
+        raise

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import assign_dense_weight, dense_weight
+from lightning_lora.core.forward_plan import MERGE, check_plans_allow
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.removal import strip_adapters
 
@@ -17,6 +18,7 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
     layers = lora_layers(model)
     if not layers:
         raise ValueError("The model has no LoRA adapters to merge; add them with apply_lora(model, config).")
+    check_plans_allow(layers, MERGE, "Merging")
     if adapter_names is not None:
         known = {a for _, layer in layers for a in layer.lora_settings}
         unknown = [a for a in adapter_names if a not in known]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.base_weights import dense_weight, is_plain_weight
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.distributed import full_tensor, uncompiled
 from lightning_lora.core.layers import AdapterDict, LoraLayer, lora_layers
 from lightning_lora.core.merge import _merge_plan, merged_bias
 from lightning_lora.core.quantized_weights import dense_reference
@@ -84,9 +84,16 @@ def save_merged_model(
 
     Raises:
         ValueError: No adapters, adapters that cannot be merged together, quantised base weights (without
-            ``dequantize``), non-finite merged weights, or an invalid ``max_shard_size``.
+            ``dequantize``), non-finite merged weights, an invalid ``max_shard_size`` or a ``dtype`` that is not a
+            floating dtype, a ``directory`` that cannot be written. Nothing is written then.
     """
+    model = uncompiled(model)
     limit = parse_size(max_shard_size)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(
+            f"dtype must be a floating torch.dtype (torch.bfloat16 for serving) or None to keep the weights' own, got "
+            f"{dtype!r}; casting weights to it would destroy them."
+        )
     quantised = {name: m for name, m in model.named_modules() if _has_tensor_weight(m) and not is_plain_weight(m)}
     if quantised and not dequantize:
         raise ValueError(
@@ -275,7 +282,7 @@ def parse_size(size: Union[int, str]) -> int:
         return size
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)\s*", size.upper())
-        if match and float(match.group(1)) > 0:
+        if match and int(float(match.group(1)) * _SIZE_UNITS[match.group(2)]) >= 1:
             return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     raise ValueError(f"max_shard_size must be a positive number of bytes or a string like '5GB', got {size!r}.")
 
@@ -324,6 +331,12 @@ def load_merged_state_dict(directory: PathLike) -> dict[str, torch.Tensor]:
                 raise ValueError(f"{path.name} does not hold the tensors {index.name} lists; export the model again.")
         state.update(tensors)
         aliases.update(json.loads(metadata.get(TIED_KEYS_METADATA, "{}")))
+    dangling = {alias: key for alias, key in aliases.items() if key not in state}
+    if dangling:
+        raise ValueError(
+            f"{directory} lists tied weights {dangling} whose source tensors it does not hold: the export contradicts "
+            "itself. Export the model again."
+        )
     for alias, key in aliases.items():
         state[alias] = state[key]
     return state

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names as model_adapter_names
+from lightning_lora.core.forward_plan import check_free_for, install_plan, remove_plan
 from lightning_lora.core.layers import LoraLayer, lora_layers
 from lightning_lora.core.parameter_adapters import ParameterAdapters
 
@@ -35,6 +36,10 @@ class MixedBatch:
         adapter_names: One adapter name per sample of the batch's first dimension (``"__base__"``: no adapter).
         layer_names: ``{layer: qualified name}``, for messages.
     """
+
+    plan_name = "a mixed-adapter batch"
+    removal = "leave its mixed_adapter_batch block (one mixed batch at a time)"
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, adapter_names: Sequence[str], layer_names: dict[nn.Module, str]) -> None:
         self.size = len(adapter_names)
@@ -168,20 +173,15 @@ def mixed_adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Itera
             "weight for the whole batch, so samples cannot use different adapters there. Serve such adapters one at "
             "a time (set_active_adapters)."
         )
-    nested = [name for name, layer in layers if layer.mixed_batch is not None]
-    if nested:
-        raise ValueError(
-            "Mixed adapter batch: the model is already inside mixed_adapter_batch (set on "
-            f"{nested[:3]}); leave that context first, one mixed batch at a time."
-        )
+    check_free_for(layers, MixedBatch.plan_name)
     plan = MixedBatch(names, {layer: name for name, layer in layers})
     for _, layer in layers:
-        layer.mixed_batch = plan
+        install_plan(layer, plan)
     try:
         yield model
     finally:
         for _, layer in layers:
-            layer.__dict__.pop("mixed_batch", None)
+            remove_plan(layer, MixedBatch)
 
 
 def _checked_names(model: nn.Module, adapter_names: Sequence[str]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.kinds import AdapterTensor
 from lightning_lora.core.layers import LoraLayer, lora_layers
 
@@ -97,8 +98,8 @@ def lora_param_groups(
     """
     _check_positive("lr", lr)
     check_loraplus_arguments(loraplus_lr_ratio, loraplus_lr_embedding)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}.")
+    if not (is_finite_number(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0 and finite, got {weight_decay!r}.")
     if lora_fa:
         freeze_lora_A(model)
 
@@ -165,5 +166,5 @@ def _adapter_roles(model: nn.Module) -> dict[int, str]:
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+    if not (is_finite_number(value) and value > 0):
+        raise ValueError(f"{name} must be a number > 0 and finite, got {value!r}.")

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.config import AdapterConfig, pattern_matches
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.distributed import full_tensor, uncompiled
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layer_types import TransposedLinearAdapters
@@ -75,6 +75,7 @@ def peft_adapter_state(
             config has no ``bias``); for ``vllm``: another kind than plain LoRA, ``modules_to_save`` or trained
             biases; names PEFT could not select unambiguously.
     """
+    model = uncompiled(model)
     if adapter_name not in adapter_names(model):
         raise ValueError(
             f"The model has no adapter {adapter_name!r} (it has {adapter_names(model)}); "
@@ -84,7 +85,7 @@ def peft_adapter_state(
     kind = kind_of(config)
     layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
     kind.check_peft_export(adapter_name, config, [(n, lay) for n, lay in layers if not token_layer(lay, adapter_name)])
-    _check_exportable(adapter_name, config, vllm)
+    check_exportable(adapter_name, config, vllm)
     exported = [_ExportedLayer(name, layer, adapter_name) for name, layer in layers]
     if vllm:
         rank = max(e.r for e in exported)
@@ -107,7 +108,10 @@ def peft_adapter_state(
     return peft_config, tensors
 
 
-def _check_exportable(adapter_name: str, config: AdapterConfig, vllm: bool) -> None:
+def check_exportable(adapter_name: str, config: AdapterConfig, vllm: bool) -> None:
+    """Raise a ValueError naming the fix when the PEFT (``vllm=False``) or vLLM format cannot hold an adapter with
+    ``config``, whatever its trained values: trained biases where the kind's PEFT config has no ``bias``; for vLLM,
+    another kind than plain LoRA, ``modules_to_save`` or trained biases."""
     kind = kind_of(config)
     if config.bias != "none" and "bias" not in kind.peft_fields:
         raise ValueError(

@@ -33,16 +33,74 @@ def is_writer() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def check_writable_directory(directory: PathLike, what: str = "The save directory") -> Path:
+    """Check that a save can write ``directory`` (see :func:`publish`): it is a folder or can be created, and the
+    folders a save writes in accept new files: ``directory`` itself when it exists, and the nearest existing folder
+    above it (the staging folder is made beside ``directory``, missing parents first).
+
+    Each of those folders is tested with ``os.access`` and by creating and deleting an empty probe file, so a
+    read-only filesystem, a full quota or an ACL refuse here as they would at the save; nothing else changes on
+    disk.
+
+    Args:
+        directory: The folder a save will write.
+        what: How the message names it (``"AdapterExport(dirpath=...)"``).
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        ValueError: ``directory`` is an existing file, a parent on its path is a file, or a folder does not accept
+            new files. The message names ``directory`` as given.
+    """
+    directory = Path(directory)
+    shown = f"{what} {str(directory)!r}"
+    try:
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{shown} is an existing file, not a directory; choose a directory path to save into.")
+        ancestor = directory.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+    except OSError as err:  # a parent that cannot be searched
+        raise ValueError(f"{shown} cannot be reached ({err.strerror or err}); choose a path you can write.") from None
+    if not ancestor.is_dir():
+        raise ValueError(
+            f"{shown} cannot be created: {str(ancestor)!r} on its path is a file, not a directory. Choose a path "
+            "under a directory."
+        )
+    for folder in ([directory] if directory.is_dir() else []) + [ancestor]:
+        problem = _write_problem(folder)
+        if problem:
+            raise ValueError(
+                f"{shown} is not writable: {str(folder)!r} does not accept new files ({problem}). Choose a writable "
+                "location, or fix the folder's permissions."
+            )
+    return directory
+
+
+def _write_problem(folder: Path) -> Optional[str]:
+    """Why a new file cannot be created in ``folder``, or None when it can (tested with an empty probe file)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "no write permission"
+    probe = folder / f".lightning_lora-write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        descriptor = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(descriptor)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+    return None
+
+
 @contextlib.contextmanager
 def staging_directory(directory: PathLike) -> Iterator[Path]:
     """An empty folder on the same filesystem as ``directory``, deleted on exit whatever happens.
 
     Raises:
-        FileExistsError: ``directory`` exists and is not a folder.
+        ValueError: ``directory`` cannot be written (see :func:`check_writable_directory`); nothing is created then.
     """
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} exists and is not a directory; choose a directory path to save into.")
+    directory = check_writable_directory(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Not tempfile.mkdtemp: its 0o700 mode would stay on a new directory published by renaming the staging folder.
     staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"

@@ -9,7 +9,7 @@ from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.adapter_tensors import adapter_parameters, shared_adapter_tensors
-from lightning_lora.core.distributed import copy_into, full_tensor
+from lightning_lora.core.distributed import copy_into, full_tensor, is_dtensor
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers import lora_layers
 
@@ -107,10 +107,23 @@ def load_adapter_state_dict(
         adapter_name: The adapter to fill.
 
     Raises:
-        ValueError: See :func:`check_adapter_state_dict`; or the adapter is merged into the base weights (loading
-            new values would make a later unmerge subtract the wrong delta).
+        ValueError: See :func:`check_adapter_state_dict`; NaN/Inf values (named); or the adapter is merged into the
+            base weights (loading new values would make a later unmerge subtract the wrong delta).
     """
     targets = check_adapter_state_dict(model, state_dict, adapter_name)
+    broken = [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point()
+        and is_plain(value)
+        and not (is_plain(targets[key]) and value.data_ptr() == targets[key].data_ptr())  # the model's own tensor
+        and not bool(torch.isfinite(value).all())
+    ]
+    if broken:
+        raise ValueError(
+            f"The adapter state holds NaN or Inf values in {broken[:3]}{' and more' if len(broken) > 3 else ''}: it "
+            "diverged or is damaged. Nothing was loaded; load a healthy state (an earlier checkpoint)."
+        )
     merged = [name for name, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
     if merged:
         raise ValueError(
@@ -123,6 +136,11 @@ def load_adapter_state_dict(
     for key, target in targets.items():
         copy_into(target, state_dict[key])
     return model
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """A tensor with local, real data (not meta, not a sharded ``DTensor``)."""
+    return not tensor.is_meta and not is_dtensor(tensor)
 
 
 SHARED_PEFT_PREFIX = "base_model."  # PEFT keeps model-level tensors (VeRA's vera_A / vera_B) beside base_model.model

@@ -13,7 +13,11 @@ from lightning_lora.core.adapter_tensors import adapter_parameters
 
 
 def parameter_count(parameter: torch.Tensor) -> int:
-    """Number of values a parameter stands for (a packed 4-bit weight counts its unpacked size)."""
+    """Number of values a parameter stands for (a packed 4-bit weight counts its unpacked size, a DeepSpeed ZeRO-3
+    partition its whole tensor)."""
+    whole = getattr(parameter, "ds_numel", None)  # ZeRO-3 leaves an empty tensor on the module between gathers
+    if whole is not None:
+        return int(whole)
     quant_state = getattr(parameter, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
         return math.prod(quant_state.shape)
@@ -57,6 +61,6 @@ def trainable_parameters_summary(model: nn.Module) -> TrainableSummary:
         trainable=sum(parameter_count(p) for p in parameters if p.requires_grad),
         total=sum(parameter_count(p) for p in parameters),
         per_adapter={
-            name: sum(p.numel() for _, p in adapter_parameters(model, name)) for name in adapter_names(model)
+            name: sum(parameter_count(p) for _, p in adapter_parameters(model, name)) for name in adapter_names(model)
         },
     )

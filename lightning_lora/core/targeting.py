@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from lightning_lora.core.config import ALL_LINEAR, AdapterConfig
+from lightning_lora.core.config import ALL_LINEAR, AdapterConfig, LowRankConfig, pattern_matches
 from lightning_lora.core.layer_types import SUPPORTED_LAYERS, _is_hf_conv1d, layer_type_of
 from lightning_lora.core.layers import AdapterDict, LoraLayer
 from lightning_lora.core.parameter_adapters import SITES, ParameterAdapters
@@ -115,6 +115,29 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             "weights with target_parameters."
         )
     return selected
+
+
+def unmet_requests(model: nn.Module, config: AdapterConfig, adapted: list[str]) -> list[str]:
+    """What ``config`` asks for that the model does not have, phrased for a warning: ``layers_to_transform``
+    indices no targeted layer has, and ``rank_pattern`` / ``alpha_pattern`` keys that match none of the ``adapted``
+    layer names (each a typo or a setting for another model)."""
+    unmet = []
+    if config.layers_to_transform is not None and config.target_modules != ALL_LINEAR:
+        matching = [n for n, _ in _candidate_modules(model) if name_matches(n, config.target_modules)]
+        present = {layer_index(n, config.layers_pattern) for n in matching} - {None}
+        absent = sorted(set(config.layers_to_transform) - present)
+        if absent:
+            unmet.append(
+                f"layers_to_transform={config.layers_to_transform}: no targeted layer has index {absent} (the targeted "
+                f"layers' indices are {sorted(present)}), so only {sorted(set(config.layers_to_transform) & present)} "
+                "are adapted"
+            )
+    if isinstance(config, LowRankConfig):
+        for field in ("rank_pattern", "alpha_pattern"):
+            idle = [key for key in getattr(config, field) if not any(pattern_matches(n, key) for n in adapted)]
+            if idle:
+                unmet.append(f"{field} keys {idle} match no adapted layer, so they change nothing")
+    return unmet
 
 
 def weights_all_linear_skips(model: nn.Module, config: AdapterConfig) -> list[str]:

@@ -10,8 +10,7 @@ The numbers are PEFT's ``XLoraModel`` (same classifier, same dummy scalings, sam
 
 The classifier is a child of the model (``model.xlora_classifier``), so its parameters train, checkpoint and load
 like any other trainable parameter; the experts stay frozen unless ``use_trainable_adapters``. Adapted layers reach
-the gate through their ``expert_gate`` attribute (:class:`ExpertGate`), the per-call plan ``LoraLayer.forward``
-consults; a model without X-LoRA never looks further than that one attribute.
+the gate through their ``forward_plan`` (:class:`ExpertGate`, :mod:`lightning_lora.core.forward_plan`).
 """
 
 from __future__ import annotations
@@ -25,6 +24,9 @@ import torch
 from torch import nn
 
 from lightning_lora.core.adapter_set import adapter_names
+from lightning_lora.core.checks import is_finite_number, is_integer
+from lightning_lora.core.config import check_dropout
+from lightning_lora.core.forward_plan import check_free_for, install_plan, remove_plan
 from lightning_lora.core.layer_types import check_weighs_per_position
 from lightning_lora.core.layers import LoraLayer, lora_layers
 
@@ -72,18 +74,30 @@ class XLoraConfig:
         return dict(self.__dict__)
 
     def __post_init__(self) -> None:
-        if self.xlora_depth < 1:
-            raise ValueError(f"xlora_depth must be at least 1 (one linear layer), got {self.xlora_depth}.")
-        if self.hidden_size is not None and self.hidden_size < 1:
-            raise ValueError(f"hidden_size must be positive, got {self.hidden_size}.")
-        if self.xlora_size < 1:
-            raise ValueError(f"xlora_size must be positive, got {self.xlora_size}.")
-        if not 0.0 <= self.xlora_dropout_p < 1.0:
-            raise ValueError(f"xlora_dropout_p must be in [0, 1), got {self.xlora_dropout_p}.")
-        if self.softmax_temperature <= 0:
-            raise ValueError(f"softmax_temperature must be positive, got {self.softmax_temperature}.")
-        if self.top_k_lora is not None and self.top_k_lora < 1:
-            raise ValueError(f"top_k_lora must be at least 1 (or None for every expert), got {self.top_k_lora}.")
+        if not (is_integer(self.xlora_depth) and self.xlora_depth >= 1):
+            raise ValueError(f"xlora_depth must be an integer >= 1 (one linear layer), got {self.xlora_depth!r}.")
+        if self.hidden_size is not None and not (is_integer(self.hidden_size) and self.hidden_size >= 1):
+            raise ValueError(f"hidden_size must be a positive integer (or None), got {self.hidden_size!r}.")
+        if not (is_integer(self.xlora_size) and self.xlora_size >= 1):
+            raise ValueError(f"xlora_size must be a positive integer, got {self.xlora_size!r}.")
+        check_dropout("xlora_dropout_p", self.xlora_dropout_p)
+        if not (is_finite_number(self.softmax_temperature) and self.softmax_temperature > 0):
+            raise ValueError(
+                f"softmax_temperature must be positive and finite, got {self.softmax_temperature!r}; 1.0 is a plain "
+                "softmax."
+            )
+        if self.top_k_lora is not None and not (is_integer(self.top_k_lora) and self.top_k_lora >= 1):
+            raise ValueError(f"top_k_lora must be an integer >= 1 (or None for every expert), got {self.top_k_lora!r}.")
+        if self.scaling_pass_value is not None and not is_finite_number(self.scaling_pass_value):
+            raise ValueError(
+                f"scaling_pass_value must be a finite number (or None for 1 / number of experts), got "
+                f"{self.scaling_pass_value!r}."
+            )
+        if not is_finite_number(self.global_scaling_weight):
+            raise ValueError(
+                f"global_scaling_weight must be a finite number (PEFT's default 1.0), got "
+                f"{self.global_scaling_weight!r}."
+            )
         if self.enable_softmax_topk and self.top_k_lora is None:
             raise ValueError("enable_softmax_topk needs top_k_lora: set top_k_lora=k, or enable_softmax instead.")
         if self.enable_softmax_topk and self.enable_softmax:
@@ -153,6 +167,10 @@ class ExpertGate:
         layer_index: ``{layer: index}`` in ``model.named_modules()`` order.
         config: The X-LoRA config.
     """
+
+    plan_name = "X-LoRA's gate"
+    removal = "call remove_xlora(model)"
+    capabilities: frozenset[str] = frozenset()  # weights per token: no merged weight computes it
 
     def __init__(self, experts: list[str], layer_index: dict[LoraLayer, int], config: XLoraConfig) -> None:
         self.experts, self.layer_index, self.config = experts, layer_index, config
@@ -273,6 +291,7 @@ def add_xlora(
     config = XLoraConfig() if config is None else config
     experts = list(experts)
     layers = _check(model, experts, config, hidden_states)
+    check_free_for([(name, layer) for name, layer in lora_layers(model) if layer in layers], ExpertGate.plan_name)
     hidden_size = config.hidden_size or getattr(getattr(model, "config", None), "hidden_size", None)
     if hidden_size is None:
         raise ValueError("X-LoRA needs the hidden state's width: set XLoraConfig(hidden_size=...).")
@@ -291,7 +310,7 @@ def add_xlora(
                         getattr(layer, container)[name].requires_grad_(False)
     model.add_module(CLASSIFIER_NAME, classifier)
     for layer in layers:
-        layer.expert_gate = gate
+        install_plan(layer, gate)
 
     state = _XLoraState(model, gate, hidden_states)
     state.handle = model.register_forward_pre_hook(state.scalings_pass, with_kwargs=True)
@@ -399,7 +418,7 @@ def remove_xlora(model: nn.Module) -> nn.Module:
     state = _state(model)
     state.handle.remove()
     for layer in state.gate.layer_index:
-        layer.__dict__.pop("expert_gate", None)
+        remove_plan(layer, ExpertGate)
     delattr(model, CLASSIFIER_NAME)
     del model.__dict__[_STATE_ATTRIBUTE]
     return model

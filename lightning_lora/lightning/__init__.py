@@ -2,8 +2,10 @@
 
 from lightning_lora.lightning.callback import LoraCallback, inject_adapters
 from lightning_lora.lightning.export import AdapterExport
+from lightning_lora.lightning.fabric import adapter_checkpoint_filter
 from lightning_lora.lightning.loading import load_lora_checkpoint
 from lightning_lora.lightning.mixin import LoraMixin
+from lightning_lora.lightning.resume import ExactResume
 from lightning_lora.lightning.schedules import (
     AdaLoraSchedule,
     AdapterSchedule,
@@ -22,11 +24,13 @@ __all__ = [
     "BaseMovingSchedule",
     "DeltaLoraSchedule",
     "DyLoraSchedule",
+    "ExactResume",
     "LoraCallback",
     "LoraMixin",
     "OLoraSchedule",
     "ReLoraSchedule",
     "XLoraCallback",
+    "adapter_checkpoint_filter",
     "inject_adapters",
     "load_lora_checkpoint",
 ]

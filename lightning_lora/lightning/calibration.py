@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -33,7 +33,7 @@ from lightning_lora.core.param_groups import freeze_lora_A
 from lightning_lora.core.removal import delete_adapter
 from lightning_lora.core.svd_init import apply_init_residual, has_init_factors
 from lightning_lora.lightning.checkpoint import remember_adapter_shapes
-from lightning_lora.lightning.fit_support import check_optimizer_holds_trainable_parameters
+from lightning_lora.lightning.fit_support import check_optimizer_holds_trainable_parameters, refresh_optimizer_copies
 
 CalibrationForward = Callable[[pl.LightningModule, Any], Any]
 # What EVA writes into a config (its ranks); a checkpoint's config may differ from the run's in these only.
@@ -71,7 +71,8 @@ def left_out_of_forward(layers: list[Any], adapter_name: str) -> Iterator[None]:
 
 def train_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     """The first ``count`` batches of the train dataloader(s) on this rank, on the device, as ``training_step``
-    receives them; as many on every rank.
+    receives them; as many on every rank. When the loader has fewer (on some rank), all of them, with a warning that
+    gives the number used.
 
     Raises:
         ValueError: The Trainer has no train batches.
@@ -94,6 +95,12 @@ def train_batches(trainer: pl.Trainer, count: int) -> list[Any]:
     batches = batches[: int(agreed)]
     if not batches:
         raise ValueError("The train dataloader gave no batch to calibrate on; check the data and limit_train_batches.")
+    if len(batches) < count:
+        rank_zero_warn(
+            f"calibration_batches={count}, but the train dataloader gives only {len(batches)} batch(es)"
+            f"{' on some rank' if trainer.world_size > 1 else ''}: calibrating on {len(batches)}. Set "
+            f"calibration_batches={len(batches)} (or fewer) to silence this, or give the loader more data."
+        )
     return [trainer.strategy.batch_to_device(batch, dataloader_idx=0) for batch in batches]
 
 
@@ -133,15 +140,16 @@ def calibrate_in_trainer(
     adapter_name: str,
     count: int,
     forward: Optional[CalibrationForward],
-) -> dict[str, int]:
-    """Calibrate the pending data-driven adapter ``adapter_name`` of ``target`` on the first ``count`` train batches.
+) -> tuple[dict[str, int], int]:
+    """Calibrate the pending data-driven adapter ``adapter_name`` of ``target`` on the first ``count`` train batches
+    (all of them, with a warning, when the loader has fewer).
 
     Without a wrapper around the model (single device), EVA may give layers new adapter tensors; the optimizers then
     hold the new tensors instead of the old ones (nothing has stepped yet). Under DDP/FSDP a rank redistribution that
     changes shapes is refused by the core, with the fix.
 
     Returns:
-        ``{layer name: rank}``.
+        ``({layer name: rank}, number of batches used)``.
     """
     batches = train_batches(trainer, count)
     step = training_step_forward(pl_module) if forward is None else (lambda model, batch: forward(pl_module, batch))
@@ -155,7 +163,7 @@ def calibrate_in_trainer(
         for module, training in modes.items():
             module.training = training
     _replace_in_optimizers(trainer, before, dict(target.named_parameters()))
-    return result.get(adapter_name, {})
+    return result.get(adapter_name, {}), len(batches)
 
 
 def _replace_in_optimizers(
@@ -225,15 +233,16 @@ class DataInitHooks:
         if target is None or not pending_data_layers(target, self.adapter_name):
             return  # no data-driven init, or restored from a checkpoint
         assert self.calibration_batches is not None
-        ranks = calibrate_in_trainer(
+        ranks, used = calibrate_in_trainer(
             trainer, pl_module, target, self.adapter_name, self.calibration_batches, self.calibration_forward
         )
+        refresh_optimizer_copies(trainer.strategy)
         self.config = get_lora_config(target, self.adapter_name)  # EVA's ranks, saved with checkpoints
         remember_adapter_shapes(pl_module)
         if self.check_optimizer:
             check_optimizer_holds_trainable_parameters(trainer, pl_module)
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {self.config.init} calibrated on "
-                       f"{self.calibration_batches} batch(es); ranks {sorted(set(ranks.values()))}.")  # fmt: skip
+                       f"{used} batch(es); ranks {sorted(set(ranks.values()))}.")  # fmt: skip
 
     def adopt_checkpoint_config(self, pl_module: pl.LightningModule, callback_states: dict[str, Any]) -> None:
         """Before a checkpoint's adapter is loaded: take over the ranks an EVA calibration wrote into the saved

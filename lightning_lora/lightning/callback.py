@@ -9,8 +9,7 @@ down to the adapters, and can merge the adapters into the base weights when trai
 from __future__ import annotations
 
 from pathlib import Path
-from types import MethodType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -23,6 +22,7 @@ from typing_extensions import override
 from lightning_lora.core.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
 from lightning_lora.core.distributed import is_sharded, reshard_fsdp2
+from lightning_lora.core.forward_plan import MERGE, check_plans_allow
 from lightning_lora.core.inject import apply_lora, check_adapter_name, initialize_pending_adapters
 from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
 from lightning_lora.core.layers import lora_layers
@@ -33,10 +33,19 @@ from lightning_lora.core.summary import trainable_parameters_summary
 from lightning_lora.core.targeting import find_targets
 from lightning_lora.lightning.calibration import CalibrationForward, DataInitHooks, pending_data_layers, uses_data_init
 from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
+from lightning_lora.lightning.module_hooks import (
+    check_present_at_fit_start,
+    remove_module_hooks,
+    run_after_module_hook,
+)
+from lightning_lora.lightning.precision import keep_adapters_float32
+from lightning_lora.lightning.resume import attach_exact_resume
 from lightning_lora.lightning.fit_support import (
     check_optimizer_holds_trainable_parameters,
+    check_writable_destination,
     full_parameters_of,
     is_zero3,
+    refresh_optimizer_copies,
     submodule_of,
     write_merged_weights,
 )
@@ -89,13 +98,17 @@ class LoraCallback(DataInitHooks, Callback):
         merge_on_fit_end: When training ends, merge the adapter into the base weights (the model stays merged; a
             later ``fit`` unmerges it first). The merge runs after every callback's ``on_train_end`` (so
             ``ModelCheckpoint``'s last checkpoint holds the unmerged model) and before the strategy's teardown.
-        merged_weights_dir: With ``merge_on_fit_end``, also write the merged weights to this directory as a merged
+        merged_weights_dir: With ``merge_on_fit_end``, also write the model as it computes at fit end, with every
+            active adapter merged (other callbacks' too, and O-LoRA's earlier tasks), to this directory as a merged
             export (:func:`~lightning_lora.save_merged_model`: ``model.safetensors`` or shards, the ``submodule``'s
             keys without adapter tensors, ``config.json`` for Hugging Face models), from rank 0, gathered when the
-            model is sharded.
+            model is sharded. Checked writable at fit start.
         calibration_batches: How many train batches a data-driven init reads (required with one, refused without).
         calibration_forward: ``forward(pl_module, batch)`` running one calibration batch; default: the module's
             ``training_step`` with logging off (required under manual optimization).
+        exact_resume: Add an :class:`~lightning_lora.ExactResume` to the Trainer (unless it has one) when fitting:
+            checkpoints then resume exactly from any step (data position and random states) and are written
+            atomically. False: checkpoints resume as Lightning alone resumes them.
 
     Raises:
         TypeError: ``config`` is not a ``LoraConfig``.
@@ -139,6 +152,7 @@ class LoraCallback(DataInitHooks, Callback):
         merged_weights_dir: Optional[Union[str, Path]] = None,
         calibration_batches: Optional[int] = None,
         calibration_forward: Optional[CalibrationForward] = None,
+        exact_resume: bool = True,
     ) -> None:
         if not isinstance(config, CONFIG_CLASSES):
             raise TypeError(
@@ -162,6 +176,7 @@ class LoraCallback(DataInitHooks, Callback):
         self._check_calibration(calibration_batches)
         self.calibration_batches = calibration_batches
         self.calibration_forward = calibration_forward
+        self.exact_resume = exact_resume
 
     def _check_calibration(self, calibration_batches: Optional[int]) -> None:
         if uses_data_init(self.config) and calibration_batches is None:
@@ -247,30 +262,6 @@ class LoraCallback(DataInitHooks, Callback):
             return False  # the layers are built in configure_model
         return True
 
-    def _run_after_module_hook(
-        self, pl_module: pl.LightningModule, hook_name: str, action: Callable[[pl.LightningModule], None]
-    ) -> None:
-        """Make the module's own ``hook_name`` run ``action(module)`` right after it (once per callback).
-
-        A plain function bound to the instance: ``functools.wraps`` would set ``__wrapped__``, which
-        ``is_overridden`` follows, and Lightning would then skip the hook. Binding (not a closure over ``pl_module``)
-        keeps ``copy.deepcopy(pl_module)`` pointing at the copy.
-        """
-        current = getattr(pl_module, hook_name)
-        if self in getattr(current, "_lora_callbacks", ()):
-            return
-        original = current.__func__ if isinstance(current, MethodType) and current.__self__ is pl_module else None
-
-        def hook(module: pl.LightningModule) -> None:
-            if original is not None:
-                original(module)
-            else:
-                current()
-            action(module)
-
-        hook._lora_callbacks = (*getattr(current, "_lora_callbacks", ()), self)  # type: ignore[attr-defined]
-        setattr(pl_module, hook_name, MethodType(hook, pl_module))
-
     # ----- hooks -----
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -284,16 +275,24 @@ class LoraCallback(DataInitHooks, Callback):
         if self._can_inject_now(pl_module):
             self.inject(pl_module)
         else:
-            self._run_after_module_hook(pl_module, "configure_model", self.inject)
+            run_after_module_hook(pl_module, "configure_model", self, self.inject)
         if stage == "fit":
             self._unmerge_before_restore(pl_module)
         if self.merge_on_fit_end:
             # After every callback's on_train_end (ModelCheckpoint's last save must hold the unmerged model) and
             # before the strategy's teardown (the model is still wrapped/sharded, the process group alive).
-            self._run_after_module_hook(pl_module, "on_train_end", self._merge_at_train_end)
+            run_after_module_hook(pl_module, "on_train_end", self, self._merge_at_train_end)
         patch_strategy_checkpointing(trainer.strategy, lora_callbacks)
+        keep_adapters_float32(trainer.strategy.precision_plugin)
+        if self.exact_resume:
+            attach_exact_resume(trainer, pl_module, stage)
         if self.adapter_only_checkpoints and isinstance(trainer.strategy, DeepSpeedStrategy):
             trainer.strategy.exclude_frozen_parameters = True  # DeepSpeed writes its own checkpoints
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The adapter stays in the module; this callback's hooks on it end with its Trainer.
+        remove_module_hooks(pl_module, self)
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         if self.merge_on_fit_end and is_zero3(trainer.strategy):
@@ -310,17 +309,17 @@ class LoraCallback(DataInitHooks, Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target(pl_module)
-        if target is None or self.adapter_name not in adapter_names(target):
-            raise RuntimeError(
-                f"The LoRA adapter {self.adapter_name!r} is missing at fit start: configure_model replaced the model "
-                "after it was added. Make configure_model idempotent (return early when the model exists)."
-            )
+        present = target is not None and self.adapter_name in adapter_names(target)
+        check_present_at_fit_start(present, f"The LoRA adapter {self.adapter_name!r}")
         if self.merged_weights_dir is not None and quantized_layers(target):
             raise ValueError(
                 "merged_weights_dir cannot be written from a quantised base: merging in place re-quantises the "
                 "weights. Train with merge_on_fit_end=False, then export a full-precision merged model with "
                 "save_merged_model(model, directory, dequantize=True)."
             )
+        check_writable_destination(self.merged_weights_dir, "LoraCallback(merged_weights_dir=...)", trainer)
+        if self.merge_on_fit_end:
+            check_plans_allow(lora_layers(target), MERGE, "LoraCallback(merge_on_fit_end=True)")
         check_sharded_quantization(target)
         if self._merged_into(target):
             # Sharded strategies only: their checkpoint restore comes after on_fit_start.
@@ -367,7 +366,8 @@ class LoraCallback(DataInitHooks, Callback):
         model = trainer.strategy.model if trainer.strategy.model is not None else pl_module
         if trainer.state.fn == "fit" and pending_data_layers(pl_module, self.adapter_name):
             return  # calibrated at train start (or restored before it)
-        initialize_pending_adapters(model, self.adapter_name, progress=rank_zero_info)
+        if initialize_pending_adapters(model, self.adapter_name, progress=rank_zero_info):
+            refresh_optimizer_copies(trainer.strategy)
 
     def _merge_at_train_end(self, pl_module: pl.LightningModule) -> None:
         trainer = pl_module.trainer
@@ -378,7 +378,7 @@ class LoraCallback(DataInitHooks, Callback):
             reshard_fsdp2(target)
         rank_zero_info(f"Merged LoRA adapter {self.adapter_name!r} into the base weights.")
         if self.merged_weights_dir is not None:
-            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir, self.adapter_name)
+            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir)
             rank_zero_info(f"Wrote the merged weights to {path}.")
 
     @override

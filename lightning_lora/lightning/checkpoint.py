@@ -156,9 +156,10 @@ def check_and_complete_checkpoint(
         ValueError: See :func:`check_checkpoint_fits` and :func:`check_saved_configs`.
     """
     state = checkpoint.get("state_dict", {})
+    rename_to_module_keys(module, state)
     check_schedule_states(checkpoint.get("callbacks", {}), module)
+    check_saved_configs(checkpoint.get("callbacks", {}), callbacks)  # first: a changed field explains the shapes
     check_checkpoint_fits(module, shapes_of(state), source)
-    check_saved_configs(checkpoint.get("callbacks", {}), callbacks)
     complete_with_model_state(module, state)
 
 
@@ -184,6 +185,20 @@ def read_checkpoint_header(path: Path, weights_only: Optional[bool] = None) -> O
         checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
         return shapes_of(checkpoint.get("state_dict", {})), checkpoint.get("callbacks", {})
     return None
+
+
+COMPILED_NAME_PART = "_orig_mod."  # what ``self.net = torch.compile(self.net)`` puts into every key below ``net``
+
+
+def rename_to_module_keys(module: nn.Module, state_dict: dict[str, Any]) -> None:
+    """Rename, in place, keys that name a tensor of ``module`` with other wrapper parts (a checkpoint written from
+    a compiled ``net``, ``net._orig_mod.fc1...``, into an uncompiled module, and back)."""
+    model_keys = module.state_dict(keep_vars=True).keys()
+    by_clean_name = {clean_name(key): key for key in model_keys}
+    for key in [key for key in state_dict if key not in model_keys]:
+        target = by_clean_name.get(clean_name(key))
+        if target is not None and target not in state_dict:
+            state_dict[target] = state_dict.pop(key)
 
 
 def complete_with_model_state(module: nn.Module, state_dict: dict[str, Any]) -> None:
@@ -239,7 +254,10 @@ def patch_strategy_checkpointing(strategy: Any, callbacks_of: Callable[[Any], Se
         callbacks = callbacks_of(module)
         if not callbacks or not all(c.adapter_only_checkpoints for c in callbacks):
             return state
-        return keep_only(state, adapter_checkpoint_keys(module))
+        kept = keep_only(state, adapter_checkpoint_keys(module))
+        if self.restore_checkpoint_after_setup:
+            return kept  # sharded checkpoints load through the model's own state-dict keys
+        return {key.replace(COMPILED_NAME_PART, ""): value for key, value in kept.items()}
 
     def load_checkpoint(self: Any, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         module = self.lightning_module
@@ -279,8 +297,8 @@ def _load_checked(
         if header is not None:
             shapes, callback_states = header
             check_schedule_states(callback_states, module)
-            check_checkpoint_fits(module, shapes, source)
             check_saved_configs(callback_states, callbacks)
+            check_checkpoint_fits(module, shapes, source)
             limit = state_dict_limited_to(strategy.model, {clean_name(key) for key in shapes})
         previous = module._strict_loading
         module.strict_loading = False

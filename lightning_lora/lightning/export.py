@@ -18,6 +18,9 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lora.core.adapter_files import FORMATS, save_adapter
+from lightning_lora.core.adapter_set import adapter_names, get_lora_config
+from lightning_lora.core.peft_export import check_exportable
+from lightning_lora.lightning.fit_support import check_writable_destination
 
 
 class AdapterExport(Callback):
@@ -36,7 +39,9 @@ class AdapterExport(Callback):
             LightningModule. Use the same value as ``LoraCallback(submodule=...)``.
 
     Raises:
-        ValueError: An unknown ``format``.
+        ValueError: An unknown ``format``; at fit start (before the first step): a ``dirpath`` that cannot be
+            written, a ``submodule`` or adapter the model lacks, or an adapter the format cannot hold (vLLM: plain
+            LoRA only; trained biases where the kind's PEFT config has none).
 
     Example::
 
@@ -75,6 +80,19 @@ class AdapterExport(Callback):
                 f"{type(pl_module).__name__} has no module {self.submodule!r} to save the adapter of; fix "
                 "AdapterExport(submodule=...) to match LoraCallback(submodule=...)."
             ) from error
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        target = self.target(pl_module)
+        if self.adapter_name not in adapter_names(target):
+            raise ValueError(
+                f"AdapterExport saves adapter {self.adapter_name!r}, but {type(target).__name__} has "
+                f"{adapter_names(target) or 'no adapters'}. Fix AdapterExport(adapter_name=..., submodule=...) to "
+                "match the LoraCallback."
+            )
+        if self.format != "lightning_lora":
+            check_exportable(self.adapter_name, get_lora_config(target, self.adapter_name), vllm=self.format == "vllm")
+        check_writable_destination(self.dirpath, "AdapterExport(dirpath=...)", trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

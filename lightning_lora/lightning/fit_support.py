@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_lora.core.distributed import barrier, clean_name, reshard_fsdp2
 from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
-from lightning_lora.core.safe_files import is_writer, write_safetensors
+from lightning_lora.core.safe_files import PathLike, check_writable_directory, is_writer, write_safetensors
 from lightning_lora.lightning.checkpoint import is_adapter_key
 
 
@@ -59,18 +59,19 @@ def check_optimizer_holds_trainable_parameters(trainer: pl.Trainer, pl_module: p
 
 
 def write_merged_weights(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path, adapter_name: str
+    trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module, directory: Path
 ) -> Path:
-    """Write ``target`` with ``adapter_name`` merged (already merged in place, or merged now from copies) to
-    ``directory`` as a merged export (``model.safetensors``, or shards with an index; ``config.json`` for Hugging
-    Face models), from rank 0. Sharded tensors are gathered first, so every rank takes part.
+    """Write ``target`` as it computes now, every active adapter merged (those merged in place, the others merged
+    from copies: O-LoRA's earlier tasks too), to ``directory`` as a merged export (``model.safetensors``, or shards
+    with an index; ``config.json`` for Hugging Face models), from rank 0. Sharded tensors are gathered first, so every
+    rank takes part. Under FSDP1 the in-place merged state is written as FSDP gathers it.
 
     Returns:
         The directory.
     """
     if not isinstance(trainer.strategy, FSDPStrategy):
         reshard_fsdp2(target)
-        return save_merged_model(target, directory, adapter_names=[adapter_name])
+        return save_merged_model(target, directory)  # every active adapter: the model as it computes now
     # FSDP1 flattens parameters: gather the full state dict on rank 0 through FSDP itself.
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -98,6 +99,55 @@ def full_parameters_of(strategy: Any) -> Iterator[None]:
 
     with FSDP.summon_full_params(strategy.model, writeback=True):
         yield
+
+
+def refresh_optimizer_copies(strategy: Any) -> None:
+    """Make an optimizer's own copies of the parameters match them again after they were written in place.
+
+    DeepSpeed's ZeRO (stages 1-3) and its mixed-precision optimizers take full-precision copies of the trainable
+    tensors at ``deepspeed.initialize`` and write them back into the model at every step, so an init that runs later
+    (SVD inits and data-driven inits run at fit or train start, after the strategy's setup) would be undone by the
+    first step. Elsewhere a no-op: DDP and FSDP1/FSDP2 optimizers hold the parameters themselves (FSDP's mixed
+    precision casts a fresh low-precision copy from them at every all-gather).
+
+    Args:
+        strategy: The Trainer's strategy.
+    """
+    if not isinstance(strategy, DeepSpeedStrategy) or getattr(strategy, "deepspeed_engine", None) is None:
+        return
+    refresh = getattr(strategy.deepspeed_engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:  # absent for a plain torch optimizer without ZeRO: it holds the parameters themselves
+        refresh()
+
+
+def check_writable_destination(path: Optional[PathLike], what: str, trainer: Optional[pl.Trainer] = None) -> None:
+    """Refuse, before training, a folder that a save at the end of the run could not write.
+
+    The folder must be a directory or creatable, and accept new files where the save writes (see
+    :func:`~lightning_lora.core.safe_files.check_writable_directory`; tested with a probe file that is deleted
+    again). Only the process that writes (global rank 0) looks at the disk; with a ``trainer`` its answer is
+    broadcast, so every rank raises together.
+
+    Args:
+        path: The folder as the user gave it; None checks nothing.
+        what: The argument that named it, for the message (``"LoraCallback(merged_weights_dir=...)"``).
+        trainer: The running Trainer (for distributed runs).
+
+    Raises:
+        ValueError: The folder cannot be written; the message names ``path``.
+    """
+    if path is None:
+        return
+    problem = None
+    if is_writer():
+        try:
+            check_writable_directory(path, what)
+        except ValueError as err:
+            problem = str(err)
+    if trainer is not None and trainer.world_size > 1:
+        problem = trainer.strategy.broadcast(problem, src=0)
+    if problem:
+        raise ValueError(f"{problem} Nothing was trained.")
 
 
 def is_zero3(strategy: Any) -> bool:

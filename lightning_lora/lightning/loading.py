@@ -7,6 +7,7 @@ adapter's kind, config and submodule), and then loads the checkpoint strictly.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Optional, TypeVar, Union
 
@@ -18,7 +19,12 @@ from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layers import lora_layers
 from lightning_lora.core.merge import merge_lora
-from lightning_lora.lightning.checkpoint import check_checkpoint_fits, complete_with_model_state, shapes_of
+from lightning_lora.lightning.checkpoint import (
+    check_checkpoint_fits,
+    complete_with_model_state,
+    rename_to_module_keys,
+    shapes_of,
+)
 from lightning_lora.lightning.fit_support import submodule_of
 
 ModuleType = TypeVar("ModuleType", bound=pl.LightningModule)
@@ -67,13 +73,18 @@ def load_lora_checkpoint(
             f"{path} holds no LoraCallback state, so it names no adapters to add. A LoraMixin module (or one saved "
             f"with full weights) loads with {module_class.__name__}.load_from_checkpoint(path)."
         )
-    module = module_class.load_from_checkpoint(path, map_location=map_location, strict=False, **init_arguments)
+    with warnings.catch_warnings():
+        # Built without the adapters, the module cannot take the adapter keys yet (and an adapter-only checkpoint
+        # lacks the base's): Lightning's key warnings here say nothing. The strict load below checks every key.
+        warnings.filterwarnings("ignore", message="Found keys that are (not )?in the model state dict")
+        module = module_class.load_from_checkpoint(path, map_location=map_location, strict=False, **init_arguments)
     for state in states:
         config = KINDS[state.get("kind", "lora")].config_class.from_dict(state["config"])
         target = _submodule(module, state.get("submodule"))
         if state["adapter_name"] not in adapter_names(target):  # LoraMixin modules add theirs in __init__
             apply_lora(target, config, state["adapter_name"], initialize=False)  # the checkpoint's values come next
     model_state = dict(checkpoint["state_dict"])
+    rename_to_module_keys(module, model_state)
     check_checkpoint_fits(module, shapes_of(model_state), str(path))
     complete_with_model_state(module, model_state)
     module.load_state_dict(model_state, strict=True)

@@ -8,6 +8,7 @@ scheduler as callables (so LightningCLI can build it from YAML), LoRA+ and LoRA-
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -192,9 +193,10 @@ def optimizer_defaults(optimizer: OptimizerCallable) -> tuple[float, float]:
     probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     lr = probe.defaults.get("lr")
     lr = float(lr) if isinstance(lr, (int, float, torch.Tensor)) and not isinstance(lr, bool) else None
-    if lr is None or not lr > 0:
+    if lr is None or not (math.isfinite(lr) and lr > 0):
         raise ValueError(
-            f"The optimizer {type(probe).__name__} has no positive default learning rate; configure one, e.g. "
+            f"The optimizer {type(probe).__name__} has no positive default learning rate (got {lr!r}; it must be "
+            "finite and > 0); configure one, e.g. "
             "optimizer=functools.partial(torch.optim.AdamW, lr=1e-4) or init_args: {lr: 1e-4} in YAML."
         )
     return lr, float(probe.defaults.get("weight_decay", 0.0))

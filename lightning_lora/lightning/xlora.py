@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import MethodType
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -27,6 +26,11 @@ from lightning_lora.core.xlora import XLoraConfig, add_xlora, has_xlora, xlora_e
 from lightning_lora.lightning.callback import LoraCallback
 from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
 from lightning_lora.lightning.fit_support import check_optimizer_holds_trainable_parameters, submodule_of
+from lightning_lora.lightning.module_hooks import (
+    check_present_at_fit_start,
+    remove_module_hooks,
+    run_after_module_hook,
+)
 
 
 class XLoraCallback(Callback):
@@ -122,30 +126,17 @@ class XLoraCallback(Callback):
         if not is_overridden("configure_model", pl_module) or self.target(pl_module) is not None:
             self.apply(pl_module)
         else:
-            self._apply_after_configure_model(pl_module)
+            run_after_module_hook(pl_module, "configure_model", self, self.apply)
         patch_strategy_checkpointing(trainer.strategy, _checkpointing_callbacks)
 
-    def _apply_after_configure_model(self, pl_module: pl.LightningModule) -> None:
-        # A plain function bound to the instance, not functools.wraps: is_overridden follows __wrapped__.
-        current = pl_module.configure_model
-        if self in getattr(current, "_xlora_callbacks", ()):
-            return
-
-        def configure_model(module: pl.LightningModule) -> None:
-            current()
-            self.apply(module)
-
-        configure_model._xlora_callbacks = (*getattr(current, "_xlora_callbacks", ()), self)  # type: ignore[attr-defined]
-        pl_module.configure_model = MethodType(configure_model, pl_module)  # type: ignore[method-assign]
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        remove_module_hooks(pl_module, self)  # X-LoRA stays in the module; this callback's hooks end with its Trainer
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target(pl_module)
-        if target is None or not has_xlora(target):
-            raise RuntimeError(
-                "X-LoRA is missing at fit start: configure_model replaced the model after it was added. Make "
-                "configure_model idempotent (return early when the model exists)."
-            )
+        check_present_at_fit_start(target is not None and has_xlora(target), "X-LoRA")
         if self.check_optimizer:
             check_optimizer_holds_trainable_parameters(trainer, pl_module)
         rank_zero_info(f"X-LoRA over {self.experts}: {trainable_parameters_summary(pl_module)}")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.distributed import full_tensor
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
@@ -89,20 +90,18 @@ class AdaLoraConfig(AdapterConfig):
                 f"target_r={self.target_r} is larger than init_r={self.init_r}: AdaLoRA only prunes ranks. Start with "
                 "init_r >= target_r (PEFT's default: init_r=12, target_r=8)."
             )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}.")
+        if not (is_finite_number(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be > 0 and finite, got {self.alpha!r}.")
         self.alpha = float(self.alpha)
         check_dropout("dropout", self.dropout)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            if not (is_finite_number(value) and 0 < value < 1):
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}; PEFT's default is 0.85.")
-        if (
-            isinstance(self.orth_reg_weight, bool)
-            or not isinstance(self.orth_reg_weight, (int, float))
-            or not (self.orth_reg_weight >= 0)
-        ):
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}.")
+        if not (is_finite_number(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            raise ValueError(
+                f"orth_reg_weight must be >= 0 and finite, got {self.orth_reg_weight!r}; 0 turns the penalty off."
+            )
         if self.total_step is not None:
             _check_int("total_step", self.total_step, minimum=1)
             check_schedule(self, self.total_step)
@@ -110,7 +109,11 @@ class AdaLoraConfig(AdapterConfig):
             if not isinstance(self.rank_pattern, dict):
                 raise ValueError(f"rank_pattern must be a dict {{layer name: [bool, ...]}}, got {self.rank_pattern!r}.")
             for key, kept in self.rank_pattern.items():
-                if not isinstance(kept, (list, tuple)) or len(kept) != self.init_r:
+                if (
+                    not isinstance(kept, (list, tuple))
+                    or len(kept) != self.init_r
+                    or any(k not in (True, False) or not isinstance(k, (bool, int)) for k in kept)
+                ):
                     raise ValueError(
                         f"rank_pattern[{key!r}] must hold init_r={self.init_r} booleans (one per rank), got {kept!r}."
                     )
@@ -261,7 +264,15 @@ class AdaLoraKind(AdapterKind):
         config = layer.lora_settings[adapter_name].config
         kept = (config.rank_pattern or {}).get(layer_name)
         rank_dim = 1 if container == "lora_B" else 0
-        if kept is None or value.shape[rank_dim] != sum(kept) or sum(kept) == len(kept):
+        if kept is None or value.dim() <= rank_dim:
+            return value  # the shape check after the import reports what does not fit
+        if value.shape[rank_dim] != sum(kept):
+            raise ValueError(
+                f"{layer_name}: rank_pattern keeps {sum(kept)} of {len(kept)} ranks, but the file's {container} holds "
+                f"{value.shape[rank_dim]}. A PEFT AdaLoRA file holds exactly the kept ranks, so this file contradicts "
+                "itself (PEFT refuses it too); export the adapter again from the model it was trained on."
+            )
+        if sum(kept) == len(kept):
             return value
         index = torch.tensor(kept, dtype=torch.bool)
         shape = list(value.shape)
@@ -272,6 +283,37 @@ class AdaLoraKind(AdapterKind):
         else:
             full[:, index] = value
         return full
+
+    def check_file_state(
+        self,
+        adapter_name: str,
+        config: AdaLoraConfig,
+        layers: list[tuple[str, LoraLayer]],
+        state: Mapping[str, torch.Tensor],
+    ) -> None:
+        """``rank_pattern`` must name adapted layers only, and the ranks it prunes must hold zero singular values."""
+        if config.rank_pattern is None:
+            return
+        names = [name for name, _ in layers]
+        unknown = [key for key in config.rank_pattern if key not in names]
+        if unknown:
+            raise ValueError(
+                f"rank_pattern names {unknown[:3]}, which adapter {adapter_name!r} does not adapt (it adapts "
+                f"{names[:3]}{' ...' if len(names) > 3 else ''}): the file contradicts itself (PEFT refuses it too). "
+                "Export the adapter again from the model it was trained on."
+            )
+        for name in names:
+            kept = config.rank_pattern.get(name)
+            E = state.get(f"{name}.lora_E.{adapter_name}" if name else f"lora_E.{adapter_name}")
+            if kept is None or E is None or E.numel() != len(kept):
+                continue
+            pruned = ~torch.tensor(kept, dtype=torch.bool)
+            if E.detach().flatten().cpu()[pruned].ne(0).any():
+                raise ValueError(
+                    f"{name}: rank_pattern prunes ranks {pruned.nonzero().flatten().tolist()}, but the file's lora_E "
+                    "holds non-zero singular values there, so they would compute: the file contradicts itself. "
+                    "Save the adapter again from the model it was trained on."
+                )
 
     def peft_config_fields(self, config: AdaLoraConfig) -> dict[str, Any]:
         fields = {

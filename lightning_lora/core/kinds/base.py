@@ -219,6 +219,23 @@ class AdapterKind:
     def check_peft_export(self, adapter_name: str, config: AdapterConfig, layers: list[tuple[str, LoraLayer]]) -> None:
         """Raise a ValueError naming the fix when PEFT's format cannot hold this adapter exactly."""
 
+    def check_file_state(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        layers: list[tuple[str, LoraLayer]],
+        state: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Raise a ValueError naming the fix when a file's config contradicts its tensors in a way their shapes do
+        not show (the load compares every key and shape with the model generically, before this).
+
+        Args:
+            adapter_name: The adapter being loaded.
+            config: The config read from the file.
+            layers: ``(name, layer)`` of every layer the adapter is on.
+            state: The file's tensors, keyed like :func:`~lightning_lora.core.state.adapter_state_dict`.
+        """
+
     def fold_for_vllm(
         self, tensors: dict[str, torch.Tensor], r: int, scaling: float, rank: int, new_scaling: float
     ) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters, LinearAdapters, layer_type_of
@@ -50,7 +51,7 @@ class OFTConfig(AdapterConfig):
         eps: COFT's radius (scaled by ``1 / sqrt(blocks)``).
         block_share: One rotation block shared by all blocks of a layer.
         use_cayley_neumann: Neumann-series approximation of the Cayley transform (no matrix inverse).
-        num_cayley_neumann_terms: Terms of that series.
+        num_cayley_neumann_terms: Terms of that series (at least 2: fewer give the identity).
     """
 
     r: int = 0
@@ -74,9 +75,15 @@ class OFTConfig(AdapterConfig):
                 f"Give exactly one of r (blocks per layer) and oft_block_size (size of a block), got r={self.r}, "
                 f"oft_block_size={self.oft_block_size}; set the other to 0."
             )
+        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 2:
+            raise ValueError(
+                f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} with use_cayley_neumann=True leaves every "
+                "rotation the identity whatever oft_R holds, so the adapter computes nothing and never trains. Use at "
+                "least 2 terms (PEFT's default 5), or use_cayley_neumann=False for the exact Cayley transform."
+            )
         check_dropout("module_dropout", self.module_dropout)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {self.eps!r}.")
+        if not (is_finite_number(self.eps) and self.eps > 0):
+            raise ValueError(f"eps must be > 0 and finite, got {self.eps!r}; PEFT's default is 6e-5.")
 
     @property
     def kind(self) -> str:

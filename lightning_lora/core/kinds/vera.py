@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.layer_types import LinearAdapters, layer_type_of
@@ -39,7 +40,8 @@ class VeraConfig(AdapterConfig):
         save_projection: Write the projections into adapter files (PEFT's default); otherwise a load rebuilds them
             from ``projection_prng_key``.
         vera_dropout: Dropout on the adapter's input, in ``[0, 1)``.
-        d_initial: Initial value of every entry of the ``d`` vectors.
+        d_initial: Initial value of every entry of the ``d`` vectors: finite, and not 0 with ``init_weights`` (``b``
+            starts at zero, so ``d = 0`` would leave both vectors without gradient for ever).
         init_weights: True: ``b`` starts at zero (outputs unchanged) and ``d`` at ``d_initial``; False: ``b`` ones
             and ``d`` standard normal (for tests).
     """
@@ -58,6 +60,13 @@ class VeraConfig(AdapterConfig):
         if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
             raise ValueError(f"projection_prng_key must be an integer, got {self.projection_prng_key!r}.")
         check_dropout("vera_dropout", self.vera_dropout)
+        if not is_finite_number(self.d_initial):
+            raise ValueError(f"d_initial must be a finite number, got {self.d_initial!r}; PEFT's default is 0.1.")
+        if self.init_weights and self.d_initial == 0:
+            raise ValueError(
+                "d_initial=0 with init_weights=True starts both trained vectors at zero (b = 0 and d = 0), so both "
+                "get zero gradients and the adapter never trains. Use a non-zero d_initial, e.g. PEFT's 0.1."
+            )
 
     @property
     def kind(self) -> str:

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_lora.core.kinds.adalora import AdaLoraConfig
 from lightning_lora.core.rank_allocation import RankAllocator, orthogonality_penalty
 from lightning_lora.core.safe_files import is_writer
-from lightning_lora.lightning.schedules.base import AdapterSchedule
+from lightning_lora.lightning.schedules.base import AdapterSchedule, warn_beyond_run
 
 ALLOCATION_FILE = "adalora_ranks.json"
 HEATMAP_FILE = "adalora_ranks.png"
@@ -72,6 +72,13 @@ class AdaLoraSchedule(AdapterSchedule):
                 )
             total_step = int(estimated)
         self.allocator = RankAllocator(self.layers, self.adapter_name, config, total_step)
+        if config.total_step is not None:  # asked for a schedule longer than the run: the budget never gets there
+            warn_beyond_run(
+                trainer,
+                config.total_step - 1,
+                f"AdaLoraConfig(total_step={config.total_step}) plans its rank budget down to target_r="
+                f"{config.target_r} over {config.total_step} optimizer steps; its last step",
+            )
 
     @override
     def restore_state(self, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,7 +4,6 @@ token by a learned attentional selector with an L1 sparsity term (Liu et al. 202
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -12,6 +11,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_lora.core.adapter_set import adapter_names
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.amlora import (
     GATES,
     add_amlora,
@@ -19,6 +19,11 @@ from lightning_lora.core.amlora import (
     amlora_l1,
     has_amlora,
     set_amlora_l1_weight,
+)
+from lightning_lora.lightning.module_hooks import (
+    check_present_at_fit_start,
+    remove_module_hooks,
+    run_after_module_hook,
 )
 from lightning_lora.lightning.schedules.base import AdapterSchedule
 
@@ -63,8 +68,8 @@ class AmLoraSchedule(AdapterSchedule):
         gate: str = "softmax",
     ) -> None:
         super().__init__(adapter_name)
-        if isinstance(l1_weight, bool) or not isinstance(l1_weight, (int, float)) or not l1_weight >= 0:
-            raise ValueError(f"l1_weight must be a number >= 0, got {l1_weight!r}.")
+        if not (is_finite_number(l1_weight) and l1_weight >= 0):
+            raise ValueError(f"l1_weight must be a number >= 0 and finite, got {l1_weight!r}; 0 adds no L1 term.")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}.")
         if earlier_adapters is not None and adapter_name in earlier_adapters:
@@ -89,27 +94,13 @@ class AmLoraSchedule(AdapterSchedule):
         ):
             self.apply(pl_module)
             return
-        # The adapter appears in configure_model (LoraCallback chained its injection there): chain after it. A plain
-        # function bound to the instance, not functools.wraps: is_overridden follows __wrapped__.
-        current = pl_module.configure_model
-        if self in getattr(current, "_amlora_callbacks", ()):
-            return
-
-        def configure_model(module: pl.LightningModule) -> None:
-            current()
-            self.apply(module)
-
-        configure_model._amlora_callbacks = (*getattr(current, "_amlora_callbacks", ()), self)  # type: ignore
-        pl_module.configure_model = MethodType(configure_model, pl_module)  # type: ignore[method-assign]
+        # The adapter appears in configure_model (LoraCallback chained its injection there): chain after it.
+        run_after_module_hook(pl_module, "configure_model", self, self.apply)
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         module = self.adapted_module(pl_module)
-        if not has_amlora(module):
-            raise RuntimeError(
-                "AM-LoRA is missing at fit start: configure_model replaced the model after it was added. Make "
-                "configure_model idempotent (return early when the model exists)."
-            )
+        check_present_at_fit_start(has_amlora(module), "AM-LoRA")
         set_amlora_l1_weight(module, self.l1_weight / trainer.accumulate_grad_batches)
 
     @override
@@ -120,6 +111,7 @@ class AmLoraSchedule(AdapterSchedule):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         module = self.adapted_module(pl_module)
+        remove_module_hooks(pl_module, self)
         if stage == "fit" and has_amlora(module):
             set_amlora_l1_weight(module, 0.0)  # later forwards (tests, other loops) add no L1 gradient
 

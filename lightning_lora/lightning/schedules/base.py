@@ -16,12 +16,14 @@ user's ``training_step`` changes. What every schedule gets from here:
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -191,6 +193,18 @@ class BaseMovingSchedule(AdapterSchedule):
             )
         for _, layer in self.layers:
             mark_base_trained(layer, self.adapter_name, self.algorithm, self.checkpoint_weights)
+
+
+def warn_beyond_run(trainer: pl.Trainer, step: int, what: str) -> None:
+    """Warn, giving the run's length, when optimizer step ``step`` (0-based) is past the last step of the run, so
+    that what the user set (``what``, e.g. ``"start_step=500: Delta-LoRA"``) never happens. Runs whose length the
+    Trainer cannot tell (no ``max_steps`` and an unsized loader) are not checked."""
+    total = trainer.estimated_stepping_batches
+    if math.isfinite(total) and step >= total:
+        rank_zero_warn(
+            f"{what} acts at optimizer step {step}, but this run has {int(total)} optimizer step(s), so it never "
+            "does. Train longer (max_steps / max_epochs) or lower the setting."
+        )
 
 
 def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,9 +8,10 @@ import torch
 from typing_extensions import override
 
 from lightning_lora.core.base_updates import add_to_base_weight, whole_factors
+from lightning_lora.core.checks import is_finite_number, is_integer
 from lightning_lora.core.distributed import reshard_fsdp2
 from lightning_lora.core.kinds.lora import lora_factor_delta
-from lightning_lora.lightning.schedules.base import BaseMovingSchedule
+from lightning_lora.lightning.schedules.base import BaseMovingSchedule, warn_beyond_run
 
 
 class DeltaLoraSchedule(BaseMovingSchedule):
@@ -43,10 +44,13 @@ class DeltaLoraSchedule(BaseMovingSchedule):
 
     def __init__(self, update_ratio: float = 2.0, start_step: int = 0, adapter_name: str = "default") -> None:
         super().__init__(adapter_name)
-        if not isinstance(start_step, int) or start_step < 0:
+        if not is_integer(start_step) or start_step < 0:
             raise ValueError(f"start_step must be a step index >= 0, got {start_step!r}.")
-        if not update_ratio > 0:
-            raise ValueError(f"update_ratio must be > 0, got {update_ratio!r} (without it, train plain LoRA).")
+        if not (is_finite_number(update_ratio) and update_ratio > 0):
+            raise ValueError(
+                f"update_ratio must be > 0 and finite, got {update_ratio!r}: it scales every base-weight update (the "
+                "paper uses 2; without Delta-LoRA, train plain LoRA)."
+            )
         self.update_ratio = float(update_ratio)
         self.start_step = start_step
         self._before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -62,6 +66,7 @@ class DeltaLoraSchedule(BaseMovingSchedule):
                 "without use_dora."
             )
         super().start(trainer, pl_module)
+        warn_beyond_run(trainer, self.start_step, f"DeltaLoraSchedule(start_step={self.start_step})")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

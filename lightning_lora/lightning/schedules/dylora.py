@@ -8,7 +8,6 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from typing_extensions import override
 
@@ -27,10 +26,11 @@ class DyLoraSchedule(AdapterSchedule):
     ``"nested"`` all first ``b`` do. The other ranks get zero gradients (detached in forward, as in the authors'
     code), so an optimizer with momentum or weight decay still moves them.
 
-    Validation, test and predict run at ``eval_rank``, and fit ends with the model at ``eval_rank``. Evaluate other
-    ranks with ``set_active_rank(model, b)`` after fit (test and predict then keep the rank you chose); keep one for
-    good with ``truncate_adapter(model, b)`` (PEFT export then writes a plain rank-``b`` LoRA; exporting while a rank
-    is active writes that rank too).
+    Validation, test and predict run at ``eval_rank``, and so does the model between training steps: fit ends there,
+    and callbacks that export or merge at train end (``AdapterExport``, ``merge_on_fit_end``) see that rank.
+    Evaluate other ranks with ``set_active_rank(model, b)`` after fit (test and predict then keep the rank you
+    chose); keep one for good with ``truncate_adapter(model, b)`` (PEFT export then writes a plain rank-``b`` LoRA;
+    exporting while a rank is active writes that rank too).
 
     Ranks come from the callback's own ``torch.Generator``: the same on every DDP/FSDP2 process, saved in checkpoints,
     so a resumed run draws what an uninterrupted one would. Logged: ``dylora/rank``, the rank of each step.
@@ -116,7 +116,9 @@ class DyLoraSchedule(AdapterSchedule):
 
     # ----- ranks -----
     def _set_eval_rank(self, pl_module: pl.LightningModule) -> None:
-        set_active_rank(self.adapted_module(pl_module), self.eval_rank, self.adapter_name)
+        module = self.adapted_module(pl_module)
+        if active_rank(module, self.adapter_name) != self.eval_rank:  # already there: nothing to change (or merged)
+            set_active_rank(module, self.eval_rank, self.adapter_name)
 
     @override
     def on_train_batch_start(
@@ -128,17 +130,21 @@ class DyLoraSchedule(AdapterSchedule):
         set_active_rank(self._module, self.rank, self.adapter_name, update=self.update)
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Outside a training step the model is at eval_rank: what other callbacks export or merge at train end (and
+        # validation in between) sees the rank fit ends with. The next micro-batch sets the step's rank again.
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._set_eval_rank(pl_module)
+
+    @override
     def after_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[str, float]:
         return {"rank": self.rank}
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_eval_rank(pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self.rank is not None:  # back to the step's training rank
-            set_active_rank(self._module, self.rank, self.adapter_name, update=self.update)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -156,8 +162,7 @@ class DyLoraSchedule(AdapterSchedule):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._module is not None:
-            self._set_eval_rank(pl_module)
+        if self._module is not None:  # at eval_rank since the last step ended (merge_on_fit_end merged it there)
             self._left_at = (self.eval_rank,)
 
     @override

@@ -11,6 +11,7 @@ from typing_extensions import override
 
 from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.checks import is_finite_number
 from lightning_lora.core.continual import adapter_l2_norm, orthogonal_subspace_penalty
 from lightning_lora.core.svd_init import has_init_factors
 from lightning_lora.lightning.schedules.base import AdapterSchedule
@@ -51,8 +52,8 @@ class OLoraSchedule(AdapterSchedule):
     ) -> None:
         super().__init__(adapter_name)
         for name, value in (("orthogonal_weight", orthogonal_weight), ("l2_weight", l2_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+            if not (is_finite_number(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0 and finite, got {value!r}; 0 turns the term off.")
         if earlier_adapters is not None and adapter_name in earlier_adapters:
             raise ValueError(f"earlier_adapters must not include the adapter being trained ({adapter_name!r}).")
         self.earlier_adapters = None if earlier_adapters is None else list(earlier_adapters)

@@ -15,11 +15,12 @@ from lightning_lora.core.base_updates import (
     reinitialize_lora,
     whole_factors,
 )
+from lightning_lora.core.checks import is_finite_number, is_integer
 from lightning_lora.core.distributed import reshard_fsdp2
 from lightning_lora.core.initializers import initializer_keeps_factors
 from lightning_lora.core.kinds.lora import lora_factor_delta
 from lightning_lora.core.layer_types import EmbeddingAdapters
-from lightning_lora.lightning.schedules.base import BaseMovingSchedule
+from lightning_lora.lightning.schedules.base import BaseMovingSchedule, warn_beyond_run
 
 Record = dict[str, dict[str, torch.Tensor]]  # {layer name: {"lora_A": A, "lora_B": B}} folded at one restart
 
@@ -66,16 +67,21 @@ class ReLoraSchedule(BaseMovingSchedule):
         adapter_name: str = "default",
     ) -> None:
         super().__init__(adapter_name)
-        if not isinstance(restart_every, int) or restart_every < 1:
+        if not is_integer(restart_every) or restart_every < 1:
             raise ValueError(f"restart_every must be a positive number of steps, got {restart_every!r}.")
-        if not isinstance(restart_warmup_steps, int) or not 0 <= restart_warmup_steps < restart_every:
+        if not is_integer(restart_warmup_steps) or not 0 <= restart_warmup_steps < restart_every:
             raise ValueError(
                 f"restart_warmup_steps={restart_warmup_steps!r} must be in [0, restart_every={restart_every}): a "
                 "ReLoRA period shorter than its warm-up would never train at the full learning rate. Restart less "
                 "often or warm up for fewer steps."
             )
-        if not 0.0 <= optimizer_pruning <= 1.0:
-            raise ValueError(f"optimizer_pruning must be a fraction in [0, 1], got {optimizer_pruning!r}.")
+        if not (is_finite_number(optimizer_pruning) and 0.0 <= optimizer_pruning <= 1.0):
+            raise ValueError(
+                f"optimizer_pruning must be a fraction in [0, 1] (the share of optimizer state reset at a restart), "
+                f"got {optimizer_pruning!r}."
+            )
+        if not is_integer(seed):
+            raise ValueError(f"seed must be an integer, got {seed!r}.")
         self.restart_every = restart_every
         self.restart_warmup_steps = restart_warmup_steps
         self.optimizer_pruning = optimizer_pruning
@@ -107,6 +113,8 @@ class ReLoraSchedule(BaseMovingSchedule):
                 "out with LoraConfig(exclude_modules=[...])."
             )
         super().start(trainer, pl_module)
+        first_restart = self.restart_every - 1
+        warn_beyond_run(trainer, first_restart, f"ReLoraSchedule(restart_every={self.restart_every}) (first restart)")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
