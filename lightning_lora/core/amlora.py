@@ -200,7 +200,7 @@ class AmLoraGate:
 def _low_rank(layer: LoraLayer, adapter_name: str) -> bool:
     """Whether the adapter is a plain LoRA on a linear layer (its features are ``B h``, ``h`` of rank ``r``)."""
     settings = layer.lora_settings[adapter_name]
-    return settings.kind.name == "lora" and not settings.config.lora_bias and isinstance(layer, LinearAdapters)
+    return settings.kind.plain_factors(settings) and isinstance(layer, LinearAdapters)
 
 
 def add_amlora(

@@ -242,9 +242,9 @@ def _check(
             )
         for adapter in (a for a in adapters if a in layer.lora_settings):
             settings = layer.lora_settings[adapter]
-            plain_lora = settings.kind.name == "lora" and not has_init_factors(layer, adapter)
-            if not (plain_lora or (svd_family and settings.kind.action == "add" and settings.kind.name != "dora")):
-                what = "an SVD-initialised LoRA (its base holds a residual)" if settings.kind.name == "lora" else (
+            plain_lora = settings.kind.lora_factors and not has_init_factors(layer, adapter)
+            if not (plain_lora or (svd_family and settings.kind.action == "add")):
+                what = "an SVD-initialised LoRA (its base holds a residual)" if settings.kind.lora_factors else (
                     f"a {settings.kind.display_name} adapter")  # fmt: skip
                 raise ValueError(
                     f"Adapter {adapter!r} on {name} is {what}: combination_type={combination_type!r} combines plain "

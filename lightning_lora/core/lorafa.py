@@ -278,7 +278,7 @@ def lorafa_optimizer(
             settings = layer.lora_settings.get(name)
             if settings is None:
                 continue
-            if settings.kind.name != "lora":
+            if not settings.kind.lora_factors:
                 raise ValueError(
                     f"Adapter {name!r} on {layer_name} is {settings.kind.display_name}; LoRA-FA's projection is "
                     "defined for plain LoRA factors only (as PEFT's). Use LoraConfig without use_dora, pass "

@@ -61,7 +61,7 @@ def nested_layers(model: nn.Module, adapter_name: str = "default") -> list[tuple
     """
     layers = _adapter_layers(model, adapter_name)
     settings = layers[0][1].lora_settings[adapter_name]
-    if settings.kind.name != "lora":
+    if not settings.kind.lora_factors:
         raise ValueError(
             f"Nested ranks (DyLoRA) slice the factors of plain LoRA adapters; adapter {adapter_name!r} is a "
             f"{settings.kind.display_name} adapter. Train it with LoraConfig (use_dora=False), or drop DyLoRA."

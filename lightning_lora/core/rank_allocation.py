@@ -36,7 +36,7 @@ class RankAllocator:
 
     def __init__(self, layers: list[tuple[str, LoraLayer]], adapter_name: str, config: AdaLoraConfig, total_step: int):
         self.layers = [(name, layer) for name, layer in layers if adapter_name in layer.lora_settings]
-        if not self.layers or any(layer.lora_settings[adapter_name].kind.name != "adalora" for _, layer in self.layers):
+        if not self.layers or not all(layer.lora_settings[adapter_name].kind.rank_budget for _, layer in self.layers):
             raise ValueError(
                 f"Adapter {adapter_name!r} is not an AdaLoRA adapter on this model; add it with "
                 "LoraCallback(AdaLoraConfig(...), adapter_name=...) or apply_lora(model, AdaLoraConfig(...))."

@@ -360,8 +360,8 @@ def _check(model: nn.Module, experts: list[str], config: XLoraConfig, hidden_sta
             continue
         for name in held:
             kind = layer.lora_settings[name].kind
-            if kind.name != "lora" or layer.lora_settings[name].config.lora_bias:
-                what = "a LoRA with a bias on B (lora_bias)" if kind.name == "lora" else kind.display_name
+            if not kind.plain_factors(layer.lora_settings[name]):
+                what = "a LoRA with a bias on B (lora_bias)" if kind.lora_factors else kind.display_name
                 raise ValueError(
                     f"X-LoRA experts must be plain LoRA adapters; {name!r} is {what} on {layer_name}."
                 )

@@ -150,6 +150,7 @@ class AdaLoraKind(AdapterKind):
     name = "adalora"
     display_name = "AdaLoRA"
     peft_type = "ADALORA"
+    rank_budget = True
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
     config_class = AdaLoraConfig
     peft_alpha_field = None

@@ -71,6 +71,11 @@ class AdapterKind:
     #: without ranks and alphas per layer (their ``r`` and options are all in :meth:`peft_config_fields`).
     peft_alpha_field: ClassVar[Optional[str]] = "alpha"
     peft_bias_only: ClassVar[str] = "lora_only"  # PEFT's name for "biases of adapted layers" (OFT: "oft_only")
+    #: Whether the update is ``scaling * B A`` of ``lora_A``/``lora_B`` factors (a bias on B aside): what nested
+    #: ranks (DyLoRA), LoRA-FA's projection and factor-wise combination slice or project.
+    lora_factors: ClassVar[bool] = False
+    #: Whether the adapter's ranks follow a budget schedule (AdaLoRA's rank allocation).
+    rank_budget: ClassVar[bool] = False
     vllm_servable: ClassVar[bool] = False
     #: Whether it can adapt a grouped convolution (``groups > 1``): a low-rank update grouped like the base.
     adapts_grouped_convolutions: ClassVar[bool] = False
@@ -137,6 +142,11 @@ class AdapterKind:
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's own layout and dtype (for ``"add"`` kinds)."""
         raise NotImplementedError
+
+    def plain_factors(self, settings: AdapterSettings) -> bool:
+        """Whether the update is exactly ``scaling * B A`` and nothing else (no bias on B): what X-LoRA experts and
+        AM-LoRA's low-rank path compute with."""
+        return False
 
     def bias_delta(self, layer: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:
         """What merging adds to the base layer's bias (``[out]``), or None for adapters without a bias of their

@@ -25,6 +25,10 @@ class DoraKind(LoraKind):
     name = "dora"
     display_name = "DoRA"
     action = "rescale"
+    lora_factors = False  # the magnitudes rescale the whole output: slicing or projecting the factors alone is wrong
+
+    def plain_factors(self, settings: AdapterSettings) -> bool:
+        return False
     vllm_servable = False
     adapts_grouped_convolutions = False
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude", *INIT_FACTOR_DICTS)

@@ -54,6 +54,7 @@ class LoraKind(AdapterKind):
     peft_type = "LORA"
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_bias", *INIT_FACTOR_DICTS)
     config_class = LoraConfig
+    lora_factors = True
     # eva_config and corda_config only steer data-driven inits, which a saved adapter's tensors have replaced (an
     # unconverted CorDA file, init_lora_weights="corda", is refused by its init).
     peft_fields = frozenset(
@@ -180,6 +181,9 @@ class LoraKind(AdapterKind):
         settings = layer.lora_settings[adapter_name]
         delta = lora_factor_delta(layer, *_computed_factors(layer, adapter_name, settings), settings.scaling)
         return layer.to_weight_layout(delta)
+
+    def plain_factors(self, settings: AdapterSettings) -> bool:
+        return not settings.config.lora_bias
 
     def bias_delta(self, layer: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:
         """``scaling * b`` for a ``lora_bias`` adapter."""
