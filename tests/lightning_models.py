@@ -164,3 +164,17 @@ def trainer_arguments(**overrides: Any) -> dict[str, Any]:
         "deterministic": True,
     }
     return {**values, **overrides}
+
+
+def end_process_group() -> None:
+    """End a multi-process script's process group before the interpreter exits.
+
+    Lightning keeps the group after fit; left to interpreter shutdown, gloo's threads are torn down in no set order and
+    a process aborts at random ("terminate called without an active exception", exit -6). Both ranks meet first, so
+    neither closes connections the other still uses. Call it after ``main()`` succeeded, on every rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

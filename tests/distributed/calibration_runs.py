@@ -23,7 +23,14 @@ from typing import Any, Iterator, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, lora_config, trainer_arguments
+from lightning_models import (
+    BuiltInInit,
+    ShardedBuiltInInit,
+    dataloader,
+    end_process_group,
+    lora_config,
+    trainer_arguments,
+)
 from torch.utils.data import DataLoader, DistributedSampler
 
 import lightning_lora.core.corda as corda
@@ -139,3 +146,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import (
+    end_process_group,
     BuiltInInit,
     ShardedBuiltInInit,
     ShardedMixinBuiltOnMeta,
@@ -177,3 +178,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -21,7 +21,14 @@ from typing import Any, Iterator, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, lora_config, trainer_arguments
+from lightning_models import (
+    BuiltInInit,
+    ShardedBuiltInInit,
+    dataloader,
+    end_process_group,
+    lora_config,
+    trainer_arguments,
+)
 
 import lightning_lora.core.svd_init as svd_init
 from lightning_lora import LoraCallback, adapter_state_dict
@@ -119,3 +126,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -310,10 +310,13 @@ class ExactResume(Callback):
         for (loader, _, generators), loader_state in zip(self._loaders, saved["loaders"]):
             restore_generator_states(generators, loader_state.get("generators", {}))
             now = describe_sampler(loader)
-            if now != loader_state.get("sampler", now):
+            then = dict(loader_state.get("sampler", now))
+            if saved["epoch_done"] and "epoch" in then:
+                then["epoch"] += 1  # written at an epoch's end: the resumed run goes on with the next epoch
+            if now != then:
                 self._warn_once("sampler", (
-                    f"The train sampler differs from the checkpoint's ({loader_state['sampler']} then, {now} now): "
-                    "the resumed order is not the uninterrupted run's."
+                    f"The train sampler differs from the checkpoint's ({then} expected, {now} now): the resumed "
+                    "order is not the uninterrupted run's."
                 ))
         expected = 0 if saved["epoch_done"] else saved["batches"]
         position = epoch_loop.batch_progress.current.ready
