@@ -63,7 +63,11 @@ def register_zero3_external_parameters(model: nn.Module) -> int:
 
     ZeRO-3 gathers the parameters of a module just before that module's forward. Adapter tensors live in child
     ``nn.ParameterDict`` containers whose forward never runs, so they are registered as external parameters of the
-    layer that uses them.
+    layer that uses them. ``LoraCallback`` does this under ZeRO-3; a plain loop calls it after ``apply_lora`` and
+    before ``deepspeed.initialize``.
+
+    Args:
+        model: The model with adapters.
 
     Returns:
         How many tensors were registered.
