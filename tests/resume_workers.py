@@ -19,7 +19,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning_models import BuiltInInit, end_process_group, lora_config, trainer_arguments
+from lightning_models import BuiltInInit, exit_cleanly, lora_config, trainer_arguments
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import LoraCallback, adapter_state_dict
@@ -181,4 +181,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

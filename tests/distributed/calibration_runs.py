@@ -27,7 +27,7 @@ from lightning_models import (
     BuiltInInit,
     ShardedBuiltInInit,
     dataloader,
-    end_process_group,
+    exit_cleanly,
     lora_config,
     trainer_arguments,
 )
@@ -146,4 +146,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

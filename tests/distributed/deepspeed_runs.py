@@ -19,7 +19,7 @@ from cpu_deepspeed import CpuDeepSpeedStrategy  # first: it sets DS_ACCELERATOR 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning_models import BuiltInConfigureModel, BuiltInInit, dataloader, end_process_group, lora_config, trainer_arguments  # noqa
+from lightning_models import BuiltInConfigureModel, BuiltInInit, dataloader, exit_cleanly, lora_config, trainer_arguments  # noqa
 from svd_init_runs import snapshot  # noqa: E402
 
 from lightning_lora import LoraCallback, save_merged_model, trainable_parameters_summary  # noqa: E402
@@ -87,4 +87,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning_models import TinyNet, end_process_group, lora_config
+from lightning_models import TinyNet, exit_cleanly, lora_config
 from svd_init_runs import ADAPTED
 from torch import nn
 
@@ -95,4 +95,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

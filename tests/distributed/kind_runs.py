@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, end_process_group, trainer_arguments
+from lightning_models import BuiltInInit, ShardedBuiltInInit, dataloader, exit_cleanly, trainer_arguments
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -168,4 +168,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

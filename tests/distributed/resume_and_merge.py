@@ -23,11 +23,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_models import (
-    end_process_group,
     BuiltInInit,
     ShardedBuiltInInit,
     ShardedMixinBuiltOnMeta,
     dataloader,
+    exit_cleanly,
     lora_config,
     trainer_arguments,
 )
@@ -178,4 +178,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()

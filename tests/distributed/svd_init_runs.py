@@ -25,7 +25,7 @@ from lightning_models import (
     BuiltInInit,
     ShardedBuiltInInit,
     dataloader,
-    end_process_group,
+    exit_cleanly,
     lora_config,
     trainer_arguments,
 )
@@ -126,4 +126,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    end_process_group()
+    exit_cleanly()
