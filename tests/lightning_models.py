@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_lora import LoraConfig, LoraMixin, inject_adapters, lora_param_groups
 
@@ -43,6 +43,24 @@ def dataloader(samples: int = 16, batch_size: int = 4) -> DataLoader:
     x = torch.randn(samples, FEATURES, generator=generator)
     y = torch.randn(samples, OUTPUTS, generator=generator)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class TwoRankOrder(Sampler):
+    """The batches that two data-parallel ranks train on together: Lightning gives each rank a
+    ``DistributedSampler(shuffle=True, seed=0)``; this yields both ranks' batches of one step as one batch."""
+
+    def __init__(self, samples: int, batch_per_rank: int) -> None:
+        self.samples, self.batch_per_rank, self.epoch = samples, batch_per_rank, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        self.epoch += 1
+        ranks = [order[rank::2] for rank in range(2)]
+        for start in range(0, len(ranks[0]), self.batch_per_rank):
+            yield [i for rank in ranks for i in rank[start : start + self.batch_per_rank]]
+
+    def __len__(self) -> int:
+        return self.samples // (2 * self.batch_per_rank)
 
 
 def probe_inputs() -> torch.Tensor:

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning_models import BuiltInInit, dataloader, lora_config, probe_inputs, trainer_arguments
+from lightning_models import BuiltInInit, TwoRankOrder, dataloader, lora_config, probe_inputs, trainer_arguments
 from numerics import assert_parity
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -29,7 +29,6 @@ SCRIPT = ROOT / "tests" / "distributed" / "deepspeed_runs.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import deepspeed_runs as runs  # noqa: E402
 from svd_init_runs import ADAPTED  # noqa: E402
-from test_svd_init_lightning import TwoRankOrder  # noqa: E402
 
 TRAINED = [name for name, *_ in runs.TRAINED]
 

@@ -9,13 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Sampler
-from lightning_models import BuiltInInit, dataloader, trainer_arguments
+from torch.utils.data import DataLoader
+from lightning_models import BuiltInInit, TwoRankOrder, dataloader, trainer_arguments
 from numerics import assert_parity
 
 from lightning_lora import LoraCallback, adapter_state_dict
@@ -57,24 +56,6 @@ def launched(tmp_path_factory: pytest.TempPathFactory):
         return outputs[group]
 
     return launch
-
-
-class TwoRankOrder(Sampler):
-    """The batches that two data-parallel ranks train on together: Lightning gives each rank a
-    ``DistributedSampler(shuffle=True, seed=0)``; this yields both ranks' batches of one step as one batch."""
-
-    def __init__(self, samples: int, batch_per_rank: int) -> None:
-        self.samples, self.batch_per_rank, self.epoch = samples, batch_per_rank, 0
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.epoch)).tolist()
-        self.epoch += 1
-        ranks = [order[rank::2] for rank in range(2)]
-        for start in range(0, len(ranks[0]), self.batch_per_rank):
-            yield [i for rank in ranks for i in rank[start : start + self.batch_per_rank]]
-
-    def __len__(self) -> int:
-        return self.samples // (2 * self.batch_per_rank)
 
 
 @pytest.fixture(scope="module")
