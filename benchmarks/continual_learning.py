@@ -43,7 +43,7 @@ from lightning_lora import (  # noqa: E402
     set_active_adapters,
     trainable_parameters_summary,
 )
-from lightning_lora.core.continual import orthogonal_subspace_penalty  # noqa: E402
+from lightning_lora.core.composition.continual import orthogonal_subspace_penalty  # noqa: E402
 from lightning_lora_examples import SentimentClassifier  # noqa: E402
 from lightning_lora_examples.assets import minilm_dir, tweets_csv  # noqa: E402
 from lightning_lora_examples.tweets import TokenizedTweets, Tweet, read_tweets  # noqa: E402

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 from lightning_lora import LoraConfig, QuantizationConfig, apply_lora, lora_param_groups  # noqa: E402
-from lightning_lora.core.distributed import is_dtensor  # noqa: E402
-from lightning_lora.core.quantized_weights import quantized_layers  # noqa: E402
+from lightning_lora.core.common.distributed import is_dtensor  # noqa: E402
+from lightning_lora.core.quantization.quantized_weights import quantized_layers  # noqa: E402
 
 NF4 = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True, layers="all-linear")
 RUNS = {"ddp-qlora": ("ddp", NF4), "fsdp2-qlora": ("fsdp2", NF4), "ddp-lora": ("ddp", None),

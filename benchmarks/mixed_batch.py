@@ -7,7 +7,7 @@ linear layers; a batch of 8 x 64 tokens, forward only (``torch.no_grad``, no KV 
 - ``base``: the same model without adapters (the floor).
 - ``ours-single`` / ``peft-single``: all four adapters loaded, one active for the whole batch.
 - ``ours-mixed`` / ``peft-mixed``: each adapter for two samples, interleaved (``a0 a1 a2 a3 a0 a1 a2 a3``), through
-  :func:`~lightning_lora.core.mixed_batch.mixed_adapter_batch` and PEFT's ``adapter_names=`` forward.
+  :func:`~lightning_lora.core.composition.mixed_batch.mixed_adapter_batch` and PEFT's ``adapter_names=`` forward.
 - ``ours-mixed-sorted``: the same with each adapter's samples next to each other (``a0 a0 a1 a1 ...``).
 
 The adapters' B factors are random (not PEFT's zero init), so every update is real work. Each measurement runs in
@@ -69,10 +69,10 @@ def build(name: str) -> tuple[torch.nn.Module, dict, object]:
             return model, {}, nullcontext()
         return model, {"adapter_names": INTERLEAVED}, nullcontext()
 
-    from lightning_lora.core.config import LoraConfig
-    from lightning_lora.core.adapter_set import set_active_adapters
-    from lightning_lora.core.inject import apply_lora
-    from lightning_lora.core.mixed_batch import mixed_adapter_batch
+    from lightning_lora.core.composition.mixed_batch import mixed_adapter_batch
+    from lightning_lora.core.config.lora_config import LoraConfig
+    from lightning_lora.core.layers.adapter_set import set_active_adapters
+    from lightning_lora.core.surgery.inject import apply_lora
 
     for adapter in ADAPTERS:
         apply_lora(model, LoraConfig(r=8, alpha=16, target_modules="all-linear"), adapter)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import harness  # noqa: E402
 
 from lightning_lora import LoraConfig, QuantizationConfig, apply_lora, lora_layers, quantized_layers  # noqa: E402
-from lightning_lora.core.base_weights import dense_weight  # noqa: E402
+from lightning_lora.core.common.base_weights import dense_weight  # noqa: E402
 
 QUANTIZATION = {
     "lora-fp32": None,

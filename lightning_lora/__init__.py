@@ -5,7 +5,7 @@
 
 from lightning_lora.core import *  # noqa: F401,F403
 from lightning_lora.core import __all__ as _core_all
-from lightning_lora.core.amlora import (
+from lightning_lora.core.composition.amlora import (
     add_amlora,
     amlora_adapters,
     amlora_l1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_lora.core.adapter_tensors import adapter_parameters
+from lightning_lora.core.layers.adapter_tensors import adapter_parameters
 
 
 class Chain(nn.Module):

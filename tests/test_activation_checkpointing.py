@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
 from lightning_lora import LoHaConfig, LoraConfig, apply_lora
-from lightning_lora.core.distributed import clean_name  # drops checkpoint_wrapper's prefix
+from lightning_lora.core.common.distributed import clean_name  # drops checkpoint_wrapper's prefix
 
 CONFIGS = {
     "lora": LoraConfig(r=4, target_modules="all-linear"),

@@ -31,7 +31,7 @@ from lightning_lora import (
     lora_layers,
     save_adapter,
 )
-from lightning_lora.core.rank_allocation import RankAllocator, orthogonality_penalty
+from lightning_lora.core.training.rank_allocation import RankAllocator, orthogonality_penalty
 
 peft = pytest.importorskip("peft")
 

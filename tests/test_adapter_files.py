@@ -9,8 +9,6 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from adapter_cases import (
     CASES,
     assert_unchanged,
@@ -21,6 +19,10 @@ from adapter_cases import (
     snapshot,
     trained_model,
 )
+from models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
+from safetensors.torch import save_file
+
 from lightning_lora import (
     LoraConfig,
     adapter_state_dict,
@@ -34,9 +36,8 @@ from lightning_lora import (
     save_adapter,
     save_merged_model,
 )
-from lightning_lora.core import adapter_files, safe_files
-from models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
-from numerics import assert_parity
+from lightning_lora.core.common import safe_files
+from lightning_lora.core.files import adapter_files
 
 
 def _assert_same_adapter(loaded, saved, adapter_name: str = "default") -> None:

@@ -33,8 +33,8 @@ from lightning_lora import (
     remove_amlora,
     set_active_adapters,
 )
-from lightning_lora.core import amlora as amlora_core
-from lightning_lora.core.xlora import ExpertGate
+from lightning_lora.core.composition import amlora as amlora_core
+from lightning_lora.core.composition.xlora import ExpertGate
 
 GATES = ("softmax", "relu")
 

@@ -21,7 +21,7 @@ from lightning_models import BuiltInInit, dataloader, lora_config, trainer_argum
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import lightning_lora.core.safe_files as safe_files
+import lightning_lora.core.common.safe_files as safe_files
 from lightning_lora import (
     AdaLoraConfig,
     AdaLoraSchedule,
@@ -54,7 +54,7 @@ from lightning_lora import (
     save_adapter,
     save_merged_model,
 )
-from lightning_lora.core.merged_export import TIED_KEYS_METADATA
+from lightning_lora.core.files.merged_export import TIED_KEYS_METADATA
 from lightning_lora.lightning.fit_support import check_writable_destination
 from lightning_lora.lightning.mixin import optimizer_defaults
 

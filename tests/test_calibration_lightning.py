@@ -28,8 +28,8 @@ from lightning_models import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_lora.core.corda as corda
-import lightning_lora.core.eva as eva
+import lightning_lora.core.inits.corda as corda
+import lightning_lora.core.inits.eva as eva
 from lightning_lora import (
     EvaConfig,
     LoraCallback,

@@ -12,7 +12,7 @@ from models import fresh, tiny_gpt2, tiny_llama, token_batch
 from numerics import assert_parity
 from torch import nn
 
-import lightning_lora.core.corda as corda
+import lightning_lora.core.inits.corda as corda
 from lightning_lora import (
     LoraConfig,
     QuantizationConfig,

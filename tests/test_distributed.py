@@ -16,7 +16,7 @@ from lightning_models import BuiltInInit, lora_config, probe_inputs
 from numerics import assert_parity
 
 from lightning_lora import apply_lora, load_adapter_state_dict, load_merged_state_dict
-from lightning_lora.core.distributed import clean_name, gather_full_state_dict
+from lightning_lora.core.common.distributed import clean_name, gather_full_state_dict
 from lightning_lora.lightning.checkpoint import read_checkpoint_header
 
 ROOT = Path(__file__).resolve().parents[1]

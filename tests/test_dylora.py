@@ -38,7 +38,7 @@ from lightning_lora import (
     truncate_adapter,
     unmerge_lora,
 )
-from lightning_lora.core.nested_rank import nested_rank_limit
+from lightning_lora.core.kinds.nested_rank import nested_rank_limit
 
 R, ALPHA = 4, 8.0
 

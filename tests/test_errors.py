@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from models import tiny_llama
 from torch import nn
 
 from lightning_lora import LoraConfig, adapter_state_dict, apply_lora, load_adapter_state_dict
-from models import tiny_llama
 
 
 def _state(model: nn.Module) -> dict:
@@ -70,7 +70,7 @@ def test_bad_targets_fail_before_the_model_changes(config: LoraConfig, message: 
 
 
 def test_failure_in_the_middle_of_injection_rolls_everything_back(monkeypatch) -> None:
-    from lightning_lora.core import inject
+    from lightning_lora.core.surgery import inject
 
     model = tiny_llama()
     before, classes = _state(model), {n: type(m) for n, m in model.named_modules()}

@@ -14,7 +14,7 @@ from models import tiny_llama, token_batch
 from numerics import assert_parity
 from torch import nn
 
-import lightning_lora.core.eva as eva
+import lightning_lora.core.inits.eva as eva
 from lightning_lora import (
     EvaConfig,
     LoraConfig,

@@ -32,8 +32,8 @@ from lightning_lora import (  # noqa: E402
     quantized_layers,
     save_merged_model,
 )
-from lightning_lora.core.base_weights import dense_weight  # noqa: E402
-from lightning_lora.core.distributed import is_dtensor  # noqa: E402
+from lightning_lora.core.common.base_weights import dense_weight  # noqa: E402
+from lightning_lora.core.common.distributed import is_dtensor  # noqa: E402
 
 NF4 = QuantizationConfig(bits=4, quant_type="nf4", double_quant=True, layers="all-linear")
 

@@ -8,11 +8,12 @@ from torch import nn
 
 pytest.importorskip("bitsandbytes")
 
-from lightning_lora import LoraConfig, QuantizationConfig, apply_lora, lora_layers  # noqa: E402
-from lightning_lora.core.base_weights import dense_weight  # noqa: E402
 from models import token_batch  # noqa: E402
 from numerics import assert_parity  # noqa: E402
 from quantized_models import chain, chain_batch, llama64  # noqa: E402
+
+from lightning_lora import LoraConfig, QuantizationConfig, apply_lora, lora_layers  # noqa: E402
+from lightning_lora.core.common.base_weights import dense_weight  # noqa: E402
 
 OPTIONS = {
     "nf4": QuantizationConfig(bits=4, quant_type="nf4"),

@@ -15,13 +15,13 @@ from peft_oracle import copy_adapter_into_peft, peft_twin
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_lora.core.adapter_set import set_active_adapters
-from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.inject import apply_lora
+from lightning_lora.core.composition.mixed_batch import BASE_MODEL, mixed_adapter_batch
+from lightning_lora.core.config.lora_config import LoraConfig
 from lightning_lora.core.kinds import OFTConfig
-from lightning_lora.core.layers import lora_layers
-from lightning_lora.core.merge import disable_adapters, merge_lora
-from lightning_lora.core.mixed_batch import BASE_MODEL, mixed_adapter_batch
+from lightning_lora.core.layers.adapted_layer import lora_layers
+from lightning_lora.core.layers.adapter_set import set_active_adapters
+from lightning_lora.core.surgery.inject import apply_lora
+from lightning_lora.core.surgery.merge import disable_adapters, merge_lora
 
 NAMES = ["a", "b", "b", BASE_MODEL, "c", "a"]  # a contiguous group, a scattered one, single samples and the base
 

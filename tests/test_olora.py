@@ -16,7 +16,7 @@ from numerics import assert_parity
 from torch import nn
 
 from lightning_lora import LoraCallback, OLoraSchedule, adapter_state_dict, apply_lora, lora_layers
-from lightning_lora.core.continual import adapter_l2_norm, orthogonal_subspace_penalty
+from lightning_lora.core.composition.continual import adapter_l2_norm, orthogonal_subspace_penalty
 
 
 class TaskTwo(BuiltInInit):

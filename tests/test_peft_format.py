@@ -10,9 +10,6 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from torch import nn
-
 from adapter_cases import (
     CASES,
     assert_unchanged,
@@ -23,6 +20,12 @@ from adapter_cases import (
     snapshot,
     trained_model,
 )
+from models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from numerics import assert_parity
+from peft_oracle import peft_adapter_grads, peft_twin
+from safetensors.torch import load_file
+from torch import nn
+
 from lightning_lora import (
     LoraConfig,
     adapter_state_dict,
@@ -32,11 +35,8 @@ from lightning_lora import (
     peft_adapter_state,
     save_adapter,
 )
-from lightning_lora.core import peft_export
-from lightning_lora.core.initializers import register_initializer
-from models import randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from numerics import assert_parity
-from peft_oracle import peft_adapter_grads, peft_twin
+from lightning_lora.core.files import peft_export
+from lightning_lora.core.inits.initializers import register_initializer
 
 peft = pytest.importorskip("peft")
 

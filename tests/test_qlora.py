@@ -13,29 +13,6 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from lightning_lora import (  # noqa: E402
-    LoraConfig,
-    QuantizationConfig,
-    adapter_state_dict,
-    apply_lora,
-    dequantize_model,
-    disable_adapters,
-    load_adapter,
-    load_adapter_state_dict,
-    lora_param_groups,
-    load_merged_state_dict,
-    lora_layers,
-    merge_and_unload,
-    merge_lora,
-    prepare_for_kbit_training,
-    quantized_layers,
-    read_adapter_config,
-    save_adapter,
-    save_merged_model,
-)
-from lightning_lora.core import quantization, quantized_weights  # noqa: E402
-from lightning_lora.core.base_weights import dense_weight  # noqa: E402
-from lightning_lora.core.adapter_tensors import adapter_parameters  # noqa: E402
 from models import randomize_adapters, token_batch  # noqa: E402
 from numerics import RELATIVE_TOLERANCE, assert_parity  # noqa: E402
 from quantized_models import (  # noqa: E402
@@ -49,6 +26,31 @@ from quantized_models import (  # noqa: E402
     reference_dequantize_4bit,
     validation_pass,
 )
+
+from lightning_lora import (  # noqa: E402
+    LoraConfig,
+    QuantizationConfig,
+    adapter_state_dict,
+    apply_lora,
+    dequantize_model,
+    disable_adapters,
+    load_adapter,
+    load_adapter_state_dict,
+    load_merged_state_dict,
+    lora_layers,
+    lora_param_groups,
+    merge_and_unload,
+    merge_lora,
+    prepare_for_kbit_training,
+    quantized_layers,
+    read_adapter_config,
+    save_adapter,
+    save_merged_model,
+)
+from lightning_lora.core.common.base_weights import dense_weight  # noqa: E402
+from lightning_lora.core.layers.adapter_tensors import adapter_parameters  # noqa: E402
+from lightning_lora.core.quantization import quantize as quantization
+from lightning_lora.core.quantization import quantized_weights  # noqa: E402
 
 OPTIONS = {
     "nf4": QuantizationConfig(bits=4, quant_type="nf4", layers="all-linear"),

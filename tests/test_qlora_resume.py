@@ -16,7 +16,7 @@ pytest.importorskip("bitsandbytes")
 from quantized_models import chain, chain_batch  # noqa: E402
 
 from lightning_lora import LoraCallback, LoraConfig, QuantizationConfig, adapter_state_dict  # noqa: E402
-from lightning_lora.core.quantized_weights import quantized_layers  # noqa: E402
+from lightning_lora.core.quantization.quantized_weights import quantized_layers  # noqa: E402
 
 CONFIG = LoraConfig(r=4, alpha=8, target_modules=["first", "middle", "last"],
                     quantization=QuantizationConfig(bits=4, quant_type="nf4", double_quant=True))

@@ -10,9 +10,12 @@ import copy
 import pytest
 import safetensors.torch
 import torch
+from models import fresh, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from numerics import RELATIVE_TOLERANCE, assert_parity
+from peft_oracle import peft_twin
 from torch import nn
 
-import lightning_lora.core.svd_init as svd_init
+import lightning_lora.core.inits.svd_init as svd_init
 from lightning_lora import (
     LoraConfig,
     adapter_state_dict,
@@ -26,9 +29,6 @@ from lightning_lora import (
     save_adapter,
     unload_lora,
 )
-from models import fresh, small_convnet, tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from numerics import RELATIVE_TOLERANCE, assert_parity
-from peft_oracle import peft_twin
 
 SVD_INITS = ["pissa", "pissa_niter_4", "milora", "olora"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]  # Hugging Face Conv1D: weight stored [in, out]

@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointError
 
 from lightning_lora import LoraConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from lightning_lora.core.layers import lora_layers
-from lightning_lora.core.xlora import (
+from lightning_lora.core.composition.xlora import (
     CLASSIFIER_NAME,
     XLoraConfig,
     add_xlora,
@@ -25,6 +24,7 @@ from lightning_lora.core.xlora import (
     xlora_experts,
     xlora_scalings,
 )
+from lightning_lora.core.layers.adapted_layer import lora_layers
 
 peft = pytest.importorskip("peft")
 

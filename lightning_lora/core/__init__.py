@@ -1,19 +1,26 @@
 """The pure-PyTorch core of lightning_lora: no Lightning import anywhere below this package.
 
-Every function here works on a plain ``nn.Module`` in a plain training loop.
+Every function here works on a plain ``nn.Module`` in a plain training loop. The sub-packages, from the bottom up:
+``common``, ``config``, ``layers``, ``targets``, ``quantization``, ``inits``, ``kinds``, ``surgery``, ``training``,
+``files``, ``composition`` (docs/architecture.md draws them).
 """
 
-from lightning_lora.core.adapter_files import load_adapter, read_adapter_config, save_adapter
-from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
-from lightning_lora.core.adapter_set import (
-    adapter_names,
-    get_lora_config,
-    mark_only_adapters_trainable,
-    set_active_adapters,
-)
-from lightning_lora.core.combine import add_weighted_adapter
-from lightning_lora.core.config import AdapterConfig, LoraConfig, QuantizationConfig
-from lightning_lora.core.inject import apply_lora, initialize_pending_adapters
+from lightning_lora.core import legacy_paths
+
+legacy_paths.install()
+
+
+from lightning_lora.core.composition.combine import add_weighted_adapter
+from lightning_lora.core.composition.mixed_batch import mixed_adapter_batch
+from lightning_lora.core.composition.xlora import XLoraConfig, add_xlora, remove_xlora, xlora_scalings
+from lightning_lora.core.config.lora_config import AdapterConfig, LoraConfig, QuantizationConfig
+from lightning_lora.core.files.adapter_files import load_adapter, read_adapter_config, save_adapter
+from lightning_lora.core.files.merged_export import load_merged_state_dict, save_merged_model
+from lightning_lora.core.files.peft_export import peft_adapter_state
+from lightning_lora.core.files.peft_format import lora_config_from_peft
+from lightning_lora.core.files.state import adapter_state_dict, load_adapter_state_dict
+from lightning_lora.core.inits.loftq import loftq_init
+from lightning_lora.core.inits.svd_init import apply_init_residual, restore_base_weight
 from lightning_lora.core.kinds import (
     KINDS,
     AdaLoraConfig,
@@ -23,23 +30,27 @@ from lightning_lora.core.kinds import (
     OFTConfig,
     VeraConfig,
 )
-from lightning_lora.core.layers import LoraLayer, lora_layers
-from lightning_lora.core.loftq import loftq_init
-from lightning_lora.core.lorafa import LoraFAOptimizer, lorafa_optimizer
-from lightning_lora.core.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
-from lightning_lora.core.merged_export import load_merged_state_dict, save_merged_model
-from lightning_lora.core.mixed_batch import mixed_adapter_batch
-from lightning_lora.core.nested_rank import active_rank, set_active_rank, truncate_adapter
-from lightning_lora.core.param_groups import freeze_lora_A, lora_param_groups
-from lightning_lora.core.peft_export import peft_adapter_state
-from lightning_lora.core.peft_format import lora_config_from_peft
-from lightning_lora.core.quantization import dequantize_model, enable_input_gradients, prepare_for_kbit_training
-from lightning_lora.core.quantized_weights import keep_training_layout, quantized_layers
-from lightning_lora.core.removal import delete_adapter
-from lightning_lora.core.state import adapter_state_dict, load_adapter_state_dict
-from lightning_lora.core.summary import TrainableSummary, trainable_parameters_summary
-from lightning_lora.core.svd_init import apply_init_residual, restore_base_weight
-from lightning_lora.core.xlora import XLoraConfig, add_xlora, remove_xlora, xlora_scalings
+from lightning_lora.core.kinds.nested_rank import active_rank, set_active_rank, truncate_adapter
+from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
+from lightning_lora.core.layers.adapter_set import (
+    adapter_names,
+    get_lora_config,
+    mark_only_adapters_trainable,
+    set_active_adapters,
+)
+from lightning_lora.core.layers.adapter_tensors import register_zero3_external_parameters
+from lightning_lora.core.layers.summary import TrainableSummary, trainable_parameters_summary
+from lightning_lora.core.quantization.quantize import (
+    dequantize_model,
+    enable_input_gradients,
+    prepare_for_kbit_training,
+)
+from lightning_lora.core.quantization.quantized_weights import keep_training_layout, quantized_layers
+from lightning_lora.core.surgery.inject import apply_lora, initialize_pending_adapters
+from lightning_lora.core.surgery.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora
+from lightning_lora.core.surgery.removal import delete_adapter
+from lightning_lora.core.training.lorafa import LoraFAOptimizer, lorafa_optimizer
+from lightning_lora.core.training.param_groups import freeze_lora_A, lora_param_groups
 
 __all__ = [
     "KINDS",
@@ -102,7 +113,7 @@ __all__ = [
 ]
 
 # Data-driven inits (CorDA, EVA): importing the module registers init="corda_ipm", "corda_kpm" and "eva".
-from lightning_lora.core.calibration import calibrate_adapters  # noqa: E402
-from lightning_lora.core.config import EvaConfig  # noqa: E402
+from lightning_lora.core.config.lora_config import EvaConfig  # noqa: E402
+from lightning_lora.core.inits.calibration import calibrate_adapters  # noqa: E402
 
 __all__ += ["EvaConfig", "calibrate_adapters"]

@@ -19,27 +19,20 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.adapter_set import adapter_names, get_lora_config
-from lightning_lora.core.adapter_tensors import register_zero3_external_parameters
-from lightning_lora.core.distributed import is_sharded, reshard_fsdp2
-from lightning_lora.core.forward_plan import MERGE, check_plans_allow
-from lightning_lora.core.inject import apply_lora, check_adapter_name, initialize_pending_adapters
+from lightning_lora.core.common.distributed import is_sharded, reshard_fsdp2
 from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
-from lightning_lora.core.layers import lora_layers
-from lightning_lora.core.merge import merge_lora, unmerge_lora
-from lightning_lora.core.param_groups import freeze_lora_A
-from lightning_lora.core.quantized_weights import check_sharded_quantization, quantized_layers
-from lightning_lora.core.summary import trainable_parameters_summary
-from lightning_lora.core.targeting import find_targets
+from lightning_lora.core.layers.adapted_layer import lora_layers
+from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
+from lightning_lora.core.layers.adapter_tensors import register_zero3_external_parameters
+from lightning_lora.core.layers.forward_plan import MERGE, check_plans_allow
+from lightning_lora.core.layers.summary import trainable_parameters_summary
+from lightning_lora.core.quantization.quantized_weights import check_sharded_quantization, quantized_layers
+from lightning_lora.core.surgery.inject import apply_lora, check_adapter_name, initialize_pending_adapters
+from lightning_lora.core.surgery.merge import merge_lora, unmerge_lora
+from lightning_lora.core.targets.targeting import find_targets
+from lightning_lora.core.training.param_groups import freeze_lora_A
 from lightning_lora.lightning.calibration import CalibrationForward, DataInitHooks, pending_data_layers, uses_data_init
 from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
-from lightning_lora.lightning.module_hooks import (
-    check_present_at_fit_start,
-    remove_module_hooks,
-    run_after_module_hook,
-)
-from lightning_lora.lightning.precision import keep_adapters_float32
-from lightning_lora.lightning.resume import attach_exact_resume
 from lightning_lora.lightning.fit_support import (
     check_optimizer_holds_trainable_parameters,
     check_writable_destination,
@@ -49,6 +42,13 @@ from lightning_lora.lightning.fit_support import (
     submodule_of,
     write_merged_weights,
 )
+from lightning_lora.lightning.module_hooks import (
+    check_present_at_fit_start,
+    remove_module_hooks,
+    run_after_module_hook,
+)
+from lightning_lora.lightning.precision import keep_adapters_float32
+from lightning_lora.lightning.resume import attach_exact_resume
 
 
 class LoraCallback(DataInitHooks, Callback):

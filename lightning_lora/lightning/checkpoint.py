@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_lora.core.adapter_set import adapter_names
-from lightning_lora.core.base_updates import trained_base_weight_names
-from lightning_lora.core.distributed import clean_name
+from lightning_lora.core.common.distributed import clean_name
+from lightning_lora.core.files.state import adapter_state_dict, key_and_shape_problems
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS
-from lightning_lora.core.layers import lora_layers
-from lightning_lora.core.state import adapter_state_dict, key_and_shape_problems
+from lightning_lora.core.layers.adapted_layer import lora_layers
+from lightning_lora.core.layers.adapter_set import adapter_names
+from lightning_lora.core.training.base_updates import trained_base_weight_names
 
 Shapes = dict[str, tuple[int, ...]]
 # Where the shapes of a module's adapter tensors are kept once they are known unsharded (FSDP1 flattens them later).
@@ -37,8 +37,8 @@ _PATCHED = "_lightning_lora_patched"
 
 def required_adapter_shapes(module: nn.Module) -> Shapes:
     """Keys and shapes a checkpoint must contain to restore every adapter of ``module``: adapter tensors, the
-    ``modules_to_save`` state and trained biases (what :func:`~lightning_lora.core.state.adapter_state_dict` holds),
-    and the modules that mix adapters (X-LoRA's classifier, AM-LoRA's selector)."""
+    ``modules_to_save`` state and trained biases (what :func:`~lightning_lora.core.files.state.adapter_state_dict`
+    holds), and the modules that mix adapters (X-LoRA's classifier, AM-LoRA's selector)."""
     remembered = module.__dict__.get(_SHAPES_ATTRIBUTE, {})
     tensors = [item for name in adapter_names(module) for item in adapter_state_dict(module, name).items()]
     for prefix, machinery in module.named_modules():

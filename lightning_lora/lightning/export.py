@@ -17,9 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.adapter_files import FORMATS, save_adapter
-from lightning_lora.core.adapter_set import adapter_names, get_lora_config
-from lightning_lora.core.peft_export import check_exportable
+from lightning_lora.core.files.adapter_files import FORMATS, save_adapter
+from lightning_lora.core.files.peft_export import check_exportable
+from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
 from lightning_lora.lightning.fit_support import check_writable_destination
 
 

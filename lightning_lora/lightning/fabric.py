@@ -28,7 +28,7 @@ from typing import Any, Callable
 from lightning.fabric.wrappers import _FabricModule  # what fabric.setup returns; its .module is the user's model
 from torch import nn
 
-from lightning_lora.core.distributed import clean_name
+from lightning_lora.core.common.distributed import clean_name
 from lightning_lora.lightning.checkpoint import adapter_checkpoint_keys
 
 

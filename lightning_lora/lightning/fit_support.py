@@ -11,9 +11,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
-from lightning_lora.core.distributed import barrier, clean_name, reshard_fsdp2
-from lightning_lora.core.merged_export import SINGLE_FILE_NAME, save_merged_model
-from lightning_lora.core.safe_files import PathLike, check_writable_directory, is_writer, write_safetensors
+from lightning_lora.core.common.distributed import barrier, clean_name, reshard_fsdp2
+from lightning_lora.core.common.safe_files import PathLike, check_writable_directory, is_writer, write_safetensors
+from lightning_lora.core.files.merged_export import SINGLE_FILE_NAME, save_merged_model
 from lightning_lora.lightning.checkpoint import is_adapter_key
 
 
@@ -124,7 +124,7 @@ def check_writable_destination(path: Optional[PathLike], what: str, trainer: Opt
     """Refuse, before training, a folder that a save at the end of the run could not write.
 
     The folder must be a directory or creatable, and accept new files where the save writes (see
-    :func:`~lightning_lora.core.safe_files.check_writable_directory`; tested with a probe file that is deleted
+    :func:`~lightning_lora.core.common.safe_files.check_writable_directory`; tested with a probe file that is deleted
     again). Only the process that writes (global rank 0) looks at the disk; with a ``trainer`` its answer is
     broadcast, so every rank raises together.
 

@@ -14,11 +14,11 @@ from typing import Any, Optional, TypeVar, Union
 import lightning.pytorch as pl
 import torch
 
-from lightning_lora.core.adapter_set import adapter_names
-from lightning_lora.core.inject import apply_lora
 from lightning_lora.core.kinds import KINDS
-from lightning_lora.core.layers import lora_layers
-from lightning_lora.core.merge import merge_lora
+from lightning_lora.core.layers.adapted_layer import lora_layers
+from lightning_lora.core.layers.adapter_set import adapter_names
+from lightning_lora.core.surgery.inject import apply_lora
+from lightning_lora.core.surgery.merge import merge_lora
 from lightning_lora.lightning.checkpoint import (
     check_checkpoint_fits,
     complete_with_model_state,

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
 
-from lightning_lora.core.config import LoraConfig
+from lightning_lora.core.config.lora_config import LoraConfig
 from lightning_lora.core.kinds import AnyAdapterConfig
-from lightning_lora.core.param_groups import check_loraplus_arguments, lora_param_groups
+from lightning_lora.core.training.param_groups import check_loraplus_arguments, lora_param_groups
 from lightning_lora.lightning.callback import LoraCallback
 from lightning_lora.lightning.checkpoint import check_and_complete_checkpoint
 

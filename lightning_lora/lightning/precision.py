@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lora.core.adapter_tensors import adapter_tensors
+from lightning_lora.core.layers.adapter_tensors import adapter_tensors
 
 _PATCHED = "_lora_keeps_adapters_float32"
 

@@ -19,10 +19,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.adapter_files import load_adapter
-from lightning_lora.core.adapter_set import adapter_names
-from lightning_lora.core.summary import trainable_parameters_summary
-from lightning_lora.core.xlora import XLoraConfig, add_xlora, has_xlora, xlora_experts
+from lightning_lora.core.composition.xlora import XLoraConfig, add_xlora, has_xlora, xlora_experts
+from lightning_lora.core.files.adapter_files import load_adapter
+from lightning_lora.core.layers.adapter_set import adapter_names
+from lightning_lora.core.layers.summary import trainable_parameters_summary
 from lightning_lora.lightning.callback import LoraCallback
 from lightning_lora.lightning.checkpoint import patch_strategy_checkpointing, remember_adapter_shapes
 from lightning_lora.lightning.fit_support import check_optimizer_holds_trainable_parameters, submodule_of

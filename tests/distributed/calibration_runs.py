@@ -33,9 +33,9 @@ from lightning_models import (
 )
 from torch.utils.data import DataLoader, DistributedSampler
 
-import lightning_lora.core.corda as corda
+import lightning_lora.core.inits.corda as corda
 from lightning_lora import EvaConfig, LoraCallback, adapter_state_dict
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.common.distributed import full_tensor
 
 KINDS = ["ddp", "fsdp2"]
 INIT = "corda_kpm"

@@ -14,16 +14,22 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from cpu_deepspeed import CpuDeepSpeedStrategy  # first: it sets DS_ACCELERATOR before deepspeed is imported
-
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from cpu_deepspeed import CpuDeepSpeedStrategy  # first: it sets DS_ACCELERATOR before deepspeed is imported
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning_models import BuiltInConfigureModel, BuiltInInit, dataloader, exit_cleanly, lora_config, trainer_arguments  # noqa
+from lightning_models import (  # noqa
+    BuiltInConfigureModel,
+    BuiltInInit,
+    dataloader,
+    exit_cleanly,
+    lora_config,
+    trainer_arguments,
+)
 from svd_init_runs import snapshot  # noqa: E402
 
 from lightning_lora import LoraCallback, save_merged_model, trainable_parameters_summary  # noqa: E402
-from lightning_lora.core.distributed import gathered_parameters  # noqa: E402
+from lightning_lora.core.common.distributed import gathered_parameters  # noqa: E402
 
 EPOCHS = 2
 # (name, ZeRO stage, init, module): every SVD init under ZeRO-3, the common ones under ZeRO-2, and a model built in

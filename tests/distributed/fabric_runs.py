@@ -21,7 +21,7 @@ from svd_init_runs import ADAPTED
 from torch import nn
 
 from lightning_lora import adapter_checkpoint_filter, adapter_state_dict, apply_lora, lora_param_groups, save_adapter
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.common.distributed import full_tensor
 
 STEPS, BATCH, INIT = 4, 8, "pissa_niter_2"
 

@@ -42,8 +42,8 @@ from lightning_lora import (
     adapter_state_dict,
     save_merged_model,
 )
-from lightning_lora.core.distributed import full_tensor
-from lightning_lora.core.quantization import quantization_fits
+from lightning_lora.core.common.distributed import full_tensor
+from lightning_lora.core.quantization.quantize import quantization_fits
 
 EPOCHS = 2
 BATCH_PER_RANK = 2

@@ -33,7 +33,7 @@ from lightning_models import (
 )
 
 from lightning_lora import LoraCallback, QuantizationConfig, adapter_state_dict
-from lightning_lora.core.distributed import gather_full_state_dict, global_rank, is_dtensor
+from lightning_lora.core.common.distributed import gather_full_state_dict, global_rank, is_dtensor
 
 EPOCHS = 2  # 4 steps each on each rank
 Make = Callable[[], tuple[L.LightningModule, list]]

@@ -30,9 +30,9 @@ from lightning_models import (
     trainer_arguments,
 )
 
-import lightning_lora.core.svd_init as svd_init
+import lightning_lora.core.inits.svd_init as svd_init
 from lightning_lora import LoraCallback, adapter_state_dict
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.common.distributed import full_tensor
 
 INIT = "pissa_niter_2"  # randomised SVD: ranks agree only because its projection is seeded the same everywhere
 EPOCHS = 2

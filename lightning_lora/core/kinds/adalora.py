@@ -4,8 +4,8 @@ https://arxiv.org/abs/2303.10512).
 ``delta W = B diag(E) A * alpha / (init_r + 1e-5)`` with ``A: [init_r, in]`` (right singular vectors), ``E:
 [init_r, 1]`` (singular values) and ``B: [out, init_r]`` (left singular vectors). The layers always hold ``init_r``
 ranks; a rank is pruned by zeroing its singular value. Which ranks survive is decided during training by
-:class:`~lightning_lora.core.rank_allocation.RankAllocator` (the ``AdaLoraSchedule`` callback runs it), and the final
-allocation is kept in ``AdaLoraConfig.rank_pattern``. PEFT's ``ADALORA`` files hold only the surviving ranks with
+:class:`~lightning_lora.core.training.rank_allocation.RankAllocator` (the ``AdaLoraSchedule`` callback runs it), and the
+final allocation is kept in ``AdaLoraConfig.rank_pattern``. PEFT's ``ADALORA`` files hold only the surviving ranks with
 that pattern: they are written and read both ways. Same tensors and numbers as PEFT's AdaLoRA.
 """
 
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.checks import is_finite_number
-from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.common.distributed import full_tensor
+from lightning_lora.core.config.lora_config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
-from lightning_lora.core.layer_types import LinearAdapters, layer_type_of
+from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 _PEFT_NAMES = {"delta_t": "deltaT", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 

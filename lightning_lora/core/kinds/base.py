@@ -4,8 +4,8 @@ A kind is one :class:`AdapterKind` subclass in one file of this folder, plus one
 (:data:`lightning_lora.core.kinds.KINDS`). Everything generic (injection and rollback, trainability, adapter state
 dicts, delete and unload, merging, native and PEFT files, parameter groups, checkpoints) asks the kind through this
 interface and never names a kind's tensors. Layer types (``nn.Linear``, Hugging Face ``Conv1D``, ``nn.Embedding``,
-``nn.ConvNd``) are the other axis: :class:`~lightning_lora.core.layers.LoraLayer` mixins give the geometry (dims,
-weight layout, how to apply factors or a dense weight) and every kind works through them.
+``nn.ConvNd``) are the other axis: :class:`~lightning_lora.core.layers.adapted_layer.LoraLayer` mixins give the geometry
+(dims, weight layout, how to apply factors or a dense weight) and every kind works through them.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config import AdapterConfig
-from lightning_lora.core.distributed import full_tensor
+from lightning_lora.core.common.distributed import full_tensor
+from lightning_lora.core.config.lora_config import AdapterConfig
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 Action = Literal["add", "rescale", "transform"]
 
@@ -243,7 +243,7 @@ class AdapterKind:
             adapter_name: The adapter being loaded.
             config: The config read from the file.
             layers: ``(name, layer)`` of every layer the adapter is on.
-            state: The file's tensors, keyed like :func:`~lightning_lora.core.state.adapter_state_dict`.
+            state: The file's tensors, keyed like :func:`~lightning_lora.core.files.state.adapter_state_dict`.
         """
 
     def fold_for_vllm(

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from lightning_lora.core.inits.svd_init import INIT_FACTOR_DICTS
 from lightning_lora.core.kinds.base import AdapterTensor
 from lightning_lora.core.kinds.lora import LoraKind
-from lightning_lora.core.svd_init import INIT_FACTOR_DICTS
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 
 class DoraKind(LoraKind):

@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) and rsLoRA: ``result + scaling * B(A(dropout(x)))``.
 
 ``A: [r, in, *kernel]``, ``B: [out, r, *ones]``, ``scaling = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). How the
-factors start is ``LoraConfig.init`` (:mod:`lightning_lora.core.initializers`, :mod:`lightning_lora.core.svd_init`,
-:mod:`lightning_lora.core.loftq`); SVD inits keep their initial factors as frozen ``lora_init_A``/``lora_init_B``.
+factors start is ``LoraConfig.init`` (:mod:`lightning_lora.core.inits.initializers`,
+:mod:`lightning_lora.core.inits.svd_init`, :mod:`lightning_lora.core.inits.loftq`); SVD inits keep their initial factors
+as frozen ``lora_init_A``/``lora_init_B``.
 """
 
 from __future__ import annotations
@@ -14,36 +15,36 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.base_weights import is_plain_weight
-from lightning_lora.core.config import LoraConfig
-from lightning_lora.core.distributed import full_tensor
-from lightning_lora.core.init_names import check_init_name
-from lightning_lora.core.initializers import (
+from lightning_lora.core.common.base_weights import is_plain_weight
+from lightning_lora.core.common.distributed import full_tensor
+from lightning_lora.core.config.init_names import check_init_name
+from lightning_lora.core.config.lora_config import LoraConfig
+from lightning_lora.core.inits.initializers import (
     initializer_keeps_factors,
     initializer_needs_data,
     initializer_supports,
     resolve_initializer,
     weight_dependent_init,
 )
-from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
-from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters, layer_type_of
-from lightning_lora.core.layers import restores
-from lightning_lora.core.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
-from lightning_lora.core.nested_rank import nested_factors
-from lightning_lora.core.parameter_adapters import ParameterAdapters
-from lightning_lora.core.svd_init import (
+from lightning_lora.core.inits.loftq import loftq_init  # noqa: F401  (registers the LoftQ inits)
+from lightning_lora.core.inits.svd_init import (
     INIT_FACTOR_DICTS,
     adopt_init_factors,
     has_init_factors,
     restore_base_weight,
     svd_init_factors,
 )
+from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
+from lightning_lora.core.kinds.nested_rank import nested_factors
+from lightning_lora.core.layers.adapted_layer import restores
+from lightning_lora.core.layers.layer_types import ConvAdapters, EmbeddingAdapters, layer_type_of
+from lightning_lora.core.layers.parameter_adapters import ParameterAdapters
 
 # Inits that work at any rank (random factors): an r beyond what a layer can use only warns, as PEFT allows it.
 RANDOM_INITS = ("kaiming", "gaussian")
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 
 class LoraKind(AdapterKind):

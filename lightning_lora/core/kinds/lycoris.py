@@ -10,12 +10,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lora.core.config import LOW_RANK_ARGS, TARGETING_ARGS, AdapterConfig, LowRankConfig, check_dropout
+from lightning_lora.core.config.lora_config import (
+    LOW_RANK_ARGS,
+    TARGETING_ARGS,
+    AdapterConfig,
+    LowRankConfig,
+    check_dropout,
+)
 from lightning_lora.core.kinds.base import AdapterKind
-from lightning_lora.core.layer_types import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
+from lightning_lora.core.layers.layer_types import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 LYCORIS_LAYERS = "nn.Linear, nn.Conv1d and nn.Conv2d"
 LYCORIS_ARGS = """

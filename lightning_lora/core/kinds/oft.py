@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.core.checks import is_finite_number
-from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
+from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.config.lora_config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
-from lightning_lora.core.layer_types import ConvAdapters, EmbeddingAdapters, LinearAdapters, layer_type_of
+from lightning_lora.core.layers.layer_types import ConvAdapters, EmbeddingAdapters, LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 OFT_LAYERS = "nn.Linear, nn.Embedding and nn.Conv2d"
 

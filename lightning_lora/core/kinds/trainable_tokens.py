@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config import AdapterConfig, LoraConfig
+from lightning_lora.core.config.lora_config import AdapterConfig, LoraConfig
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
-from lightning_lora.core.layer_types import LinearAdapters
+from lightning_lora.core.layers.layer_types import LinearAdapters
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 TOKENS_CONTAINER = "trainable_tokens_delta"
 

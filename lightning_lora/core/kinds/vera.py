@@ -3,9 +3,9 @@
 One pair of frozen random projections ``A: [r, max_in]`` and ``B: [max_out, r]`` serves every adapted layer (each
 uses the top-left block its size needs); only two vectors per layer train: ``x -> base(x) + b * (B (d * (A x)))``
 with ``d: [r]`` and ``b: [out]``. The projections come from ``projection_prng_key`` (PEFT's generator and bounds, so
-the same key gives PEFT's matrices bit for bit), are held once in memory (a :class:`~lightning_lora.core.layers.
-SharedTensors` child of every adapted layer) and once in files (``save_projection``), and never in state dicts or
-checkpoints: the key rebuilds them.
+the same key gives PEFT's matrices bit for bit), are held once in memory (a
+:class:`~lightning_lora.core.layers.adapted_layer.SharedTensors` child of every adapted layer) and once in files
+(``save_projection``), and never in state dicts or checkpoints: the key rebuilds them.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.core.checks import is_finite_number
-from lightning_lora.core.config import TARGETING_ARGS, AdapterConfig, check_dropout
+from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.config.lora_config import TARGETING_ARGS, AdapterConfig, check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
-from lightning_lora.core.layer_types import LinearAdapters, layer_type_of
+from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
-    from lightning_lora.core.layers import AdapterSettings, LoraLayer
+    from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
 
 @dataclass(kw_only=True)

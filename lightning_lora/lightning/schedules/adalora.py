@@ -13,9 +13,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_lora.core.common.safe_files import is_writer
 from lightning_lora.core.kinds.adalora import AdaLoraConfig
-from lightning_lora.core.rank_allocation import RankAllocator, orthogonality_penalty
-from lightning_lora.core.safe_files import is_writer
+from lightning_lora.core.training.rank_allocation import RankAllocator, orthogonality_penalty
 from lightning_lora.lightning.schedules.base import AdapterSchedule, warn_beyond_run
 
 ALLOCATION_FILE = "adalora_ranks.json"

@@ -10,9 +10,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_lora.core.adapter_set import adapter_names
-from lightning_lora.core.checks import is_finite_number
-from lightning_lora.core.amlora import (
+from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.composition.amlora import (
     GATES,
     add_amlora,
     amlora_adapters,
@@ -20,6 +19,7 @@ from lightning_lora.core.amlora import (
     has_amlora,
     set_amlora_l1_weight,
 )
+from lightning_lora.core.layers.adapter_set import adapter_names
 from lightning_lora.lightning.module_hooks import (
     check_present_at_fit_start,
     remove_module_hooks,

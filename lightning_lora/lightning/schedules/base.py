@@ -27,10 +27,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.adapter_set import adapter_names, get_lora_config
-from lightning_lora.core.base_updates import mark_base_trained
-from lightning_lora.core.base_weights import is_plain_weight
-from lightning_lora.core.layers import LoraLayer, lora_layers
+from lightning_lora.core.common.base_weights import is_plain_weight
+from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
+from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
+from lightning_lora.core.training.base_updates import mark_base_trained
 from lightning_lora.lightning.callback import lora_callbacks
 from lightning_lora.lightning.export import AdapterExport
 

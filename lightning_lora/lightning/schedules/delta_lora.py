@@ -7,10 +7,10 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_lora.core.base_updates import add_to_base_weight, whole_factors
-from lightning_lora.core.checks import is_finite_number, is_integer
-from lightning_lora.core.distributed import reshard_fsdp2
+from lightning_lora.core.common.checks import is_finite_number, is_integer
+from lightning_lora.core.common.distributed import reshard_fsdp2
 from lightning_lora.core.kinds.lora import lora_factor_delta
+from lightning_lora.core.training.base_updates import add_to_base_weight, whole_factors
 from lightning_lora.lightning.schedules.base import BaseMovingSchedule, warn_beyond_run
 
 

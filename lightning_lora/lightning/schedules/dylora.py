@@ -1,6 +1,6 @@
 """DyLoRA as a callback: a rank sampled every optimizer step, so one trained LoRA adapter works at every rank up to
 ``r`` (Valipour et al. 2022, https://arxiv.org/abs/2210.07558). The rank's math is the core's
-(:mod:`lightning_lora.core.nested_rank`); this callback decides when."""
+(:mod:`lightning_lora.core.kinds.nested_rank`); this callback decides when."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.nested_rank import NESTED_UPDATES, active_rank, nested_layers, set_active_rank
+from lightning_lora.core.kinds.nested_rank import NESTED_UPDATES, active_rank, nested_layers, set_active_rank
 from lightning_lora.lightning.schedules.base import AdapterSchedule
 
 
@@ -21,7 +21,7 @@ class DyLoraSchedule(AdapterSchedule):
     Before the first micro-batch of every optimizer step a rank ``b`` is drawn uniformly from
     ``min_rank..r`` (the paper's uniform distribution over ranks, as the authors' ``torch.randint`` per step); the
     adapter then computes with the first ``b`` rows of ``A`` and columns of ``B`` and scaling ``alpha / b``
-    (``alpha / sqrt(b)`` with rsLoRA), see :mod:`lightning_lora.core.nested_rank`. With ``update="last"`` only the
+    (``alpha / sqrt(b)`` with rsLoRA), see :mod:`lightning_lora.core.kinds.nested_rank`. With ``update="last"`` only the
     ``b``-th row and column get gradients (the paper's "frozen" mode, which the authors' training script uses); with
     ``"nested"`` all first ``b`` do. The other ranks get zero gradients (detached in forward, as in the authors'
     code), so an optimizer with momentum or weight decay still moves them.

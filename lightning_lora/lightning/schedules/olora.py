@@ -9,11 +9,11 @@ from typing import Optional, Sequence
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_lora.core.adapter_set import adapter_names, get_lora_config, saved_module_state
-from lightning_lora.core.adapter_tensors import adapter_parameters
-from lightning_lora.core.checks import is_finite_number
-from lightning_lora.core.continual import adapter_l2_norm, orthogonal_subspace_penalty
-from lightning_lora.core.svd_init import has_init_factors
+from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.composition.continual import adapter_l2_norm, orthogonal_subspace_penalty
+from lightning_lora.core.inits.svd_init import has_init_factors
+from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config, saved_module_state
+from lightning_lora.core.layers.adapter_tensors import adapter_parameters
 from lightning_lora.lightning.schedules.base import AdapterSchedule
 
 

@@ -9,17 +9,17 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lightning_lora.core.base_updates import (
+from lightning_lora.core.common.checks import is_finite_number, is_integer
+from lightning_lora.core.common.distributed import reshard_fsdp2
+from lightning_lora.core.inits.initializers import initializer_keeps_factors
+from lightning_lora.core.kinds.lora import lora_factor_delta
+from lightning_lora.core.layers.layer_types import EmbeddingAdapters
+from lightning_lora.core.training.base_updates import (
     add_to_base_weight,
     prune_optimizer_state,
     reinitialize_lora,
     whole_factors,
 )
-from lightning_lora.core.checks import is_finite_number, is_integer
-from lightning_lora.core.distributed import reshard_fsdp2
-from lightning_lora.core.initializers import initializer_keeps_factors
-from lightning_lora.core.kinds.lora import lora_factor_delta
-from lightning_lora.core.layer_types import EmbeddingAdapters
 from lightning_lora.lightning.schedules.base import BaseMovingSchedule, warn_beyond_run
 
 Record = dict[str, dict[str, torch.Tensor]]  # {layer name: {"lora_A": A, "lora_B": B}} folded at one restart

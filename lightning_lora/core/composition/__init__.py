@@ -1,0 +1,1 @@
+"""Several adapters at once: weighted combination, mixed-adapter batches, X-LoRA, AM-LoRA, O-LoRA."""

@@ -1,0 +1,462 @@
+"""Adapter files: one adapter as ``adapter_model.safetensors`` plus ``adapter_config.json``, never pickle.
+
+Three formats share these two file names:
+
+- ``"peft"``: Hugging Face PEFT's format, loadable with ``peft.PeftModel.from_pretrained`` (see
+  :mod:`lightning_lora.core.files.peft_format`).
+- ``"vllm"``: PEFT's format restricted to what vLLM serves (one rank and scaling, only ``lora_A``/``lora_B``).
+- ``"lightning_lora"``: our own, exact for every feature: the ``LoraConfig`` as JSON, tensors under the model's keys
+  without the adapter name, and the initial factors of SVD-initialised adapters (``<layer>.lora_init_A``/``_B``) so
+  a load onto the original base model rebuilds the residual base weights.
+
+:func:`load_adapter` reads all of them (and adapters written by PEFT itself) and tells the format from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from lightning_lora.core.common.distributed import full_tensor, uncompiled
+from lightning_lora.core.common.safe_files import (
+    PathLike,
+    is_writer,
+    publish,
+    read_safetensors,
+    staging_directory,
+    write_safetensors,
+)
+from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.files.peft_export import peft_adapter_state
+from lightning_lora.core.files.peft_format import (
+    PEFT_CONFIG_NAME,
+    PEFT_PREFIX,
+    PEFT_WEIGHTS_NAME,
+    adapter_state_from_peft,
+    lora_config_from_peft,
+)
+from lightning_lora.core.files.state import (
+    adapter_state_dict,
+    check_adapter_state_dict,
+    copy_into,
+    load_adapter_state_dict,
+    load_shared_state,
+    shared_state_for_file,
+    take_shared_state,
+)
+from lightning_lora.core.inits.svd_init import (
+    INIT_FACTOR_DICTS,
+    add_init_factor_tensors,
+    has_init_factors,
+    svd_init_factors,
+)
+from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
+from lightning_lora.core.layers.adapted_layer import AdapterSettings, lora_layers
+from lightning_lora.core.layers.adapter_set import SAVED_WITH, adapter_names, get_lora_config
+from lightning_lora.core.layers.adapter_tensors import adapter_parameters, shared_adapter_tensors
+from lightning_lora.core.surgery.inject import _rollback, apply_lora
+from lightning_lora.core.training.base_updates import check_base_untouched
+
+AdapterFormat = Literal["peft", "vllm", "lightning_lora"]
+FORMATS: tuple[str, ...] = ("peft", "vllm", "lightning_lora")
+CONFIG_NAME = PEFT_CONFIG_NAME
+WEIGHTS_NAME = PEFT_WEIGHTS_NAME
+NATIVE_FORMAT_KEY = "lightning_lora_format"
+NATIVE_FORMAT_VERSION = 1
+
+
+def save_adapter(
+    model: nn.Module, directory: PathLike, adapter_name: str = "default", format: AdapterFormat = "peft"
+) -> Path:
+    """Save one adapter to ``directory`` as ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+    The write is atomic: files are staged beside ``directory`` and moved in with the config last, so an interrupted
+    save never leaves an adapter that loads half-written. Other files in ``directory`` are kept. In a distributed
+    run only global rank 0 writes; under FSDP2 every rank must call (sharded tensors are gathered).
+
+    Args:
+        model: The model holding the adapter. For ``"peft"``/``"vllm"`` tensor names are relative to it: pass the
+            module PEFT would wrap (``lit_module.model`` rather than the LightningModule).
+        directory: Folder to write (created if missing).
+        adapter_name: Which adapter.
+        format: ``"peft"`` (Hugging Face PEFT), ``"vllm"`` (PEFT restricted to what vLLM serves) or
+            ``"lightning_lora"`` (exact for every feature).
+
+    Returns:
+        The directory, as a ``Path``.
+
+    Raises:
+        ValueError: Unknown format or adapter, or an adapter the format cannot hold (see
+            :func:`~lightning_lora.core.files.peft_export.peft_adapter_state`). Nothing is written then.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}.")
+    model = uncompiled(model)
+    check_base_untouched(model, adapter_name)
+    if format == "lightning_lora":
+        config, tensors = native_adapter_state(model, adapter_name)
+    else:
+        config, tensors = peft_adapter_state(model, adapter_name, vllm=format == "vllm")
+    directory = Path(directory)
+    if is_writer():
+        with staging_directory(directory) as staging:
+            write_safetensors(staging / WEIGHTS_NAME, tensors)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            publish(staging, directory, entry_file=CONFIG_NAME)
+    return directory
+
+
+def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, Any], dict[str, Any]]:
+    """One adapter in lightning_lora's own format: the config dict and the tensors.
+
+    Tensor keys are the model's keys with the adapter name removed (``layers.0.q_proj.lora_A``), the state of
+    ``modules_to_save`` and trained biases under their own keys, and SVD inits' initial factors as
+    ``<layer>.lora_init_A`` / ``<layer>.lora_init_B``.
+    """
+    model = uncompiled(model)
+    state = adapter_state_dict(model, adapter_name)
+    adapter_keys = {key for key, _ in adapter_parameters(model, adapter_name)}
+    suffix = f".{adapter_name}"
+    tensors = {(k.removesuffix(suffix) if k in adapter_keys else k): full_tensor(v) for k, v in state.items()}
+    for name, layer in lora_layers(model):
+        factors = svd_init_factors(layer, adapter_name) if adapter_name in layer.lora_settings else None
+        for dict_name, value in zip(INIT_FACTOR_DICTS, factors or ()):
+            tensors[f"{name}.{dict_name}" if name else dict_name] = full_tensor(value.detach())
+    tensors.update(shared_state_for_file(model, adapter_name, peft=False))
+    adapter_config = get_lora_config(model, adapter_name)
+    config = {
+        NATIVE_FORMAT_KEY: NATIVE_FORMAT_VERSION,
+        "adapter_name": adapter_name,
+        "kind": adapter_config.kind,
+        "lora_config": adapter_config.to_dict(),
+    }
+    return config, tensors
+
+
+def read_adapter_files(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config dict and the tensors of a saved adapter directory, checked for readability.
+
+    Raises:
+        FileNotFoundError: No such directory, or a missing ``adapter_config.json`` / ``adapter_model.safetensors``.
+        ValueError: Only a pickle file (``adapter_model.bin``), invalid JSON, a truncated/corrupt safetensors file,
+            or NaN/Inf values in a tensor (named).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Adapter directory {directory} does not exist; check the path.")
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights_path.is_file() and (directory / "adapter_model.bin").is_file():
+        raise ValueError(
+            f"{directory} holds adapter_model.bin, a pickle file, which lightning_lora does not load (pickle can run "
+            "code). Convert it once where you trust it: peft.PeftModel.from_pretrained(base, dir).save_pretrained("
+            "dir, safe_serialization=True)."
+        )
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing, so {directory} is not a complete adapter (an interrupted save leaves it so). "
+                "Save the adapter again."
+            )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); save the adapter again.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}; save the adapter again.")
+    tensors, _ = read_safetensors(weights_path)
+    broken = [key for key, value in tensors.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise ValueError(
+            f"{weights_path} holds NaN or Inf values in {broken[:3]}{' and more' if len(broken) > 3 else ''}: the "
+            "adapter diverged or the file is damaged. Nothing was loaded; save a healthy adapter (an earlier "
+            "checkpoint) again."
+        )
+    return config, tensors
+
+
+def read_adapter_config(directory: PathLike, model: nn.Module) -> AdapterConfig:
+    """The config of a saved adapter (either format; a ``LoraConfig`` or another kind's), as :func:`load_adapter`
+    would use it on ``model``.
+
+    Args:
+        directory: Folder written by :func:`save_adapter` or PEFT's ``save_pretrained``.
+        model: The model it is for (resolves PEFT's ``modules_to_save`` names).
+    """
+    config, _ = read_adapter_files(directory)
+    return _lora_config(config, uncompiled(model), Path(directory))
+
+
+def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "default") -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` (any format) or by PEFT's ``save_pretrained``.
+
+    When the model has no adapter called ``adapter_name``, it is added first from the saved config (as
+    ``apply_lora`` does: the new adapter is active and trainable, everything else frozen), so training can continue.
+    When it has one, its layers, ranks and scalings must match the file's. Everything is read and checked before
+    the model keeps any change: on any error the model is as it was.
+
+    A PEFT adapter whose config asks for an SVD init (``init_lora_weights="pissa"``) re-runs that init on the base
+    weights before the trained values are loaded, as PEFT does. A lightning_lora file of an SVD-initialised adapter
+    carries its initial factors, and the load turns the original base weights into the same residual, bit for bit,
+    without an SVD.
+
+    Args:
+        model: The base model (or a model that already has the adapter).
+        directory: The adapter's folder.
+        adapter_name: Name of the adapter in the model (files do not fix a name).
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        FileNotFoundError: Missing directory or file.
+        ValueError: Unreadable files, a config of another ``peft_type`` or with options lightning_lora lacks, keys or
+            shapes that do not fit the model, or an existing adapter that differs from the saved one.
+    """
+    compiled, model = model, uncompiled(model)
+    directory = Path(directory)
+    values, tensors = read_adapter_files(directory)
+    config = _lora_config(values, model, directory)
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "The model still has weights on the meta device; load (or initialise) its base weights first, then the "
+            "adapter."
+        )
+    native = NATIVE_FORMAT_KEY in values
+    injected = adapter_name not in adapter_names(model)
+    if injected and getattr(config, "init", "").startswith("loftq"):
+        raise ValueError(
+            f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which "
+            "load_adapter "
+            "does not build. Build it first with apply_lora(model, read_adapter_config(directory, model), "
+            "adapter_name), then call load_adapter."
+        )
+    undo = _inject(model, config, adapter_name) if injected else _check_existing(model, config, adapter_name)
+    try:
+        plan = _LoadPlan.build(model, adapter_name, tensors, native, injected, config)
+        _apply(model, config, adapter_name, plan, injected)
+    except ValueError as err:
+        undo()
+        raise ValueError(f"{directory}: {err}") from None
+    except BaseException:
+        undo()
+        raise
+    return compiled
+
+
+def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -> AdapterConfig:
+    if NATIVE_FORMAT_KEY in values:
+        version = values[NATIVE_FORMAT_KEY]
+        if version != NATIVE_FORMAT_VERSION:
+            raise ValueError(
+                f"{directory} was written in lightning_lora file format {version!r}; this version reads format "
+                f"{NATIVE_FORMAT_VERSION}. Upgrade lightning_lora."
+            )
+        kind = values.get("kind", "lora")  # files written before the adapter kinds existed hold LoRA
+        if kind not in KINDS:
+            raise ValueError(
+                f"{directory / CONFIG_NAME} holds a {kind!r} adapter, a kind this version does not know (it knows "
+                f"{sorted(KINDS)}). Upgrade lightning_lora."
+            )
+        try:
+            config = KINDS[kind].config_class.from_dict(values["lora_config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{directory / CONFIG_NAME} holds no valid lora_config ({err}); save again.") from None
+        if "kind" in values and config.kind != kind:  # older files have no kind (LoRA or DoRA)
+            raise ValueError(
+                f"{directory / CONFIG_NAME} says kind={kind!r}, but its lora_config describes a {config.kind!r} "
+                "adapter: the file contradicts itself. Save the adapter again."
+            )
+        return config
+    if "peft_type" in values:
+        try:
+            return lora_config_from_peft(values, model)
+        except ValueError as err:
+            raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
+    raise ValueError(
+        f"{directory / CONFIG_NAME} is neither a lightning_lora nor a PEFT adapter config (no "
+        f"{NATIVE_FORMAT_KEY!r} or 'peft_type' field); point load_adapter at a folder written by save_adapter or "
+        "PEFT's save_pretrained."
+    )
+
+
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
+    """Add the adapter as ``apply_lora`` does, without running its init (the file supplies the values) and without
+    quantising the base (adapter files do not depend on it: the model is used as it is given); return the function
+    that takes it out again."""
+    previous_flags = [(p, p.requires_grad) for p in model.parameters()]
+    previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
+    before = {id(layer) for _, layer in lora_layers(model)}
+    unquantized = dataclasses.replace(config, quantization=None) if config.quantization is not None else config
+    apply_lora(model, unquantized, adapter_name, initialize=False)
+    converted = []
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_settings:
+            layer.lora_settings[adapter_name].config = config
+        if id(layer) not in before:
+            converted.append(layer)
+    return lambda: _rollback(model, adapter_name, converted, previous_flags, previous_marks)
+
+
+def _check_existing(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
+    problems = []
+    token_rows = {name: indices for name, _, indices, _ in find_token_layers(model, config)}
+    for name, layer in lora_layers(model):
+        settings = layer.lora_settings.get(adapter_name)
+        if settings is None:
+            continue
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into {name}; call unmerge_lora(model) before loading into it."
+            )
+        if token_layer(layer, adapter_name):
+            if token_rows.get(name) != settings.token_indices:
+                in_file = token_rows.get(name)
+                problems.append(f"{name}: model trains rows {list(settings.token_indices)}, file {in_file}")
+            continue
+        saved = AdapterSettings(config.rank_for(name), config.alpha_for(name), 0.0, kind_of(config), config)
+        if (settings.kind.name, settings.r) != (saved.kind.name, saved.r) or not (
+            math.isclose(settings.alpha, saved.alpha, rel_tol=1e-6)
+            and math.isclose(settings.scaling, saved.scaling, rel_tol=1e-6)
+        ):
+            problems.append(
+                f"{name}: model {settings.kind.name} r={settings.r}, alpha={settings.alpha:g}, scaling "
+                f"{settings.scaling:g}; file {saved.kind.name} r={saved.r}, alpha={saved.alpha:g}, scaling "
+                f"{saved.scaling:g}"
+            )
+    if problems:
+        raise ValueError(
+            f"The model's adapter {adapter_name!r} differs from the saved one ({'; '.join(problems[:3])}). Load into a "
+            "model without that adapter (load_adapter adds it from the file), or under another adapter_name."
+        )
+    return lambda: None
+
+
+@dataclasses.dataclass
+class _LoadPlan:
+    """What a load writes, all checked against the model before anything is written."""
+
+    state: dict[str, torch.Tensor]  # keyed like adapter_state_dict
+    base: dict[str, torch.Tensor]  # base-model tensors PEFT stored beside the adapter, keyed like state_dict
+    init_factors: dict[str, dict[str, torch.Tensor]]  # layer name -> {"lora_init_A": A0, "lora_init_B": B0}
+    shared: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # container -> tensor (VeRA's)
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        adapter_name: str,
+        tensors: Mapping[str, torch.Tensor],
+        native: bool,
+        injected: bool,
+        config: AdapterConfig,
+    ) -> _LoadPlan:
+        tensors, shared = take_shared_state(model, adapter_name, tensors, peft=not native)
+        expected_shared = sorted(shared_adapter_tensors(model, adapter_name))
+        if kind_of(config).saves_shared(config) and sorted(shared) != expected_shared:
+            missing = [name for name in expected_shared if name not in shared]
+            raise ValueError(
+                f"The file's config says it holds the {kind_of(config).display_name} tensors {expected_shared} that "
+                f"every layer shares (VeRA: save_projection=True), but {missing} are missing: the file contradicts "
+                "itself (PEFT refuses it too). Save the adapter again, or set save_projection=False in its config "
+                "if they are rebuilt from projection_prng_key."
+            )
+        if native:
+            plan = cls(*_native_state(model, adapter_name, tensors))
+        else:
+            plan = cls(*adapter_state_from_peft(model, adapter_name, tensors), init_factors={})
+            if plan.state and all(key.startswith(PEFT_PREFIX) for key in plan.state):
+                raise ValueError(
+                    f"None of the PEFT tensor names fit this model (e.g. {next(iter(plan.state))!r}). PEFT names are "
+                    "relative to the model PEFT wrapped: pass that module (for a LightningModule holding the Hugging "
+                    "Face model as self.model, load_adapter(module.model, ...))."
+                )
+        plan.check_init_factors(model, adapter_name, injected)
+        for name, layer in lora_layers(model):
+            if name in plan.init_factors and not has_init_factors(layer, adapter_name):
+                add_init_factor_tensors(layer, adapter_name)  # (injected only) factors of an init the config lacks
+        check_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
+        not_float = [k for k, v in plan.state.items() if not v.is_floating_point()]
+        if not_float:
+            raise ValueError(f"Tensors {not_float[:3]} are not floating point; the file is not a LoRA adapter.")
+        layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
+        kind_of(config).check_file_state(adapter_name, config, layers, plan.state)
+        plan.shared = shared
+        return plan
+
+    def load_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The state for ``load_adapter_state_dict``: the file's tensors and initial factors under the model's keys.
+        Layers whose factors the file lacks (a PEFT file asking for an SVD init) get the model's own tensors, which
+        carry nothing new: their init runs on the base weights instead."""
+        state = dict(self.state)
+        for name, layer in lora_layers(model):
+            if adapter_name not in layer.lora_settings:
+                continue
+            factors = self.init_factors.get(name, {})
+            for dict_name in INIT_FACTOR_DICTS:
+                key = f"{name}.{dict_name}.{adapter_name}" if name else f"{dict_name}.{adapter_name}"
+                if dict_name in factors:
+                    state[key] = factors[dict_name]
+                elif has_init_factors(layer, adapter_name):
+                    state[key] = getattr(layer, dict_name)[adapter_name]
+        return state
+
+    def check_init_factors(self, model: nn.Module, adapter_name: str, injected: bool) -> None:
+        layers = {name: layer for name, layer in lora_layers(model) if adapter_name in layer.lora_settings}
+        problems = [f"{name}: no such adapted layer" for name in self.init_factors if name not in layers]
+        for name, layer in layers.items():
+            factors = self.init_factors.get(name)
+            in_model = svd_init_factors(layer, adapter_name) is not None
+            if not injected and in_model != (factors is not None):
+                where = "only in the model" if in_model else "only in the file"
+                problems.append(f"{name}: initial SVD factors {where}")
+            if factors is None:
+                continue
+            expected = dict(zip(INIT_FACTOR_DICTS, layer.adapter_shapes(layer.lora_settings[adapter_name].r)))
+            for dict_name, shape in expected.items():
+                value = factors.get(dict_name)
+                if value is None or tuple(value.shape) != shape:
+                    found = None if value is None else tuple(value.shape)
+                    problems.append(f"{name}.{dict_name}: file {found} vs model {shape}")
+        if problems:
+            raise ValueError(
+                f"The initial SVD factors do not fit adapter {adapter_name!r}: {'; '.join(problems[:3])}. The adapter "
+                "was saved from a model built with another config."
+            )
+
+
+def _native_state(
+    model: nn.Module, adapter_name: str, tensors: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    model_key = {key.removesuffix(f".{adapter_name}"): key for key, _ in adapter_parameters(model, adapter_name)}
+    state: dict[str, torch.Tensor] = {}
+    init_factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        layer_name, _, leaf = key.rpartition(".")
+        if leaf in INIT_FACTOR_DICTS:
+            init_factors.setdefault(layer_name, {})[leaf] = value
+        else:
+            state[model_key.get(key, key)] = value
+    return state, {}, init_factors
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, config: AdapterConfig, adapter_name: str, plan: _LoadPlan, injected: bool) -> None:
+    layers = [(name, layer) for name, layer in lora_layers(model) if adapter_name in layer.lora_settings]
+    for name, layer in layers:
+        if injected and kind_of(config).reads_base_weight(config) and name not in plan.init_factors:
+            layer.initialize_adapter(adapter_name)  # the method's own init on these base weights, as PEFT does
+    # Rebuilds residual base weights from the file's initial factors (see LoraLayer.prepare_load).
+    load_adapter_state_dict(model, plan.load_state(model, adapter_name), adapter_name)
+    load_shared_state(model, adapter_name, plan.shared)
+    if plan.base:
+        model_state = model.state_dict()
+        for key, value in plan.base.items():
+            copy_into(model_state[key], value)

@@ -1,0 +1,1 @@
+"""Which modules, attention sites, token rows and parameters a config adapts."""
