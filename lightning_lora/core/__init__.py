@@ -114,6 +114,6 @@ __all__ = [
 
 # Data-driven inits (CorDA, EVA): importing the module registers init="corda_ipm", "corda_kpm" and "eva".
 from lightning_lora.core.config.lora_config import EvaConfig  # noqa: E402
-from lightning_lora.core.inits.calibration import calibrate_adapters  # noqa: E402
+from lightning_lora.core.surgery.calibration import calibrate_adapters  # noqa: E402
 
 __all__ += ["EvaConfig", "calibrate_adapters"]

@@ -23,7 +23,7 @@ MOVED: dict[str, str] = {
         "adapter_set": "layers.adapter_set", "summary": "layers.summary", "targeting": "targets.targeting",
         "quantized_weights": "quantization.quantized_weights", "initializers": "inits.initializers",
         "svd_init": "inits.svd_init", "loftq": "inits.loftq", "corda": "inits.corda", "eva": "inits.eva",
-        "incremental_pca": "inits.incremental_pca", "calibration": "inits.calibration",
+        "incremental_pca": "inits.incremental_pca", "calibration": "surgery.calibration",
         "nested_rank": "kinds.nested_rank", "inject": "surgery.inject", "removal": "surgery.removal",
         "merge": "surgery.merge", "state": "files.state", "adapter_files": "files.adapter_files",
         "peft_format": "files.peft_format", "peft_export": "files.peft_export",

@@ -25,10 +25,10 @@ from typing_extensions import override
 from lightning_lora.core.common.distributed import clean_name, is_sharded
 from lightning_lora.core.config.init_names import is_data_init
 from lightning_lora.core.config.lora_config import LoraConfig
-from lightning_lora.core.inits.calibration import calibrate_adapters
 from lightning_lora.core.inits.svd_init import apply_init_residual, has_init_factors
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import get_lora_config
+from lightning_lora.core.surgery.calibration import calibrate_adapters
 from lightning_lora.core.surgery.inject import apply_lora
 from lightning_lora.core.surgery.removal import delete_adapter
 from lightning_lora.core.training.param_groups import freeze_lora_A

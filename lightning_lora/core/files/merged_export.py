@@ -31,7 +31,8 @@ from lightning_lora.core.common.safe_files import (
     staging_directory,
     write_safetensors,
 )
-from lightning_lora.core.layers.adapted_layer import AdapterDict, LoraLayer, lora_layers
+from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
+from lightning_lora.core.layers.containers import AdapterDict
 from lightning_lora.core.quantization.quantized_weights import dense_reference
 from lightning_lora.core.surgery.merge import _merge_plan, merged_bias
 

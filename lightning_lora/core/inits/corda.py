@@ -16,15 +16,19 @@ are kept frozen (``lora_init_A``/``lora_init_B``) and saved, so resuming and PEF
 sample's inputs are divided by their largest value, ``C`` is the mean of the samples' ``X^T X`` in float32, damped
 by ``0.01 * mean(diag C)`` (doubled until ``C`` inverts to 5%). PEFT runs one sample per forward; here a batch's
 first dimension indexes its samples and padded positions are left out, which equals PEFT run on the unpadded samples
-one at a time. Collected with :func:`~lightning_lora.core.inits.calibration.calibrate_adapters`.
+one at a time. Collected by its calibration hook, :func:`calibrate_corda`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
+from lightning_lora.core.common.distributed import is_distributed
+from lightning_lora.core.inits.calibration_run import CalibrationRun, calibrating, register_calibration
 from lightning_lora.core.inits.initializers import CALIBRATION, register_initializer
 from lightning_lora.core.inits.svd_init import Factors, svd_initialize
 from lightning_lora.core.layers.adapted_layer import LoraLayer
@@ -118,3 +122,52 @@ def _corda_init(layer: LoraLayer, adapter_name: str) -> None:
 
 for _name in CORDA_MODES:
     register_initializer(_name, _corda_init, layer_types=(LinearAdapters,), keeps_init_factors=True, needs_data=True)
+
+
+def calibrate_corda(
+    model: nn.Module,
+    adapter_name: str,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    run: CalibrationRun,
+    resize: bool,
+) -> dict[str, int]:
+    """CorDA's calibration hook: each layer's input covariance, summed over every process, for the init."""
+    collectors = {name: CovarianceCollector(name) for name in layers}
+
+    def hook_for(name: str) -> Callable[..., None]:
+        return lambda module, inputs, output: collectors[name].add(inputs[0], run.sample_mask(inputs[0], name))
+
+    handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
+    count = 0
+    try:
+        with calibrating(model):
+            for batch in batches:
+                run(batch)
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError(f"CorDA adapter {adapter_name!r}: no calibration batches were given; pass at least one.")
+    for name in sorted(layers):
+        layer, collector = layers[name], collectors[name]
+        in_features = layer.lora_dims()[0]
+        device = layer.lora_A[adapter_name].device
+        covariance = collector.covariance
+        if covariance is None:
+            covariance = torch.zeros(in_features, in_features, device=device)
+        samples = torch.tensor([collector.samples], dtype=torch.float64, device=covariance.device)
+        if is_distributed():  # every process's samples count: all sum the same statistics
+            dist.all_reduce(covariance)
+            dist.all_reduce(samples)
+        if samples.item() == 0:
+            raise ValueError(
+                f"CorDA adapter {adapter_name!r}: {name} saw no inputs in the calibration batches (is it used in "
+                "forward, and does the token mask keep any position?)."
+            )
+        layer.__dict__.setdefault(CALIBRATION, {})[adapter_name] = {"covariance": covariance / samples.item()}
+    return {name: layer.lora_settings[adapter_name].r for name, layer in layers.items()}
+
+
+register_calibration(CORDA_MODES, calibrate_corda)

@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import re
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,14 +30,12 @@ from torch import nn
 
 from lightning_lora.core.common.distributed import copy_into, is_distributed, is_dtensor
 from lightning_lora.core.config.lora_config import EvaConfig, LoraConfig, pattern_matches
+from lightning_lora.core.inits.calibration_run import CalibrationRun, calibrating, register_calibration
 from lightning_lora.core.inits.incremental_pca import IncrementalPCA
 from lightning_lora.core.inits.initializers import CALIBRATION, register_initializer
-from lightning_lora.core.layers.adapted_layer import AdapterDict, LoraLayer
+from lightning_lora.core.layers.adapted_layer import LoraLayer
+from lightning_lora.core.layers.containers import AdapterDict
 from lightning_lora.core.layers.layer_types import LinearAdapters
-from lightning_lora.core.surgery.removal import remove_layer_adapter
-
-if TYPE_CHECKING:
-    from lightning_lora.core.inits.calibration import CalibrationRun
 
 MAX_PASSES = 1000  # passes over the calibration batches before EVA gives up waiting for convergence
 _RHO_CEILING = 1000
@@ -254,9 +252,9 @@ def _exact_patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
 def apply_eva_ranks(
     model: nn.Module, adapter_name: str, components: dict[str, torch.Tensor], resize: bool = True
 ) -> LoraConfig:
-    """Give every layer of the adapter its EVA rank: new (zero, pending) tensors where the rank changed, the adapter
-    removed where it is 0, and store each layer's components for the init. Returns the adapter's new config (also
-    set on its layers).
+    """Give every layer of the adapter its EVA rank: new (zero, pending) tensors where the rank changed (where it is
+    0, the calibration runner takes the adapter off), and store each layer's components for the init. Returns the
+    adapter's new config (also set on its layers).
 
     Raises:
         ValueError: A rank changes while the adapter tensors are sharded (DTensor) or ``resize`` is False; nothing
@@ -284,8 +282,7 @@ def apply_eva_ranks(
     for name, layer in layers.items():
         settings = old[name]
         if ranks[name] == 0:
-            remove_layer_adapter(layer, adapter_name)
-            continue
+            continue  # the calibration runner takes the adapter off this layer
         if ranks[name] != settings.r:
             _resize(layer, adapter_name, ranks[name])
         settings.r, settings.alpha, settings.config = ranks[name], alphas[name], new_config
@@ -321,3 +318,25 @@ def _eva_init(layer: LoraLayer, adapter_name: str) -> None:
 
 register_initializer("eva", _eva_init, layer_types=(LinearAdapters,), needs_data=True, reads_weight=False)
 
+
+def calibrate_eva(
+    model: nn.Module,
+    adapter_name: str,
+    layers: dict[str, LoraLayer],
+    batches: Iterable[Any],
+    run: CalibrationRun,
+    resize: bool,
+) -> dict[str, int]:
+    """EVA's calibration hook: the components of each layer's inputs, and the ranks they redistribute."""
+    eva = next(iter(layers.values())).lora_settings[adapter_name].config.eva_config or EvaConfig()
+    run.label_mask_value = eva.label_mask_value if eva.use_label_mask else None
+    try:
+        with calibrating(model):
+            components = eva_components(layers, adapter_name, batches, run, eva)
+    finally:
+        run.label_mask_value = None
+    apply_eva_ranks(model, adapter_name, components, resize=resize)
+    return {name: int(c.shape[0]) for name, c in components.items()}
+
+
+register_calibration(["eva"], calibrate_eva)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config.init_names import check_init_name, is_data_init, register_init_name
-from lightning_lora.core.layers.adapted_layer import LoraLayer
+from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 from lightning_lora.core.layers.layer_types import EmbeddingAdapters
 
 Initializer = Callable[[LoraLayer, str], None]
@@ -50,7 +50,7 @@ def register_initializer(
             frozen ``lora_init_A``/``lora_init_B`` tensors (saved with it) that the function must fill with ``A0``
             and ``B0``; see :mod:`lightning_lora.core.inits.svd_init`.
         needs_data: The method reads statistics of the layer's inputs over calibration batches (CorDA, EVA): the
-            adapter stays pending until :func:`~lightning_lora.core.inits.calibration.calibrate_adapters` runs it.
+            adapter stays pending until :func:`~lightning_lora.core.surgery.calibration.calibrate_adapters` runs it.
         reads_weight: The method reads the base weight (False for EVA, which reads only the inputs).
     """
     (_PREFIXED if numbered else _INITIALIZERS)[name] = function
@@ -93,10 +93,14 @@ def initializer_needs_data(init: object) -> bool:
 
 def needs_calibration(layer: LoraLayer, adapter_name: str) -> bool:
     """Whether the adapter's init reads calibration data that
-    :func:`~lightning_lora.core.inits.calibration.calibrate_adapters` has not collected for this layer yet."""
+    :func:`~lightning_lora.core.surgery.calibration.calibrate_adapters` has not collected for this layer yet."""
     settings = layer.lora_settings[adapter_name]
-    init = getattr(settings.config, "init", None) if settings.kind.name in ("lora", "dora") else None
-    return initializer_needs_data(init) and adapter_name not in layer.__dict__.get(CALIBRATION, {})
+    return initializer_needs_data(init_name(settings)) and adapter_name not in layer.__dict__.get(CALIBRATION, {})
+
+
+def init_name(settings: AdapterSettings) -> Optional[str]:
+    """The init the adapter starts from, as its kind reads it from the config (None: the kind has no choice)."""
+    return settings.kind.init_name(settings.config)
 
 
 def _zero_embedding_A(layer: LoraLayer, adapter_name: str) -> bool:

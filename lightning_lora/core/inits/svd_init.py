@@ -36,7 +36,8 @@ from torch import nn
 from lightning_lora.core.common.base_weights import assign_dense_weight, dense_weight
 from lightning_lora.core.common.distributed import copy_into, full_tensor
 from lightning_lora.core.inits.initializers import register_initializer
-from lightning_lora.core.layers.adapted_layer import AdapterDict, LoraLayer
+from lightning_lora.core.layers.adapted_layer import LoraLayer
+from lightning_lora.core.layers.containers import AdapterDict
 from lightning_lora.core.layers.layer_types import LinearAdapters
 
 # Frozen initial factors ``A0`` ([r, in]) and ``B0`` ([out, r]) of adapters whose init moved ``scaling * B0 @ A0``

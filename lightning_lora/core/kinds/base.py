@@ -10,41 +10,23 @@ interface and never names a kind's tensors. Layer types (``nn.Linear``, Hugging 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
 
 from lightning_lora.core.common.distributed import full_tensor
 from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.layers.adapted_layer import Action, LayerKind
+from lightning_lora.core.layers.containers import AdapterTensor
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
 
-Action = Literal["add", "rescale", "transform"]
+__all__ = ["Action", "AdapterKind", "AdapterTensor"]
 
 
-@dataclass(frozen=True)
-class AdapterTensor:
-    """One tensor that an adapter keeps on a layer.
-
-    Args:
-        name: The layer attribute holding it, an ``nn.ParameterDict`` keyed by adapter name (``"lora_A"``); the
-            state-dict key is ``<layer>.<name>.<adapter>``.
-        shape: Its shape on this layer.
-        role: What it is to parameter groups: LoRA's ``"A"`` / ``"B"`` / ``"embedding"`` / ``"magnitude"`` (LoRA+
-            treats them apart), ``"adapter"`` for everything else.
-        trainable: False for tensors saved with the adapter that never train (frozen initial factors).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    role: str = "adapter"
-    trainable: bool = True
-
-
-class AdapterKind:
+class AdapterKind(LayerKind):
     """How one kind of adapter lives on a layer, computes, merges and is written in PEFT's format.
 
     Attributes:
@@ -119,6 +101,11 @@ class AdapterKind:
         """Whether the init reads (or rewrites) the base weight, so it must wait for the real weights."""
         return False
 
+    def init_name(self, config: AdapterConfig) -> Optional[str]:
+        """The registered init the adapter starts from (``LoraConfig.init``), or None where the kind has no choice of
+        init."""
+        return None
+
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
         """Fill the adapter's tensors (under ``torch.no_grad``)."""
         raise NotImplementedError
@@ -139,9 +126,20 @@ class AdapterKind:
         """Return ``result`` (the layer's output so far) with this adapter's contribution for input ``x``."""
         raise NotImplementedError
 
+    def transformed_forward(
+        self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """For ``"transform"`` kinds: the layer's whole output with this adapter, computing the base operation at
+        most once through ``base_forward(inputs)``."""
+        raise NotImplementedError(f"{self.display_name} does not transform the base operation")
+
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's own layout and dtype (for ``"add"`` kinds)."""
         raise NotImplementedError
+
+    def factors(self, layer: LoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """For kinds with :attr:`lora_factors`: ``(A, B)`` as the forward computes with them (their active ranks)."""
+        raise NotImplementedError(f"{self.display_name} has no low-rank factors")
 
     def plain_factors(self, settings: AdapterSettings) -> bool:
         """Whether the update is exactly ``scaling * B A`` and nothing else (no bias on B): what X-LoRA experts and

@@ -141,6 +141,9 @@ class LoraKind(AdapterKind):
         # Data-driven inits (CorDA, EVA) wait like weight-reading ones: for calibrate_adapters.
         return weight_dependent_init(config.init) or initializer_needs_data(config.init)
 
+    def init_name(self, config: LoraConfig) -> Optional[str]:
+        return config.init
+
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:
         resolve_initializer(layer.lora_settings[adapter_name].config.init)(layer, adapter_name)
         if adapter_name in getattr(layer, "lora_bias", ()):

@@ -6,12 +6,11 @@ and model-wide queries over adapted layers (which adapters exist, their tensors,
 """
 
 from lightning_lora.core.layers.adapted_layer import (  # noqa: F401
-    AdapterDict,
     AdapterSettings,
     LoraLayer,
-    SharedTensors,
     _rebuild_lora_module,
     lora_class,
     lora_layers,
     restores,
 )
+from lightning_lora.core.layers.containers import AdapterDict, SharedTensors  # noqa: F401

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,47 @@ from torch import nn
 from lightning_lora.core.common.base_weights import dense_weight
 from lightning_lora.core.common.distributed import gathered_parameters, is_materialized
 from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.layers.containers import AdapterDict, AdapterTensor
 
 if TYPE_CHECKING:
-    from lightning_lora.core.kinds.base import AdapterKind
     from lightning_lora.core.layers.forward_plan import ForwardPlan
+
+Action = Literal["add", "rescale", "transform"]
+
+
+class LayerKind(Protocol):
+    """What code below the kinds (the adapted layer, the inits) asks of an adapter's kind: the part of the kind
+    protocol (:class:`~lightning_lora.core.kinds.base.AdapterKind`, which documents each member) they call. Declared
+    here so that they depend on no kind."""
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    action: ClassVar[Action]
+    containers: ClassVar[tuple[str, ...]]
+
+    def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]: ...
+
+    def scaling(self, settings: AdapterSettings) -> float: ...
+
+    def describe(self, settings: AdapterSettings) -> str: ...
+
+    def reads_base_weight(self, config: AdapterConfig) -> bool: ...
+
+    def init_name(self, config: AdapterConfig) -> Optional[str]: ...
+
+    def initialize(self, layer: LoraLayer, adapter_name: str) -> None: ...
+
+    def prepare_load(
+        self, layer: LoraLayer, adapter_name: str, state_dict: Mapping[str, torch.Tensor], prefix: str
+    ) -> None: ...
+
+    def forward(self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor: ...
+
+    def transformed_forward(
+        self, layer: LoraLayer, adapter_name: str, x: torch.Tensor, base_forward: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor: ...
+
+    def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor: ...
 
 
 @dataclass
@@ -45,7 +82,7 @@ class AdapterSettings:
     r: int
     alpha: float
     dropout: float
-    kind: AdapterKind
+    kind: LayerKind
     config: AdapterConfig
     initialized: bool = False
     active_rank: Optional[int] = None
@@ -56,39 +93,6 @@ class AdapterSettings:
     @property
     def scaling(self) -> float:
         return self.kind.scaling(self)
-
-
-class AdapterDict(nn.ParameterDict):
-    """``{adapter name: tensor}`` for one kind of adapter tensor of a LoRA layer.
-
-    The owning layer initialises these tensors (``LoraLayer.reset_parameters``); the no-op ``reset_parameters``
-    here tells meta-device materialisers (Lightning's FSDP2 setup, torchtitan) that nothing is left uninitialised.
-    """
-
-    def reset_parameters(self) -> None:
-        pass
-
-
-class SharedTensors(nn.Module):
-    """``{adapter name: tensor}`` for a frozen tensor that an adapter kind holds once per model (VeRA's random
-    projections): one instance is a child of every layer that uses it, so the tensor exists once in memory and moves
-    with ``.to()`` once. Its tensors are non-persistent buffers: state dicts and checkpoints leave them out (the kind
-    rebuilds them deterministically; adapter files hold them once)."""
-
-    def __contains__(self, adapter_name: object) -> bool:
-        return adapter_name in self._buffers
-
-    def __getitem__(self, adapter_name: str) -> torch.Tensor:
-        return self._buffers[adapter_name]
-
-    def __setitem__(self, adapter_name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter_name, tensor, persistent=False)
-
-    def __delitem__(self, adapter_name: str) -> None:
-        del self._buffers[adapter_name]
-
-    def __len__(self) -> int:
-        return len(self._buffers)
 
 
 class LoraLayer(nn.Module):

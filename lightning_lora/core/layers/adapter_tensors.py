@@ -8,7 +8,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.layers.adapted_layer import LoraLayer, SharedTensors, lora_layers
+from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
+from lightning_lora.core.layers.containers import SharedTensors
 
 
 def shared_holder(model: nn.Module, container: str) -> Optional[SharedTensors]:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config.lora_config import AdapterConfig, pattern_matches
-from lightning_lora.core.layers.adapted_layer import AdapterDict, LoraLayer
+from lightning_lora.core.layers.adapted_layer import LoraLayer
+from lightning_lora.core.layers.containers import AdapterDict
 
 SITES = "lora_parameters"  # the owner's child ModuleDict holding one site per adapted parameter
 

@@ -15,14 +15,7 @@ from lightning_lora.core.config.lora_config import AdapterConfig
 from lightning_lora.core.inits.initializers import initializer_needs_data, needs_calibration
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
-from lightning_lora.core.layers.adapted_layer import (
-    AdapterDict,
-    AdapterSettings,
-    LoraLayer,
-    SharedTensors,
-    lora_class,
-    lora_layers,
-)
+from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_class, lora_layers
 from lightning_lora.core.layers.adapter_set import (
     SAVED_WITH,
     adapter_names,
@@ -30,6 +23,7 @@ from lightning_lora.core.layers.adapter_set import (
     mark_saved_modules,
 )
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters, shared_holder
+from lightning_lora.core.layers.containers import AdapterDict, SharedTensors
 from lightning_lora.core.layers.layer_types import layer_type_of
 from lightning_lora.core.layers.parameter_adapters import (
     adapt_parameter,
@@ -76,7 +70,7 @@ def apply_lora(
             later; then load the adapter, or call :func:`initialize_pending_adapters`, before the first forward.
             With ``config.quantization`` a pending init later sees the quantised weights: SVD inits and LoftQ
             need ``True`` to work on the full-precision ones. Data-driven inits (CorDA, EVA) always stay pending
-            until :func:`~lightning_lora.core.inits.calibration.calibrate_adapters`.
+            until :func:`~lightning_lora.core.surgery.calibration.calibrate_adapters`.
 
     Returns:
         The same ``model``.

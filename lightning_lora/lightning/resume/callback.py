@@ -14,8 +14,12 @@ from typing_extensions import override
 
 from lightning_lora.lightning.resume.atomic import make_checkpoint_writes_atomic
 from lightning_lora.lightning.resume.loops import OnFirstFetch, gather_from_processes, replace_method, restore_method
-from lightning_lora.lightning.resume.rng import capture_rng_states, generator_states, restore_generator_states
-from lightning_lora.lightning.resume.rng import restore_rng_states
+from lightning_lora.lightning.resume.rng import (
+    capture_rng_states,
+    generator_states,
+    restore_generator_states,
+    restore_rng_states,
+)
 from lightning_lora.lightning.resume.sampling import (
     ReplayableIndexSampler,
     describe_sampler,
