@@ -16,14 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointError
 
 from lightning_lora import LoraConfig, apply_lora, load_adapter, merge_lora, save_adapter
-from lightning_lora.core.composition.xlora import (
-    CLASSIFIER_NAME,
-    XLoraConfig,
-    add_xlora,
-    remove_xlora,
-    xlora_experts,
-    xlora_scalings,
-)
+from lightning_lora.core.composition.xlora_classifier import XLoraConfig
+from lightning_lora.core.composition.xlora import CLASSIFIER_NAME, add_xlora, remove_xlora, xlora_experts, xlora_scalings
 from lightning_lora.core.layers.adapted_layer import lora_layers
 
 peft = pytest.importorskip("peft")

@@ -12,8 +12,11 @@ legacy_paths.install()
 
 from lightning_lora.core.composition.combine import add_weighted_adapter
 from lightning_lora.core.composition.mixed_batch import mixed_adapter_batch
-from lightning_lora.core.composition.xlora import XLoraConfig, add_xlora, remove_xlora, xlora_scalings
-from lightning_lora.core.config.lora_config import AdapterConfig, LoraConfig, QuantizationConfig
+from lightning_lora.core.composition.xlora import add_xlora, remove_xlora, xlora_scalings
+from lightning_lora.core.composition.xlora_classifier import XLoraConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.config.lora_config import LoraConfig
+from lightning_lora.core.config.quantization_config import QuantizationConfig
 from lightning_lora.core.files.adapter_files import load_adapter, read_adapter_config, save_adapter
 from lightning_lora.core.files.merged_export import load_merged_state_dict, save_merged_model
 from lightning_lora.core.files.peft_export import peft_adapter_state
@@ -40,11 +43,8 @@ from lightning_lora.core.layers.adapter_set import (
 )
 from lightning_lora.core.layers.adapter_tensors import register_zero3_external_parameters
 from lightning_lora.core.layers.summary import TrainableSummary, trainable_parameters_summary
-from lightning_lora.core.quantization.quantize import (
-    dequantize_model,
-    enable_input_gradients,
-    prepare_for_kbit_training,
-)
+from lightning_lora.core.quantization.kbit_training import enable_input_gradients, prepare_for_kbit_training
+from lightning_lora.core.quantization.quantize import dequantize_model
 from lightning_lora.core.quantization.quantized_weights import keep_training_layout, quantized_layers
 from lightning_lora.core.surgery.inject import apply_lora, initialize_pending_adapters
 from lightning_lora.core.surgery.merge import disable_adapters, merge_and_unload, merge_lora, unload_lora, unmerge_lora

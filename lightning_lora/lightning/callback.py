@@ -28,7 +28,6 @@ from lightning_lora.core.layers.forward_plan import MERGE, check_plans_allow
 from lightning_lora.core.layers.summary import trainable_parameters_summary
 from lightning_lora.core.quantization.quantized_weights import check_sharded_quantization, quantized_layers
 from lightning_lora.core.surgery.inject import apply_lora, check_adapter_name, initialize_pending_adapters
-from lightning_lora.core.surgery.merge import merge_lora, unmerge_lora
 from lightning_lora.core.targets.targeting import find_targets
 from lightning_lora.core.training.param_groups import freeze_lora_A
 from lightning_lora.lightning.calibration import CalibrationForward, DataInitHooks, pending_data_layers, uses_data_init
@@ -37,10 +36,12 @@ from lightning_lora.lightning.fit_support import (
     check_optimizer_holds_trainable_parameters,
     check_writable_destination,
     full_parameters_of,
+    is_merged_into,
     is_zero3,
+    merge_at_fit_end,
     refresh_optimizer_copies,
     submodule_of,
-    write_merged_weights,
+    unmerge_after_last_fit,
 )
 from lightning_lora.lightning.module_hooks import (
     check_present_at_fit_start,
@@ -63,29 +64,14 @@ class LoraCallback(DataInitHooks, Callback):
       :func:`inject_adapters` inside it before ``fully_shard``.
 
     Adding is idempotent: ``fit``, ``validate``, ``test``, ``predict`` and repeated ``fit`` calls reuse the adapter.
-    SVD inits (``init="pissa"``, ``"pissa_niter_<K>"``, ``"milora"``, ``"olora"``; without ``quantization``) run
-    at the start of the stage (fit, validate, test, predict), after the strategy has set up (and materialised) the
-    model, for the adapters no checkpoint restored: resuming a single-device or DDP run restores the adapter and
-    rebuilds the residual base weights from its saved initial factors, without re-running the SVD. FSDP and
-    DeepSpeed restore their checkpoints after fit start, over the freshly initialised adapter (SVD inits are
-    deterministic, so the residual base weights are the saved run's). Adapters created on the meta device are
-    initialised at stage start too.
+    Inits that read the base weights (SVD inits) run at stage start, after the strategy has materialised the model,
+    for the adapters no checkpoint restored; data-driven inits (CorDA, EVA) read ``calibration_batches`` train
+    batches at train start (:mod:`lightning_lora.lightning.calibration`). At fit start the trainable-parameter summary
+    is printed (rank 0) and the optimizer is checked: it must hold every trainable tensor and no frozen one.
 
-    At fit start the trainable-parameter summary is printed (rank 0) and the optimizer is checked: it must hold
-    every trainable tensor and no frozen one.
-
-    Data-driven inits (``init="corda_ipm"``, ``"corda_kpm"``, ``"eva"``) read the first ``calibration_batches``
-    batches of the train dataloader at train start (every rank its own, statistics combined across ranks), after
-    any checkpoint restore and before the first optimizer step; a resumed run restores the adapter instead. During
-    the sanity check the pending adapter is left out (it adds nothing at init). EVA's rank redistribution changes
-    adapter shapes, which works on a single device; under DDP/FSDP use ``EvaConfig(rho=1.0)``. See
-    :mod:`lightning_lora.lightning.calibration`.
-
-    Checkpoints hold the adapter tensors, ``modules_to_save``, trained biases and any other trainable parameter,
-    plus the optimizer and loop state (also with ``ModelCheckpoint(save_weights_only=True)``, and as sharded
-    checkpoints under ``ModelParallelStrategy``/``FSDPStrategy``; DeepSpeed gets ``exclude_frozen_parameters``).
-    Loading one checks first that every adapter tensor is there with the model's shape, and that the adapter was
-    trained with the same ``LoraConfig``.
+    Checkpoints hold what trains (adapters, ``modules_to_save``, trained biases) with the optimizer and loop state,
+    also as sharded checkpoints, and loading one checks the adapter's tensors and config first. docs/lightning.md
+    says what happens when under each strategy.
 
     Args:
         config: What to adapt and how.
@@ -321,30 +307,22 @@ class LoraCallback(DataInitHooks, Callback):
         if self.merge_on_fit_end:
             check_plans_allow(lora_layers(target), MERGE, "LoraCallback(merge_on_fit_end=True)")
         check_sharded_quantization(target)
-        if self._merged_into(target):
+        if is_merged_into(target, self.adapter_name):
             # Sharded strategies only: their checkpoint restore comes after on_fit_start.
             with full_parameters_of(trainer.strategy):
                 reshard_fsdp2(target)
-                self._unmerge(target)
+                unmerge_after_last_fit(target, self.adapter_name)
         self._initialize_pending(trainer, pl_module)
         if self.check_optimizer:
             check_optimizer_holds_trainable_parameters(trainer, pl_module)
         rank_zero_info(f"LoRA adapter {self.adapter_name!r}: {trainable_parameters_summary(pl_module)}")
 
-    def _merged_into(self, target: Optional[nn.Module]) -> bool:
-        layers = lora_layers(target) if target is not None else []
-        return any(self.adapter_name in layer.merged_adapters for _, layer in layers)
-
-    def _unmerge(self, target: nn.Module) -> None:
-        rank_zero_info(f"Unmerging LoRA adapter {self.adapter_name!r} (merged at the end of the last fit).")
-        unmerge_lora(target)
-
     def _unmerge_before_restore(self, pl_module: pl.LightningModule) -> None:
         # Single-device and DDP runs restore a checkpoint before on_fit_start: loading adapter values into a merged
         # adapter would make the unmerge subtract the wrong delta, so unmerge first.
         target = self.target(pl_module)
-        if self._merged_into(target) and not is_sharded(target):
-            self._unmerge(target)
+        if is_merged_into(target, self.adapter_name) and not is_sharded(target):
+            unmerge_after_last_fit(target, self.adapter_name)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -370,16 +348,7 @@ class LoraCallback(DataInitHooks, Callback):
             refresh_optimizer_copies(trainer.strategy)
 
     def _merge_at_train_end(self, pl_module: pl.LightningModule) -> None:
-        trainer = pl_module.trainer
-        target = self.target(pl_module)
-        with full_parameters_of(trainer.strategy):
-            reshard_fsdp2(target)
-            merge_lora(target, adapter_names=[self.adapter_name])
-            reshard_fsdp2(target)
-        rank_zero_info(f"Merged LoRA adapter {self.adapter_name!r} into the base weights.")
-        if self.merged_weights_dir is not None:
-            path = write_merged_weights(trainer, pl_module, target, self.merged_weights_dir)
-            rank_zero_info(f"Wrote the merged weights to {path}.")
+        merge_at_fit_end(pl_module, self.target(pl_module), self.adapter_name, self.merged_weights_dir)
 
     @override
     def state_dict(self) -> dict[str, Any]:

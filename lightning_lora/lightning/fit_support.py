@@ -9,11 +9,14 @@ from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_lora.core.common.distributed import barrier, clean_name, reshard_fsdp2
 from lightning_lora.core.common.safe_files import PathLike, check_writable_directory, is_writer, write_safetensors
 from lightning_lora.core.files.merged_export import SINGLE_FILE_NAME, save_merged_model
+from lightning_lora.core.layers.adapted_layer import lora_layers
+from lightning_lora.core.surgery.merge import merge_lora, unmerge_lora
 from lightning_lora.lightning.checkpoint import is_adapter_key
 
 
@@ -152,3 +155,31 @@ def check_writable_destination(path: Optional[PathLike], what: str, trainer: Opt
 
 def is_zero3(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+
+
+def is_merged_into(target: Optional[nn.Module], adapter_name: str) -> bool:
+    """Whether ``adapter_name`` is merged into any layer of ``target``."""
+    layers = lora_layers(target) if target is not None else []
+    return any(adapter_name in layer.merged_adapters for _, layer in layers)
+
+
+def unmerge_after_last_fit(target: nn.Module, adapter_name: str) -> None:
+    """Unmerge what ``merge_on_fit_end`` merged at the end of the last fit, saying so."""
+    rank_zero_info(f"Unmerging LoRA adapter {adapter_name!r} (merged at the end of the last fit).")
+    unmerge_lora(target)
+
+
+def merge_at_fit_end(
+    pl_module: pl.LightningModule, target: nn.Module, adapter_name: str, merged_weights_dir: Optional[PathLike]
+) -> None:
+    """``merge_on_fit_end``: merge the adapter into the base weights in place (full parameters under sharded
+    strategies) and, given ``merged_weights_dir``, write the merged weights there."""
+    trainer = pl_module.trainer
+    with full_parameters_of(trainer.strategy):
+        reshard_fsdp2(target)
+        merge_lora(target, adapter_names=[adapter_name])
+        reshard_fsdp2(target)
+    rank_zero_info(f"Merged LoRA adapter {adapter_name!r} into the base weights.")
+    if merged_weights_dir is not None:
+        path = write_merged_weights(trainer, pl_module, target, merged_weights_dir)
+        rank_zero_info(f"Wrote the merged weights to {path}.")

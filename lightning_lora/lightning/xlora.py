@@ -19,7 +19,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from lightning_lora.core.composition.xlora import XLoraConfig, add_xlora, has_xlora, xlora_experts
+from lightning_lora.core.composition.xlora import add_xlora, has_xlora, xlora_experts
+from lightning_lora.core.composition.xlora_classifier import XLoraConfig
 from lightning_lora.core.files.adapter_files import load_adapter
 from lightning_lora.core.layers.adapter_set import adapter_names
 from lightning_lora.core.layers.summary import trainable_parameters_summary

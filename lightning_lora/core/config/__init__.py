@@ -4,14 +4,7 @@
 checkpoints record this path).
 """
 
-from lightning_lora.core.config.lora_config import (  # noqa: F401
-    ALL_LINEAR,
-    BIAS_MODES,
-    AdapterConfig,
-    EvaConfig,
-    LoraConfig,
-    LowRankConfig,
-    QuantizationConfig,
-    check_dropout,
-    pattern_matches,
-)
+from lightning_lora.core.config.adapter_config import AdapterConfig, LowRankConfig  # noqa: F401
+from lightning_lora.core.config.fields import ALL_LINEAR, BIAS_MODES, check_dropout, pattern_matches  # noqa: F401
+from lightning_lora.core.config.lora_config import EvaConfig, LoraConfig  # noqa: F401
+from lightning_lora.core.config.quantization_config import QuantizationConfig  # noqa: F401

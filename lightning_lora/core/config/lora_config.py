@@ -1,209 +1,16 @@
-"""``LoraConfig``: what to adapt and how, validated when it is built."""
+"""``LoraConfig``: what to adapt and how, validated when it is built; EVA's options."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 from lightning_lora.core.common.checks import is_finite_number, is_integer
+from lightning_lora.core.config.adapter_config import LOW_RANK_ARGS, TARGETING_ARGS, LowRankConfig
+from lightning_lora.core.config.fields import check_dropout, config_from_dict
 from lightning_lora.core.config.init_names import check_init_name, is_data_init
-
-ALL_LINEAR = "all-linear"
-BIAS_MODES = ("none", "all", "lora_only")
-
-
-@dataclass
-class QuantizationConfig:
-    """How :func:`~lightning_lora.apply_lora` quantises the frozen base with bitsandbytes (QLoRA).
-
-    Adapters always stay in full precision on top of the quantised base.
-
-    Args:
-        bits: ``4`` (blockwise NF4/FP4, as in QLoRA) or ``8`` (row-wise LLM.int8()).
-        quant_type: 4-bit data type: ``"nf4"`` (normal float, QLoRA's choice) or ``"fp4"``.
-        double_quant: 4-bit only: quantise the per-block scales too (about 0.4 bit per weight less).
-        compute_dtype: 4-bit only: dtype of the base layer's matmul, ``"float32"``, ``"bfloat16"`` or
-            ``"float16"``; inputs are cast to it and outputs back to the input dtype.
-        int8_threshold: 8-bit only: LLM.int8() outlier threshold for inputs (bitsandbytes' default 6.0; 0 turns
-            outlier handling off).
-        layers: Which layers to quantise: ``"targets"`` (the ``nn.Linear`` layers that get adapters) or
-            ``"all-linear"`` (every ``nn.Linear`` except the output head and ``modules_to_save``). Other layer kinds
-            (embeddings, convolutions, Hugging Face ``Conv1D``) stay in full precision.
-        storage_dtype: 4-bit only: the dtype the packed 4-bit bytes are stored as (bitsandbytes' ``quant_storage``).
-            ``"uint8"`` shards under FSDP2 with any mixed precision; FSDP1 and DeepSpeed ZeRO-3 flatten a unit's
-            parameters into one tensor of one dtype, so they need the dtype of the model's other parameters.
-    """
-
-    bits: Literal[4, 8] = 4
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = False
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    int8_threshold: float = 6.0
-    layers: Literal["targets", "all-linear"] = "targets"
-    storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] = "uint8"
-
-    def __post_init__(self) -> None:
-        choices = {
-            "bits": (4, 8),
-            "quant_type": ("nf4", "fp4"),
-            "compute_dtype": ("float32", "bfloat16", "float16"),
-            "layers": ("targets", ALL_LINEAR),
-            "storage_dtype": ("uint8", "float32", "bfloat16", "float16"),
-        }
-        for name, valid in choices.items():
-            value = getattr(self, name)
-            if value not in valid or isinstance(value, bool):
-                raise ValueError(f"quantization.{name} must be one of {valid}, got {value!r}.")
-        if not (is_finite_number(self.int8_threshold) and self.int8_threshold >= 0):
-            raise ValueError(
-                f"quantization.int8_threshold must be a finite number >= 0, got {self.int8_threshold!r}; "
-                "bitsandbytes' default is 6.0, and 0 turns outlier handling off."
-            )
-        self.int8_threshold = float(self.int8_threshold)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QuantizationConfig:
-        """Build from a plain dict; unknown keys are an error naming them."""
-        return _from_dict(cls, values, "QuantizationConfig")
-
-
-TARGETING_ARGS = """
-        target_modules: Which layers get adapters. A list of names: a module matches when its full name equals an
-            entry or ends with ``"." + entry`` (``["q_proj", "v_proj"]``). A string: a regular expression that must
-            match the full module name (``r".*\\.attn\\.(q|v)_proj"``). The string ``"all-linear"``: every linear
-            layer (``nn.Linear``, Hugging Face ``Conv1D``) except the output head.
-        exclude_modules: Layers never adapted, with the same list/regex rules as ``target_modules``.
-        layers_to_transform: Adapt only these layer indices (the number in ``...layers.3.q_proj``).
-        layers_pattern: Name of the container holding the numbered layers (``"layers"``, ``"h"``); default: the
-            last ``<name>.<number>.`` part of the module path.
-        bias: Which biases train with the adapter: ``"none"``, ``"all"`` (every bias of the model) or
-            ``"lora_only"`` (biases of adapted layers). Trained biases are saved with the adapter.
-        modules_to_save: Modules trained in full beside the adapters (a new classification head, say); same name
-            rules as a ``target_modules`` list. Their weights are saved with the adapter."""
-
-LOW_RANK_ARGS = """
-        r: Rank of the update (LoRA: the inner dimension of ``B @ A``; each kind says what its factors share). At
-            least 1; checked against every adapted layer at injection.
-        alpha: Scale numerator: the update is multiplied by ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``). Must be > 0.
-        rank_pattern: Per-layer rank overrides, ``{pattern: r}``; a pattern matches a module name or a dotted suffix
-            of it (regex allowed, e.g. ``{"layers\\.0\\..*": 4}``). First matching entry wins.
-        alpha_pattern: Per-layer alpha overrides, same rules as ``rank_pattern``."""
-
-
-@dataclass(kw_only=True)
-class AdapterConfig:
-    """What every adapter kind shares: which layers it adapts and what trains beside it.
-
-    Each kind has a config class built on this one (:class:`LoraConfig`, ``LoHaConfig``, ``LoKrConfig``,
-    ``OFTConfig``, ...); the class chosen is the kind. Every field is checked when the config is built.
-
-    Args:""" + TARGETING_ARGS + """
-    """
-
-    #: Fields a training-time schedule fills in (AdaLoRA's final ``rank_pattern``): a resumed run's config need not
-    #: have them, and they are not compared with a checkpoint's.
-    filled_in_training: ClassVar[tuple[str, ...]] = ()
-
-    target_modules: Union[list[str], str] = ALL_LINEAR
-    exclude_modules: Optional[Union[list[str], str]] = None
-    layers_to_transform: Optional[list[int]] = None
-    layers_pattern: Optional[str] = None
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: Optional[list[str]] = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules and not getattr(self, "target_parameters", None):
-                raise ValueError("target_modules is empty; name the layers to adapt, e.g. ['q_proj', 'v_proj'].")
-        _check_patterns("target_modules", self.target_modules)
-        if self.exclude_modules is not None:
-            _check_patterns("exclude_modules", self.exclude_modules)
-        if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, int):
-                self.layers_to_transform = [self.layers_to_transform]
-            if (
-                not isinstance(self.layers_to_transform, (list, tuple))
-                or not self.layers_to_transform
-                or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers_to_transform)
-            ):
-                raise ValueError(
-                    f"layers_to_transform must be a non-empty list of layer indices >= 0, "
-                    f"got {self.layers_to_transform!r}."
-                )
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
-        if self.modules_to_save is not None:
-            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save
-            ):
-                raise ValueError(
-                    f"modules_to_save must be a list of module names (e.g. ['classifier']) or None, got "
-                    f"{self.modules_to_save!r} ({type(self.modules_to_save).__name__})."
-                )
-            self.modules_to_save = list(self.modules_to_save)
-
-    @property
-    def kind(self) -> str:
-        """Name of the adapter kind in ``lightning_lora.core.kinds.KINDS`` that this config creates."""
-        raise NotImplementedError(f"{type(self).__name__} names no adapter kind; use a kind's config class.")
-
-    @property
-    def quantization(self) -> Optional[QuantizationConfig]:
-        """Kinds without a ``quantization`` field never quantise the base."""
-        return None
-
-    def rank_for(self, module_name: str) -> int:
-        """The kind's rank-like size on ``module_name`` (LoRA's rank; 0 where the kind derives it per layer)."""
-        return 0
-
-    def alpha_for(self, module_name: str) -> float:
-        """The kind's scale numerator on ``module_name``; 1 for kinds without one."""
-        return 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict of the fields."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
-        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
-        return _from_dict(cls, values, cls.__name__)
-
-
-@dataclass(kw_only=True)
-class LowRankConfig(AdapterConfig):
-    """The fields of kinds built from rank-``r`` factors scaled by ``alpha / r`` (LoRA, LoHa, LoKr).
-
-    Args:""" + LOW_RANK_ARGS + TARGETING_ARGS + """
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
-        self.alpha = float(self.alpha)
-        for key, value in self.rank_pattern.items():
-            _check_regex("rank_pattern", key)
-            _check_rank(f"rank_pattern[{key!r}]", value)
-        for key, value in self.alpha_pattern.items():
-            _check_regex("alpha_pattern", key)
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
-
-    def rank_for(self, module_name: str) -> int:
-        """Rank of the adapter on ``module_name`` after ``rank_pattern``."""
-        return self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
-
-    def alpha_for(self, module_name: str) -> float:
-        """Alpha of the adapter on ``module_name`` after ``alpha_pattern``."""
-        return float(self.alpha_pattern[key]) if (key := _pattern_key(self.alpha_pattern, module_name)) else self.alpha
+from lightning_lora.core.config.quantization_config import QuantizationConfig
 
 
 @dataclass
@@ -247,7 +54,7 @@ class EvaConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EvaConfig:
         """Build from a plain dict; unknown keys are an error naming them."""
-        return _from_dict(cls, values, "EvaConfig")
+        return config_from_dict(cls, values, "EvaConfig")
 
 
 @dataclass(kw_only=True)
@@ -377,54 +184,3 @@ def _checked_token_indices(value: Any) -> Optional[Union[list[int], dict[str, li
     return checked(value, "")
 
 
-def _from_dict(cls: type, values: dict[str, Any], name: str) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"Unknown {name} fields {unknown}; valid fields are {sorted(known)}.")
-    return cls(**values)
-
-
-def pattern_matches(module_name: str, key: str) -> bool:
-    """PEFT's rule for ``rank_pattern``/``alpha_pattern`` keys: the key (a regex) matches a dotted suffix of the
-    module name (``peft.utils.other.get_pattern_key``)."""
-    try:
-        return re.match(rf"(.*\.)?({key})$", module_name) is not None
-    except re.error:
-        return False
-
-
-def _pattern_key(patterns: dict[str, Any], module_name: str) -> Optional[str]:
-    return next((key for key in patterns if pattern_matches(module_name, key)), None)
-
-
-def check_dropout(name: str, value: Any) -> None:
-    """Raise a ValueError unless ``value`` is a probability in ``[0, 1)``."""
-    if not (is_finite_number(value) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}; use 0.0 to switch dropout off.")
-
-
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-
-
-def _check_alpha(name: str, value: Any) -> None:
-    if not (is_finite_number(value) and value > 0):
-        raise ValueError(f"{name} must be > 0 and finite, got {value!r}; a common choice is alpha = 2 * r.")
-
-
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {err}.") from err
-
-
-def _check_patterns(name: str, patterns: Union[list[str], str]) -> None:
-    if isinstance(patterns, str):
-        if patterns != ALL_LINEAR:
-            _check_regex(name, patterns)
-        return
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"{name} must be a list of non-empty module names or one regex string, got {patterns!r}.")

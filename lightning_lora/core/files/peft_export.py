@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lightning_lora.core.common.distributed import full_tensor, uncompiled
-from lightning_lora.core.config.lora_config import AdapterConfig, pattern_matches
+from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.config.fields import pattern_matches
 from lightning_lora.core.files.peft_format import (
     base_module_names,
     is_dotted_suffix,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import SAVED_WITH, WHOLE_MODULE, saved_module_state

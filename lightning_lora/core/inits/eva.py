@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_lora.core.common.distributed import copy_into, is_distributed, is_dtensor
-from lightning_lora.core.config.lora_config import EvaConfig, LoraConfig, pattern_matches
+from lightning_lora.core.config.fields import pattern_matches
+from lightning_lora.core.config.lora_config import EvaConfig, LoraConfig
 from lightning_lora.core.inits.calibration_run import CalibrationRun, calibrating, register_calibration
 from lightning_lora.core.inits.incremental_pca import IncrementalPCA
 from lightning_lora.core.inits.initializers import CALIBRATION, register_initializer

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Union
 
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.kinds.adalora import AdaLoraConfig, AdaLoraKind
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.kinds.dora import DoraKind

@@ -19,7 +19,8 @@ from torch import nn
 
 from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.common.distributed import full_tensor
-from lightning_lora.core.config.lora_config import TARGETING_ARGS, AdapterConfig, check_dropout
+from lightning_lora.core.config.adapter_config import TARGETING_ARGS, AdapterConfig
+from lightning_lora.core.config.fields import check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
 from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 

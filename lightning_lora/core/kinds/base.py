@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_lora.core.common.distributed import full_tensor
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.layers.adapted_layer import Action, LayerKind
 from lightning_lora.core.layers.containers import AdapterTensor
 

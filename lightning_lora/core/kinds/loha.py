@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lora.core.config.lora_config import LOW_RANK_ARGS, TARGETING_ARGS
+from lightning_lora.core.config.adapter_config import LOW_RANK_ARGS, TARGETING_ARGS
 from lightning_lora.core.kinds.base import AdapterTensor
 from lightning_lora.core.kinds.lycoris import LYCORIS_ARGS, LycorisConfig, LycorisKind
 

@@ -10,13 +10,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_lora.core.config.lora_config import (
-    LOW_RANK_ARGS,
-    TARGETING_ARGS,
-    AdapterConfig,
-    LowRankConfig,
-    check_dropout,
-)
+from lightning_lora.core.config.adapter_config import LOW_RANK_ARGS, TARGETING_ARGS, AdapterConfig, LowRankConfig
+from lightning_lora.core.config.fields import check_dropout
 from lightning_lora.core.kinds.base import AdapterKind
 from lightning_lora.core.layers.layer_types import ConvAdapters, LinearAdapters, TransposedLinearAdapters, layer_type_of
 

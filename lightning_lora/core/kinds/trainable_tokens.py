@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config.lora_config import AdapterConfig, LoraConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.config.lora_config import LoraConfig
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.layers.layer_types import LinearAdapters
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.core.common.checks import is_finite_number
-from lightning_lora.core.config.lora_config import TARGETING_ARGS, AdapterConfig, check_dropout
+from lightning_lora.core.config.adapter_config import TARGETING_ARGS, AdapterConfig
+from lightning_lora.core.config.fields import check_dropout
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
 from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from lightning_lora.core.common.base_weights import dense_weight
 from lightning_lora.core.common.distributed import gathered_parameters, is_materialized
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.layers.containers import AdapterDict, AdapterTensor
 
 if TYPE_CHECKING:

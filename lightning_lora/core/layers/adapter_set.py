@@ -8,7 +8,7 @@ from typing import Iterator, Union
 import torch
 from torch import nn
 
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.layers.adapted_layer import lora_layers
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters
 

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_lora.core.config.lora_config import AdapterConfig, pattern_matches
+from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.config.fields import pattern_matches
 from lightning_lora.core.layers.adapted_layer import LoraLayer
 from lightning_lora.core.layers.containers import AdapterDict
 

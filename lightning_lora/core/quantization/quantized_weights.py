@@ -34,7 +34,7 @@ from torch import nn
 
 from lightning_lora.core.common.base_weights import register_weight_format
 from lightning_lora.core.common.distributed import copy_into, full_tensor, is_dtensor
-from lightning_lora.core.config.lora_config import QuantizationConfig
+from lightning_lora.core.config.quantization_config import QuantizationConfig
 
 PARAMS_4BIT = "Params4bit"
 PARAMS_8BIT = "Int8Params"

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from lightning_lora.core.common.distributed import full_parameters, global_rank
-from lightning_lora.core.config.lora_config import AdapterConfig
+from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.inits.initializers import initializer_needs_data, needs_calibration
 from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
 from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_class, lora_layers
 from lightning_lora.core.layers.adapter_set import (
-    SAVED_WITH,
     adapter_names,
     mark_only_adapters_trainable,
     mark_saved_modules,
@@ -33,7 +32,7 @@ from lightning_lora.core.layers.parameter_adapters import (
 )
 from lightning_lora.core.quantization.quantize import plan_quantization, quantize_layers
 from lightning_lora.core.quantization.quantized_weights import keep_training_layout
-from lightning_lora.core.surgery.removal import remove_adapter_tensors, restore_base_class
+from lightning_lora.core.surgery.snapshot import AdapterSnapshot
 from lightning_lora.core.targets.targeting import (
     find_modules_to_save,
     find_targets,
@@ -120,25 +119,20 @@ def apply_lora(
         )
 
     still_training = [name for name in adapter_names(model) if _is_training(model, name)]
-    previous_flags = [(p, p.requires_grad) for p in model.parameters()]
-    previous_marks = {m: dict(getattr(m, SAVED_WITH, {})) for m in model.modules()}
-    converted: list[nn.Module] = []
+    snapshot = AdapterSnapshot(model, adapter_name)
     undo_quantization = None
     try:
         for name, module in [*targets, *((name, module) for name, module, _ in token_layers)]:
             if not isinstance(module, LoraLayer):
                 module.__class__ = lora_class(layer_type_of(module), type(module))
                 module._init_lora_state()
-                converted.append(module)
             _add_adapter(module, adapter_name, settings[name])
         for owner_name, owner, parameter_name in parameter_targets:
             site = adapt_parameter(owner, parameter_name)
-            converted.append(site)
             _add_adapter(site, adapter_name, _settings_for(site_name(owner_name, parameter_name), site, config))
         for owner_name, owner, sites in whole_modules:  # nn.MultiheadAttention: rank and alpha by the module's name
             for parameter_name, peft_path in sites:
                 site = adapt_parameter(owner, parameter_name, peft_path)
-                converted.append(site)
                 _add_adapter(site, adapter_name, _settings_for(owner_name, site, config))
         _attach_shared(model, adapter_name, shared, [m for _, m in targets])
         if initialize and not initializer_needs_data(getattr(config, "init", None)):  # data inits: calibrate_adapters
@@ -155,7 +149,7 @@ def apply_lora(
     except BaseException:
         if undo_quantization is not None:
             undo_quantization()
-        _rollback(model, adapter_name, converted, previous_flags, previous_marks)
+        snapshot.restore()
         raise
     return model
 
@@ -248,29 +242,6 @@ def _attach_shared(
         holder[adapter_name] = tensor
         for layer in layers:
             layer._modules[container] = holder
-
-
-def _rollback(
-    model: nn.Module,
-    adapter_name: str,
-    converted: list[nn.Module],
-    previous_flags: list[tuple[nn.Parameter, bool]],
-    previous_marks: dict[nn.Module, dict],
-) -> None:
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_settings:
-            layer.lora_settings[adapter_name].kind.release_base(layer, adapter_name)
-            remove_adapter_tensors(layer, adapter_name)
-    for module in converted:
-        if isinstance(module, LoraLayer) and not module.lora_settings:
-            restore_base_class(module)
-    for module, marks in previous_marks.items():
-        if marks:
-            module.__dict__[SAVED_WITH] = marks
-        else:
-            module.__dict__.pop(SAVED_WITH, None)
-    for parameter, flag in previous_flags:
-        parameter.requires_grad_(flag)
 
 
 def initialize_pending_adapters(

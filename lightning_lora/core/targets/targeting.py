@@ -8,7 +8,8 @@ from typing import Optional, Union
 
 from torch import nn
 
-from lightning_lora.core.config.lora_config import ALL_LINEAR, AdapterConfig, LowRankConfig, pattern_matches
+from lightning_lora.core.config.adapter_config import AdapterConfig, LowRankConfig
+from lightning_lora.core.config.fields import ALL_LINEAR, pattern_matches
 from lightning_lora.core.layers.adapted_layer import LoraLayer
 from lightning_lora.core.layers.containers import AdapterDict
 from lightning_lora.core.layers.layer_types import SUPPORTED_LAYERS, _is_hf_conv1d, layer_type_of
