@@ -4,7 +4,9 @@ The model is 64 stacked ``nn.Linear(32, 32)`` (no activation), batch 2, float32,
 At this size the matmuls cost almost nothing, so what is measured is the per-call path itself: the Python and
 autograd work each adapted layer adds. That is the cost users see on a GPU in the launch-bound regime (small
 batches, generation). The floor is the same model with every weight frozen (the input requires grad, so backward
-runs through every layer in all three). Each measurement runs in its own process; rounds are interleaved.
+runs through every layer in all of them). "bare" is the least eager PyTorch can do for the same LoRA: the two
+products written as bare torch calls on plain tensors (``addmm(base(x), x A^T, B^T, alpha=scaling)``), no modules. Each
+measurement runs in its own process; rounds are interleaved.
 Reported: the median over rounds of each process's median microseconds per step, and the added cost per adapted
 layer, ``(step - floor) / 64``.
 
@@ -21,6 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this che
 import harness  # noqa: E402
 
 LAYERS, WIDTH, BATCH, RANK, ALPHA = 64, 32, 2, 8, 16
-NAMES = ("floor", "ours", "peft")
+NAMES = ("floor", "bare", "ours", "peft")
 
 
 def build(name: str) -> nn.Module:
@@ -57,9 +60,24 @@ def build(name: str) -> nn.Module:
     return model
 
 
+def bare_model() -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LoRA forward as bare torch calls on the same shapes (frozen W, b; trainable A, B with B non-zero)."""
+    torch.manual_seed(0)
+    weights = [(torch.randn(WIDTH, WIDTH) * 0.1, torch.zeros(WIDTH)) for _ in range(LAYERS)]
+    factors = [(torch.randn(RANK, WIDTH, requires_grad=True), (torch.randn(WIDTH, RANK) * 0.01).requires_grad_())
+               for _ in range(LAYERS)]  # fmt: skip
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        for (weight, bias), (lora_A, lora_B) in zip(weights, factors):
+            x = torch.addmm(torch.nn.functional.linear(x, weight, bias), x @ lora_A.t(), lora_B.t(), alpha=ALPHA / RANK)
+        return x
+
+    return forward
+
+
 def worker(name: str, steps: int, warmup: int) -> dict:
     torch.set_num_threads(1)
-    model = build(name)
+    model = bare_model() if name == "bare" else build(name)
     x = torch.randn(BATCH, WIDTH, requires_grad=True)
 
     def step() -> None:
@@ -84,7 +102,7 @@ def main() -> None:
     extra = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
     results = harness.interleaved(__file__, NAMES, args.rounds, 1, extra)
     step = {name: harness.median_of(results[name], "us_per_step") for name in NAMES}
-    added = {name: (step[name] - step["floor"]) / LAYERS for name in ("ours", "peft")}
+    added = {name: (step[name] - step["floor"]) / LAYERS for name in ("bare", "ours", "peft")}
     print(f"{'':6} {'us/step':>9} {'added us/layer':>15}")
     for name in NAMES:
         print(f"{name:6} {step[name]:9.0f} {added.get(name, 0.0):15.1f}")

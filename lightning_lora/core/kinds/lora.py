@@ -175,9 +175,10 @@ class LoraKind(AdapterKind):
         settings = layer.lora_settings[adapter_name]
         lora_A, lora_B = _computed_factors(layer, adapter_name, settings)
         h = layer.adapter_input(x, settings.dropout, lora_A.dtype)
+        if not settings.config.lora_bias:
+            return layer.add_lora_output(result, h, lora_A, lora_B, settings.scaling)
         update = layer.lora_output(h, lora_A, lora_B, settings.scaling)
-        if settings.config.lora_bias:
-            update = update + layer.channel_view(layer.lora_bias[adapter_name] * settings.scaling)
+        update = update + layer.channel_view(layer.lora_bias[adapter_name] * settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
@@ -304,8 +305,15 @@ def _computed_factors(
     layer: LoraLayer, adapter_name: str, settings: AdapterSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` and ``B`` as computed with: all ranks, or the first ``active_rank`` (DyLoRA's nested ranks)."""
-    lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    lora_A, lora_B = _factor(layer, "lora_A", adapter_name), _factor(layer, "lora_B", adapter_name)
     return (lora_A, lora_B) if settings.active_rank is None else nested_factors(lora_A, lora_B, settings)
+
+
+def _factor(layer: LoraLayer, container: str, adapter_name: str) -> torch.Tensor:
+    # The per-call path reads the registered parameter directly (nn.Module and ParameterDict lookups cost more than
+    # the rest of the Python around a small layer); a strategy that swapped in a plain tensor is read the usual way.
+    parameters = layer._modules[container]._parameters
+    return parameters[adapter_name] if adapter_name in parameters else getattr(layer, container)[adapter_name]
 
 
 def _init_from_peft(init_lora_weights: Any) -> str:

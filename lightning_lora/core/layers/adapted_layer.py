@@ -138,6 +138,13 @@ class LoraLayer(nn.Module):
         """The base layer's operation (its geometry, no bias) with another dense ``[out, in, *kernel]`` weight."""
         raise NotImplementedError
 
+    def add_lora_output(
+        self, result: torch.Tensor, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """``result + scaling * B(A(h))`` in ``result``'s dtype; layer types may fuse the steps."""
+        update = self.lora_output(h, lora_A, lora_B, scaling)
+        return result + (update if update.dtype == result.dtype else update.to(result.dtype))
+
     def channel_view(self, per_channel: torch.Tensor) -> torch.Tensor:
         """Reshape a ``[out]`` vector to broadcast over the base output's feature dimension."""
         return per_channel
