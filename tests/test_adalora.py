@@ -241,7 +241,7 @@ def test_a_schedule_the_run_cannot_hold_fails_before_any_training_step(tmp_path:
     trainer = L.Trainer(**trainer_arguments(max_steps=4, callbacks=[LoraCallback(LoraConfig(r=2, target_modules=["fc1"])),
                                                                     AdaLoraSchedule()]))
     before = copy.deepcopy(module.model.fc1.weight)
-    with pytest.raises(ValueError, match="works on adalora adapters; adapter 'default' is a lora adapter"):
+    with pytest.raises(ValueError, match="works on AdaLoRA adapters .*; adapter 'default' is a LoRA adapter"):
         trainer.fit(module, dataloader())
     assert trainer.global_step == 0 and torch.equal(module.model.fc1.weight, before)
     trainer = L.Trainer(**trainer_arguments(max_steps=4, callbacks=[AdaLoraSchedule("other")]))

@@ -329,8 +329,8 @@ def test_bad_arguments_are_refused_when_the_schedule_is_built(build_schedule, me
         (lambda: DyLoraSchedule(min_rank=5), lora_config(), r"min_rank=5\) is above the rank r=4"),
         (lambda: DyLoraSchedule(eval_rank=6), lora_config(), r"eval_rank=6\) is above the rank r=4"),
         (lambda: DyLoraSchedule(), lora_config(rank_pattern={"fc2": 2}), "per-layer ranks .* Drop rank_pattern"),
-        (lambda: DyLoraSchedule(), lora_config(use_dora=True), "works on lora adapters; adapter 'default' is a dora"),
-        (lambda: DyLoraSchedule(), LoHaConfig(r=2, target_modules=["fc1"]), "adapter 'default' is a loha adapter"),
+        (lambda: DyLoraSchedule(), lora_config(use_dora=True), "works on LoRA factors .*; adapter 'default' is a DoRA adapter"),
+        (lambda: DyLoraSchedule(), LoHaConfig(r=2, target_modules=["fc1"]), "adapter 'default' is a LoHa adapter"),
         (lambda: DyLoraSchedule(), lora_config(init="orthogonal"), "init='orthogonal'"),
     ],
 )

@@ -207,7 +207,7 @@ def test_bad_settings_are_refused_with_the_fix(build: Callable[[], Any], message
 @pytest.mark.parametrize(
     "schedule, config, extra, message",
     [
-        (_relora, lora_config(r=2, use_dora=True), [], "works on lora adapters; adapter 'default' is a dora"),
+        (_relora, lora_config(r=2, use_dora=True), [], "works on LoRA factors .*; adapter 'default' is a DoRA adapter"),
         (_relora, lora_config(r=2, init="pissa"), [], "uses init='pissa'"),
         (_delta_lora, lora_config(r=2, dropout=0.1), [], "has dropout=0.1. Use LoraConfig\\(dropout=0.0\\)"),
         (_delta_lora, None, [lambda tmp: AdapterExport(tmp / "out")], "Drop AdapterExport and export the merged"),

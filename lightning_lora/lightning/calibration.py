@@ -26,6 +26,7 @@ from lightning_lora.core.common.distributed import clean_name, is_sharded
 from lightning_lora.core.config.init_names import is_data_init
 from lightning_lora.core.config.lora_config import LoraConfig
 from lightning_lora.core.inits.svd_init import apply_init_residual, has_init_factors
+from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import get_lora_config
 from lightning_lora.core.surgery.calibration import calibrate_adapters
@@ -42,7 +43,7 @@ EVA_WRITTEN_FIELDS = ("rank_pattern", "alpha_pattern", "target_modules")
 
 def uses_data_init(config: Any) -> bool:
     """Whether ``config`` asks for a data-driven init (``init="corda_ipm"``, ``"corda_kpm"``, ``"eva"``)."""
-    return is_data_init(getattr(config, "init", None))
+    return is_data_init(kind_of(config).init_name(config))
 
 
 def pending_data_layers(target: nn.Module, adapter_name: str) -> list[Any]:
@@ -189,7 +190,7 @@ def calibrated_config(saved: Any, config: LoraConfig) -> Optional[LoraConfig]:
         saved: The ``config`` dict a :class:`~lightning_lora.LoraCallback` stored in the checkpoint.
         config: The run's config.
     """
-    if getattr(config, "init", None) != "eva" or not isinstance(saved, dict):
+    if kind_of(config).init_name(config) != "eva" or not isinstance(saved, dict):
         return None
     try:
         before = LoraConfig.from_dict(saved)

@@ -28,6 +28,7 @@ from torch import nn
 from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.config.lora_config import LoraConfig
 from lightning_lora.core.inits.svd_init import has_init_factors
+from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters
@@ -227,7 +228,7 @@ def _check(
     svd_family = combination_type in SVD_TYPES and len(adapters) > 1
     for adapter in adapters:
         config = get_lora_config(model, adapter)
-        if getattr(config, "lora_bias", False):
+        if kind_of(config).has_bias(config):
             raise ValueError(f"Adapter {adapter!r} has a bias on B (lora_bias=True), which a combination has no "
                              "rule for; combine adapters trained without it.")  # fmt: skip
         if config.bias != "none":

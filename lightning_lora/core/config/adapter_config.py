@@ -105,6 +105,11 @@ class AdapterConfig:
         """Kinds without a ``quantization`` field never quantise the base."""
         return None
 
+    @property
+    def target_parameters(self) -> Optional[list[str]]:
+        """Kinds without a ``target_parameters`` field adapt modules only."""
+        return None
+
     def rank_for(self, module_name: str) -> int:
         """The kind's rank-like size on ``module_name`` (LoRA's rank; 0 where the kind derives it per layer)."""
         return 0

@@ -45,6 +45,7 @@ from lightning_lora.core.files.state import (
     adapter_state_dict,
     shared_state_for_file,
 )
+from lightning_lora.core.inits.initializers import initializer_fits_any_base
 from lightning_lora.core.inits.svd_init import (
     INIT_FACTOR_DICTS,
     svd_init_factors,
@@ -224,7 +225,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
         )
     native = NATIVE_FORMAT_KEY in values
     injected = adapter_name not in adapter_names(model)
-    if injected and getattr(config, "init", "").startswith("loftq"):
+    if injected and not initializer_fits_any_base(kind_of(config).init_name(config)):
         raise ValueError(
             f"{directory} holds a LoftQ adapter: it only fits the quantised base LoftQ chose with it, which "
             "load_adapter "

@@ -251,7 +251,7 @@ def _check_export(
         if (read_back.kind.name, read_back.r) != (entry.kind.name, entry.r) or not math.isclose(
             read_back.scaling, entry.scaling, rel_tol=1e-6
         ):
-            same_kind = read_back.kind.name == entry.kind.name
+            same_kind = read_back.kind is entry.kind
             kinds = "" if same_kind else f" for {read_back.kind.name}, not {entry.kind.name}"
             problems.append(
                 f"{name}: config gives r={read_back.r}, scaling={read_back.scaling:g}{kinds}; tensors have r={entry.r}"

@@ -23,6 +23,7 @@ _INITIALIZERS: dict[str, Initializer] = {}
 _PREFIXED: dict[str, Initializer] = {}  # e.g. "pissa_niter_" handles "pissa_niter_4"
 _LAYER_TYPES: dict[Initializer, Optional[tuple[type[LoraLayer], ...]]] = {}
 _KEEPS_INIT_FACTORS: set[Initializer] = set()
+_BASE_BOUND_FUNCTIONS: set[Initializer] = set()
 _WEIGHT_FREE_NAMES: set[str] = {"kaiming", "gaussian", "orthogonal"}
 # Where calibrate_adapters leaves a layer's statistics for a data init: layer.__dict__[CALIBRATION][adapter_name].
 CALIBRATION = "_lora_calibration"
@@ -37,6 +38,7 @@ def register_initializer(
     keeps_init_factors: bool = False,
     needs_data: bool = False,
     reads_weight: bool = True,
+    fits_any_base: bool = True,
 ) -> None:
     """Make ``function`` available as ``LoraConfig(init=name)``.
 
@@ -52,6 +54,8 @@ def register_initializer(
         needs_data: The method reads statistics of the layer's inputs over calibration batches (CorDA, EVA): the
             adapter stays pending until :func:`~lightning_lora.core.surgery.calibration.calibrate_adapters` runs it.
         reads_weight: The method reads the base weight (False for EVA, which reads only the inputs).
+        fits_any_base: An adapter file of this init can be put on the original base (False for LoftQ, whose
+            adapter belongs to the quantised base it chose).
     """
     (_PREFIXED if numbered else _INITIALIZERS)[name] = function
     if not reads_weight:
@@ -60,6 +64,13 @@ def register_initializer(
     _LAYER_TYPES[function] = layer_types
     if keeps_init_factors:
         _KEEPS_INIT_FACTORS.add(function)
+    if not fits_any_base:
+        _BASE_BOUND_FUNCTIONS.add(function)
+
+
+def initializer_fits_any_base(init: Optional[str]) -> bool:
+    """Whether an adapter file of ``init`` may be put on the original base model (see :func:`register_initializer`)."""
+    return init is None or resolve_initializer(init) not in _BASE_BOUND_FUNCTIONS
 
 
 def resolve_initializer(init: str) -> Initializer:

@@ -85,5 +85,5 @@ def loftq_init(layer: LoraLayer, adapter_name: str) -> None:
     assign_dense_weight(layer, candidate)
 
 
-register_initializer("loftq", loftq_init, layer_types=(LinearAdapters,))
-register_initializer("loftq_iter_", loftq_init, numbered=True, layer_types=(LinearAdapters,))
+register_initializer("loftq", loftq_init, layer_types=(LinearAdapters,), fits_any_base=False)
+register_initializer("loftq_iter_", loftq_init, numbered=True, layer_types=(LinearAdapters,), fits_any_base=False)

@@ -84,6 +84,15 @@ class AdapterKind(LayerKind):
         """Raise a ValueError naming the fix when the kind cannot adapt ``module`` with ``settings`` (layer type,
         rank or block size that does not fit). ``module`` may still be the plain base layer."""
 
+    def parameter_site_refusals(self, config: AdapterConfig) -> list[str]:
+        """What keeps this adapter off parameter sites (``target_parameters``, ``nn.MultiheadAttention``'s packed
+        weights, where the update adds to a weight rather than to an output), named for the error; empty: none."""
+        return ["a kind other than LoRA"]
+
+    def has_bias(self, config: AdapterConfig) -> bool:
+        """Whether the adapter trains a bias of its own (LoRA's ``lora_bias``), which merging adds to the base's."""
+        return False
+
     def layer_dropout(self, config: AdapterConfig) -> float:
         """Dropout on the adapter's input (LoRA's ``dropout``); 0 for kinds without one."""
         return 0.0

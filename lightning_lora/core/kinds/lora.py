@@ -127,6 +127,14 @@ class LoraKind(AdapterKind):
                     "first, or use init='kaiming'."
                 )
 
+    def parameter_site_refusals(self, config: LoraConfig) -> list[str]:
+        refused = {"use_dora": config.use_dora, "lora_bias": config.lora_bias,
+                   f"init={config.init!r}": config.init not in ("kaiming", "gaussian")}  # fmt: skip
+        return [option for option, bad in refused.items() if bad]
+
+    def has_bias(self, config: LoraConfig) -> bool:
+        return config.lora_bias
+
     def layer_dropout(self, config: LoraConfig) -> float:
         return config.dropout
 
@@ -188,7 +196,7 @@ class LoraKind(AdapterKind):
         return layer.to_weight_layout(delta)
 
     def plain_factors(self, settings: AdapterSettings) -> bool:
-        return not settings.config.lora_bias
+        return not self.has_bias(settings.config)
 
     def bias_delta(self, layer: LoraLayer, adapter_name: str) -> Optional[torch.Tensor]:
         """``scaling * b`` for a ``lora_bias`` adapter."""

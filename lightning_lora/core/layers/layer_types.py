@@ -37,8 +37,8 @@ class LinearAdapters(LoraLayer):
         down = F.linear(h, lora_A)
         if result.dim() == 2:
             return torch.addmm(result, down, lora_B.t(), alpha=scaling)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), lora_B.t(), alpha=scaling)
-        return flat.view(result.shape)
+        rows = down.reshape(-1, down.shape[-1])
+        return torch.addmm(result.reshape(-1, result.shape[-1]), rows, lora_B.t(), alpha=scaling).view(result.shape)
 
 
 class TransposedLinearAdapters(LinearAdapters):

@@ -204,19 +204,15 @@ def whole_module_sites(name: str, module: nn.Module, config: AdapterConfig) -> l
     Empty for other modules.
 
     Raises:
-        ValueError: Separate q/k/v weights, or options PEFT refuses there (DoRA, ``lora_bias``, an SVD init).
+        ValueError: Separate q/k/v weights. (Options PEFT refuses there are the kind's to name: ``apply_lora`` asks
+            ``parameter_site_refusals``.)
     """
     if not isinstance(module, nn.MultiheadAttention):
         return []
-    refused = [option for option, bad in (
-        ("use_dora", getattr(config, "use_dora", False)), ("lora_bias", getattr(config, "lora_bias", False)),
-        (f"init={getattr(config, 'init', None)!r}", getattr(config, "init", "kaiming") not in ("kaiming", "gaussian")),
-        ("a kind other than LoRA", getattr(config, "kind", "lora") not in ("lora", "dora")),
-    ) if bad]  # fmt: skip
-    if not module._qkv_same_embed_dim or refused:
-        what = refused or ["separate q/k/v weights (kdim/vdim differ from embed_dim)"]
+    if not module._qkv_same_embed_dim:
         raise ValueError(f"{name} (nn.MultiheadAttention) takes plain LoRA on its packed in_proj and out_proj, as in "
-                         f"PEFT; drop {what}, or leave it out with exclude_modules.")  # fmt: skip
+                         "PEFT; separate q/k/v weights (kdim/vdim differ from embed_dim) have none: leave it out with "
+                         "exclude_modules.")  # fmt: skip
     return [("in_proj_weight", ""), ("out_proj.weight", "base_layer.out_proj")]
 
 
@@ -235,24 +231,13 @@ def find_parameter_targets(model: nn.Module, config: AdapterConfig) -> list[tupl
     rule: ``<module>.<parameter>`` equals an entry or ends with ``"." + entry``.
 
     Raises:
-        ValueError: An entry matches no parameter, a parameter that is not 2-D or 3-D, or options PEFT refuses on
-            parameters (dropout, ``lora_bias``, DoRA, an init other than ``kaiming``/``gaussian``, a rank or alpha
-            pattern for a parameter).
+        ValueError: An entry matches no parameter, a parameter that is not 2-D or 3-D, or a rank or alpha pattern
+            for a parameter. (Options PEFT refuses on parameters are the kind's to name: ``apply_lora`` asks
+            ``parameter_site_refusals``.)
     """
-    wanted = getattr(config, "target_parameters", None)
+    wanted = config.target_parameters
     if not wanted:
         return []
-    problems = {
-        "dropout": getattr(config, "dropout", 0.0) != 0.0, "lora_bias": getattr(config, "lora_bias", False),
-        "use_dora": getattr(config, "use_dora", False), f"init={getattr(config, 'init', None)!r}":
-        getattr(config, "init", "kaiming") not in ("kaiming", "gaussian"),
-    }  # fmt: skip
-    refused = [name for name, bad in problems.items() if bad]
-    if refused:
-        raise ValueError(
-            f"target_parameters works with plain LoRA without dropout, a bias on B or an SVD init (as in PEFT: the "
-            f"update adds to the weight, not to an output); drop {refused}."
-        )
     found, matched = [], set()
     for owner_name, owner in base_modules(model):
         for parameter_name, parameter in owner.named_parameters(recurse=False):

@@ -99,6 +99,7 @@ def apply_lora(
     token_layers = _token_layer_settings(model, config, settings, modules_to_save)
     settings.update({name: token_settings for name, _, token_settings in token_layers})
     parameter_targets = find_parameter_targets(model, config)
+    _check_parameter_sites(config, [name for name, _, _ in whole_modules], parameter_targets)
     adapted_twice = [f"{o}.{p}" for o, m, p in parameter_targets
                      if isinstance(m, LoraLayer) or any(m is module for _, module in targets)]  # fmt: skip
     if adapted_twice:
@@ -135,7 +136,7 @@ def apply_lora(
                 site = adapt_parameter(owner, parameter_name, peft_path)
                 _add_adapter(site, adapter_name, _settings_for(owner_name, site, config))
         _attach_shared(model, adapter_name, shared, [m for _, m in targets])
-        if initialize and not initializer_needs_data(getattr(config, "init", None)):  # data inits: calibrate_adapters
+        if initialize and not initializer_needs_data(kind_of(config).init_name(config)):  # data: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)
         if to_quantize:
             # After the inits, so SVD inits and LoftQ work on full-precision weights and leave a residual to quantise.
@@ -152,6 +153,23 @@ def apply_lora(
         snapshot.restore()
         raise
     return model
+
+
+def _check_parameter_sites(
+    config: AdapterConfig, whole_modules: list[str], parameter_targets: list[tuple[str, nn.Module, str]]
+) -> None:
+    """Refuse, by the options the kind names, adapters that cannot sit on parameter sites (as PEFT refuses them)."""
+    kind = kind_of(config)
+    refused = kind.parameter_site_refusals(config)
+    if whole_modules and refused:
+        raise ValueError(f"{whole_modules[0]} (nn.MultiheadAttention) takes plain LoRA on its packed in_proj and "
+                         f"out_proj, as in PEFT; drop {refused}, or leave it out with exclude_modules.")  # fmt: skip
+    refused = (["dropout"] if kind.layer_dropout(config) else []) + refused
+    if parameter_targets and refused:
+        raise ValueError(
+            f"target_parameters works with plain LoRA without dropout, a bias on B or an SVD init (as in PEFT: the "
+            f"update adds to the weight, not to an output); drop {refused}."
+        )
 
 
 def _is_training(model: nn.Module, adapter_name: str) -> bool:

@@ -97,7 +97,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)
         selected = [(n, m) for n, m in selected if layer_index(n, config.layers_pattern) in wanted]
-    if not selected and not getattr(config, "target_parameters", None):
+    if not selected and not config.target_parameters:
         raise ValueError(_no_match_message(candidates, config))
 
     named_bypassed = sorted(bypassed.intersection(n for n, _ in selected))
@@ -135,8 +135,8 @@ def unmet_requests(model: nn.Module, config: AdapterConfig, adapted: list[str]) 
                 "are adapted"
             )
     if isinstance(config, LowRankConfig):
-        for field in ("rank_pattern", "alpha_pattern"):
-            idle = [key for key in getattr(config, field) if not any(pattern_matches(n, key) for n in adapted)]
+        for field, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+            idle = [key for key in patterns if not any(pattern_matches(n, key) for n in adapted)]
             if idle:
                 unmet.append(f"{field} keys {idle} match no adapted layer, so they change nothing")
     return unmet
@@ -154,7 +154,7 @@ def weights_all_linear_skips(model: nn.Module, config: AdapterConfig) -> list[st
     if config.target_modules != ALL_LINEAR:
         return []
     saved = tuple(f"{name}." for name in find_modules_to_save(model, config))
-    adapted = getattr(config, "target_parameters", None) or []
+    adapted = config.target_parameters or []
     skipped = []
     for module_name, module in _candidate_modules(model):
         if layer_type_of(module) is not None or isinstance(module, LoraLayer):

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_lora.core.common.safe_files import is_writer
+from lightning_lora.core.kinds import AdapterKind
 from lightning_lora.core.kinds.adalora import AdaLoraConfig
 from lightning_lora.core.training.rank_allocation import RankAllocator, orthogonality_penalty
 from lightning_lora.lightning.schedules.base import AdapterSchedule, warn_beyond_run
@@ -46,7 +47,10 @@ class AdaLoraSchedule(AdapterSchedule):
         trainer = L.Trainer(callbacks=[LoraCallback(config), AdaLoraSchedule()], max_steps=1000)
     """
 
-    kinds = ("adalora",)
+    works_on = "AdaLoRA adapters (a rank budget to allocate)"
+
+    def accepts(self, kind: AdapterKind) -> bool:
+        return kind.rank_budget
     metric_prefix = "adalora"
 
     def __init__(self, adapter_name: str = "default", heatmap: bool = True) -> None:

@@ -19,6 +19,7 @@ from lightning_lora.core.composition.amlora import (
     has_amlora,
     set_amlora_l1_weight,
 )
+from lightning_lora.core.kinds import AdapterKind
 from lightning_lora.core.layers.adapter_set import adapter_names
 from lightning_lora.lightning.module_hooks import (
     check_present_at_fit_start,
@@ -57,7 +58,10 @@ class AmLoraSchedule(AdapterSchedule):
         trainer = L.Trainer(callbacks=[LoraCallback(config, adapter_name="task2"), AmLoraSchedule("task2")])
     """
 
-    kinds = ("lora", "loha", "lokr", "vera")
+    works_on = "adapters that add an update of their own (LoRA, LoHa, LoKr, VeRA; not DoRA, OFT or AdaLoRA)"
+
+    def accepts(self, kind: AdapterKind) -> bool:
+        return kind.action == "add" and not kind.rank_budget
     metric_prefix = "amlora"
 
     def __init__(

@@ -28,6 +28,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_lora.core.common.base_weights import is_plain_weight
+from lightning_lora.core.kinds import AdapterKind, kind_of
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.training.base_updates import mark_base_trained
@@ -38,15 +39,15 @@ from lightning_lora.lightning.export import AdapterExport
 class AdapterSchedule(Callback):
     """Base class of training-time adapter algorithms.
 
-    Subclasses set :attr:`kinds` and override :meth:`start`, :meth:`after_optimizer_step`, :meth:`schedule_state`
+    Subclasses set :attr:`works_on` and :meth:`accepts`, and override :meth:`start`, :meth:`after_optimizer_step`, :meth:`schedule_state`
     and :meth:`restore_state` as they need.
 
     Args:
         adapter_name: The adapter the schedule acts on.
     """
 
-    #: The adapter kinds (``KINDS`` keys) the schedule works on.
-    kinds: ClassVar[tuple[str, ...]] = ("lora",)
+    #: What the schedule works on, for the error that refuses other adapters (see :meth:`accepts`).
+    works_on: ClassVar[str] = "LoRA factors (plain LoRA, not DoRA)"
     #: How metrics are prefixed in the loggers.
     metric_prefix: ClassVar[str] = "schedule"
 
@@ -80,15 +81,20 @@ class AdapterSchedule(Callback):
                 f"{adapter_names(module) or 'no adapters'}. Add it with LoraCallback(config, "
                 f"adapter_name={self.adapter_name!r}) (or LoraMixin), or set {name}(adapter_name=...)."
             )
-        kind = get_lora_config(module, self.adapter_name).kind
-        if kind not in self.kinds:
+        kind = kind_of(get_lora_config(module, self.adapter_name))
+        if not self.accepts(kind):
             raise ValueError(
-                f"{name} works on {' / '.join(self.kinds)} adapters; adapter {self.adapter_name!r} is a {kind} "
-                "adapter. Train it with the matching config class, or drop the schedule."
+                f"{name} works on {self.works_on}; adapter {self.adapter_name!r} is a {kind.display_name} adapter. "
+                "Train it with the matching config class, or drop the schedule."
             )
         self.layers = [(n, layer) for n, layer in lora_layers(module) if self.adapter_name in layer.lora_settings]
 
     # ----- what subclasses provide -----
+    def accepts(self, kind: AdapterKind) -> bool:
+        """Whether the schedule can act on adapters of ``kind``, asked through what the kind declares (default: its
+        update is ``scaling * B A`` of LoRA factors)."""
+        return kind.lora_factors
+
     def check_trainer(self, trainer: pl.Trainer) -> None:
         """Raise a ValueError naming the fix when the schedule cannot run with this Trainer (called at setup)."""
         if isinstance(trainer.strategy, DeepSpeedStrategy):

@@ -37,7 +37,6 @@ class DeltaLoraSchedule(BaseMovingSchedule):
                                        DeltaLoraSchedule(update_ratio=2.0, start_step=500)])
     """
 
-    kinds = ("lora",)
     metric_prefix = "delta_lora"
     algorithm = "Delta-LoRA"
     checkpoint_weights = True
@@ -57,12 +56,13 @@ class DeltaLoraSchedule(BaseMovingSchedule):
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        config = self.layers[0][1].lora_settings[self.adapter_name].config
-        if config.use_dora or config.dropout > 0:
+        settings = self.layers[0][1].lora_settings[self.adapter_name]
+        kind, dropout = settings.kind, settings.kind.layer_dropout(settings.config)
+        if not kind.lora_factors or dropout > 0:
             raise ValueError(
                 f"Delta-LoRA moves the base by the adapter's change, which stands for the weight's own update only "
                 f"for a plain LoRA without dropout; adapter {self.adapter_name!r} has "
-                f"{'use_dora=True' if config.use_dora else f'dropout={config.dropout}'}. Use LoraConfig(dropout=0.0) "
+                f"{kind.display_name if not kind.lora_factors else f'dropout={dropout}'}. Use LoraConfig(dropout=0.0) "
                 "without use_dora."
             )
         super().start(trainer, pl_module)

@@ -55,7 +55,6 @@ class DyLoraSchedule(AdapterSchedule):
         trainer = L.Trainer(callbacks=[LoraCallback(config), DyLoraSchedule(eval_rank=4)], max_steps=1000)
     """
 
-    kinds = ("lora",)
     metric_prefix = "dylora"
 
     def __init__(

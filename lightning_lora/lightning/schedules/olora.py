@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.composition.continual import adapter_l2_norm, orthogonal_subspace_penalty
 from lightning_lora.core.inits.svd_init import has_init_factors
+from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config, saved_module_state
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters
 from lightning_lora.lightning.schedules.base import AdapterSchedule
@@ -40,7 +41,6 @@ class OLoraSchedule(AdapterSchedule):
         trainer = L.Trainer(callbacks=[LoraCallback(config, adapter_name="task2"), OLoraSchedule("task2")])
     """
 
-    kinds = ("lora",)
     metric_prefix = "olora"
 
     def __init__(
@@ -75,7 +75,7 @@ class OLoraSchedule(AdapterSchedule):
             )
         for name in earlier:
             config = get_lora_config(module, name)
-            if config.kind != "lora" or config.use_dora or any(has_init_factors(l, name) for _, l in self.layers):
+            if not kind_of(config).lora_factors or any(has_init_factors(layer, name) for _, layer in self.layers):
                 raise ValueError(
                     f"Earlier adapter {name!r} is not a plain LoRA adapter; O-LoRA compares the A matrices of plain "
                     "LoRA adapters. Leave it out with earlier_adapters=[...]."

@@ -54,7 +54,6 @@ class ReLoraSchedule(BaseMovingSchedule):
                                        ReLoraSchedule(restart_every=1000, restart_warmup_steps=50)])
     """
 
-    kinds = ("lora",)
     metric_prefix = "relora"
     algorithm = "ReLoRA"
 
@@ -99,12 +98,13 @@ class ReLoraSchedule(BaseMovingSchedule):
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        config = self.layers[0][1].lora_settings[self.adapter_name].config
-        if config.use_dora or initializer_keeps_factors(config.init):
+        settings = self.layers[0][1].lora_settings[self.adapter_name]
+        init = settings.kind.init_name(settings.config)
+        if not settings.kind.lora_factors or initializer_keeps_factors(init):
+            what = settings.kind.display_name if not settings.kind.lora_factors else f"init={init!r}"
             raise ValueError(
                 f"ReLoRA restarts a plain LoRA adapter from LoRA's default init; adapter {self.adapter_name!r} uses "
-                f"{'DoRA' if config.use_dora else f'init={config.init!r}'}. Use LoraConfig(init='kaiming') without "
-                "use_dora for ReLoRA."
+                f"{what}. Use LoraConfig(init='kaiming') without use_dora for ReLoRA."
             )
         embeddings = [name for name, layer in self.layers if isinstance(layer, EmbeddingAdapters)]
         if embeddings:
