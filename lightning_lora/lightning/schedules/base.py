@@ -39,8 +39,8 @@ from lightning_lora.lightning.export import AdapterExport
 class AdapterSchedule(Callback):
     """Base class of training-time adapter algorithms.
 
-    Subclasses set :attr:`works_on` and :meth:`accepts`, and override :meth:`start`, :meth:`after_optimizer_step`, :meth:`schedule_state`
-    and :meth:`restore_state` as they need.
+    Subclasses set :attr:`works_on` and :meth:`accepts`, and override :meth:`start`, :meth:`after_optimizer_step`,
+    :meth:`schedule_state` and :meth:`restore_state` as they need.
 
     Args:
         adapter_name: The adapter the schedule acts on.
