@@ -299,4 +299,37 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     return model
 
 
-__all__ = ["dequantize_model", "plan_quantization", "quantize_layers", "quantize_linear"]
+class QuantizationStep:
+    """The quantisation step of ``apply_lora``: planned (checked) before any change, run after the adapters' inits
+    (so SVD inits and LoftQ see the full-precision weights and leave a residual to quantise), undone on failure. A
+    step with no layers does nothing.
+
+    Args:
+        layers: The layers to quantise (:func:`plan_quantization`).
+        options: How (``config.quantization``).
+    """
+
+    def __init__(self, layers: list[nn.Module], options: Optional[QuantizationConfig]) -> None:
+        self.layers, self.options = layers, options
+        self._undo: Optional[Callable[[], None]] = None
+
+    def run(self) -> list[nn.Module]:
+        """Quantise the layers; return them."""
+        if self.layers:
+            self._undo = quantize_layers(self.layers, self.options)
+        return self.layers
+
+    def undo(self) -> None:
+        """Put back what :meth:`run` quantised (nothing if it did not run)."""
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+def quantization_step(model: nn.Module, config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> QuantizationStep:
+    """The step that quantises what ``config.quantization`` selects among ``targets``, checked now."""
+    return QuantizationStep(plan_quantization(model, config, targets), config.quantization)
+
+
+__all__ = ["QuantizationStep", "dequantize_model", "plan_quantization", "quantization_step", "quantize_layers",
+           "quantize_linear"]

@@ -14,8 +14,7 @@ from lightning_lora.core.common.distributed import full_parameters, global_rank
 from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.inits.initializers import initializer_needs_data, needs_calibration
 from lightning_lora.core.kinds import kind_of
-from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS, find_token_layers
-from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_class, lora_layers
+from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import (
     adapter_names,
     mark_only_adapters_trainable,
@@ -23,15 +22,9 @@ from lightning_lora.core.layers.adapter_set import (
 )
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters, shared_holder
 from lightning_lora.core.layers.containers import AdapterDict, SharedTensors
-from lightning_lora.core.layers.layer_types import layer_type_of
-from lightning_lora.core.layers.parameter_adapters import (
-    adapt_parameter,
-    find_parameter_targets,
-    site_name,
-    whole_module_sites,
-)
-from lightning_lora.core.quantization.quantize import plan_quantization, quantize_layers
+from lightning_lora.core.quantization.quantize import quantization_step
 from lightning_lora.core.quantization.quantized_weights import keep_training_layout
+from lightning_lora.core.surgery.sites import TARGET_PLANNERS, TargetContext
 from lightning_lora.core.surgery.snapshot import AdapterSnapshot
 from lightning_lora.core.targets.targeting import (
     find_modules_to_save,
@@ -92,26 +85,13 @@ def apply_lora(
             "an nn.MultiheadAttention by naming it in target_modules, or train such modules with modules_to_save.",
             stacklevel=2,
         )
-    whole_modules = [(name, module, whole_module_sites(name, module, config)) for name, module in targets]
-    whole_modules = [(name, module, sites) for name, module, sites in whole_modules if sites]
-    targets = [(name, module) for name, module in targets if not any(module is m for _, m, _ in whole_modules)]
-    settings = {name: _settings_for(name, module, config) for name, module in targets}
-    token_layers = _token_layer_settings(model, config, settings, modules_to_save)
-    settings.update({name: token_settings for name, _, token_settings in token_layers})
-    parameter_targets = find_parameter_targets(model, config)
-    _check_parameter_sites(config, [name for name, _, _ in whole_modules], parameter_targets)
-    adapted_twice = [f"{o}.{p}" for o, m, p in parameter_targets
-                     if isinstance(m, LoraLayer) or any(m is module for _, module in targets)]  # fmt: skip
-    if adapted_twice:
-        raise ValueError(
-            f"target_parameters names {adapted_twice[:3]}, parameters of layers that target_modules adapts (or that "
-            "carry adapters already); adapt each layer one way (PEFT refuses this too). Narrow one of the two."
-        )
-    to_quantize = plan_quantization(model, config, targets)
-    shared = kind_of(config).shared_tensors(config, targets)
-    adapted = [*settings, *(name for name, _, _ in whole_modules)]
-    adapted += [site_name(owner_name, parameter) for owner_name, _, parameter in parameter_targets]
-    unmet = unmet_requests(model, config, adapted)
+    context = TargetContext(model, config, targets, modules_to_save)
+    for planner in TARGET_PLANNERS:
+        context.planned += planner.plan(context)
+    layer_targets = [(site.name, site.layer) for site in context.planned if site.layer is not None]
+    quantization = quantization_step(model, config, layer_targets)
+    shared = kind_of(config).shared_tensors(config, layer_targets)
+    unmet = unmet_requests(model, config, [site.name for site in context.planned])
     if unmet:
         warnings.warn(
             f"Adapter {adapter_name!r}: " + "; ".join(unmet) + ". Check the names against the model "
@@ -121,55 +101,24 @@ def apply_lora(
 
     still_training = [name for name in adapter_names(model) if _is_training(model, name)]
     snapshot = AdapterSnapshot(model, adapter_name)
-    undo_quantization = None
     try:
-        for name, module in [*targets, *((name, module) for name, module, _ in token_layers)]:
-            if not isinstance(module, LoraLayer):
-                module.__class__ = lora_class(layer_type_of(module), type(module))
-                module._init_lora_state()
-            _add_adapter(module, adapter_name, settings[name])
-        for owner_name, owner, parameter_name in parameter_targets:
-            site = adapt_parameter(owner, parameter_name)
-            _add_adapter(site, adapter_name, _settings_for(site_name(owner_name, parameter_name), site, config))
-        for owner_name, owner, sites in whole_modules:  # nn.MultiheadAttention: rank and alpha by the module's name
-            for parameter_name, peft_path in sites:
-                site = adapt_parameter(owner, parameter_name, peft_path)
-                _add_adapter(site, adapter_name, _settings_for(owner_name, site, config))
-        _attach_shared(model, adapter_name, shared, [m for _, m in targets])
+        for site in context.planned:
+            layer = site.attach()
+            _add_adapter(layer, adapter_name, site.settings(layer))
+        _attach_shared(model, adapter_name, shared, [m for _, m in layer_targets])
         if initialize and not initializer_needs_data(kind_of(config).init_name(config)):  # data: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)
-        if to_quantize:
-            # After the inits, so SVD inits and LoftQ work on full-precision weights and leave a residual to quantise.
-            undo_quantization = quantize_layers(to_quantize, config.quantization)
-            for layer in to_quantize:
-                if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
-                    layer.lora_settings[adapter_name].kind.after_base_change(layer, adapter_name)  # DoRA norms
+        for layer in quantization.run():
+            if isinstance(layer, LoraLayer) and adapter_name in layer.lora_settings:
+                layer.lora_settings[adapter_name].kind.after_base_change(layer, adapter_name)  # DoRA norms
         keep_training_layout(model)
-        mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in targets])
+        mark_saved_modules(model, config, adapter_name, modules_to_save, [m for _, m in layer_targets])
         mark_only_adapters_trainable(model, [*still_training, adapter_name])
     except BaseException:
-        if undo_quantization is not None:
-            undo_quantization()
+        quantization.undo()
         snapshot.restore()
         raise
     return model
-
-
-def _check_parameter_sites(
-    config: AdapterConfig, whole_modules: list[str], parameter_targets: list[tuple[str, nn.Module, str]]
-) -> None:
-    """Refuse, by the options the kind names, adapters that cannot sit on parameter sites (as PEFT refuses them)."""
-    kind = kind_of(config)
-    refused = kind.parameter_site_refusals(config)
-    if whole_modules and refused:
-        raise ValueError(f"{whole_modules[0]} (nn.MultiheadAttention) takes plain LoRA on its packed in_proj and "
-                         f"out_proj, as in PEFT; drop {refused}, or leave it out with exclude_modules.")  # fmt: skip
-    refused = (["dropout"] if kind.layer_dropout(config) else []) + refused
-    if parameter_targets and refused:
-        raise ValueError(
-            f"target_parameters works with plain LoRA without dropout, a bias on B or an SVD init (as in PEFT: the "
-            f"update adds to the weight, not to an output); drop {refused}."
-        )
 
 
 def _is_training(model: nn.Module, adapter_name: str) -> bool:
@@ -193,43 +142,6 @@ def _check_new_adapter_name(model: nn.Module, adapter_name: str) -> None:
             f"The model already has an adapter named {adapter_name!r}; pass another adapter_name, or remove it "
             f"first with delete_adapter(model, {adapter_name!r})."
         )
-
-
-def _settings_for(name: str, module: nn.Module, config: AdapterConfig) -> AdapterSettings:
-    kind = kind_of(config)
-    settings = AdapterSettings(
-        r=config.rank_for(name),
-        alpha=config.alpha_for(name),
-        dropout=kind.layer_dropout(config) if layer_type_of(module).applies_dropout else 0.0,
-        kind=kind,
-        config=config,
-    )
-    if getattr(module, "groups", 1) > 1 and not kind.adapts_grouped_convolutions:
-        raise ValueError(
-            f"{name} is a grouped convolution (groups={module.groups}); lightning_lora adapts those with plain LoRA "
-            f"only, not {kind.display_name}. Leave it out with exclude_modules, or use LoraConfig without use_dora."
-        )
-    kind.check_layer(name, module, settings)
-    return settings
-
-
-def _token_layer_settings(
-    model: nn.Module, config: AdapterConfig, settings: dict[str, AdapterSettings], modules_to_save: dict[str, nn.Module]
-) -> list[tuple[str, nn.Module, AdapterSettings]]:
-    """The embeddings whose rows ``config.trainable_token_indices`` trains, with their settings."""
-    found: list[tuple[str, nn.Module, AdapterSettings]] = []
-    for name, module, indices, source in find_token_layers(model, config):
-        if name in settings or name in modules_to_save:
-            where = "target_modules" if name in settings else "modules_to_save"
-            raise ValueError(
-                f"{name} is in trainable_token_indices and in {where}: train its chosen rows or all of it, not both "
-                f"(as PEFT). Drop it from one of them{' (exclude_modules)' if name in settings else ''}."
-            )
-        token_settings = AdapterSettings(len(indices), 1.0, 0.0, TRAINABLE_TOKENS, config, token_indices=indices)
-        if source is not None:  # a head tied to an embedding found before it
-            token_settings.token_source = next(m for n, m, _ in found if n == source)
-        found.append((name, module, token_settings))
-    return found
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
