@@ -20,11 +20,13 @@ from lightning_lora import (
     AdapterExport,
     DyLoraSchedule,
     LoraCallback,
+    LoraConfig,
     OLoraSchedule,
     XLoraConfig,
     active_rank,
     add_amlora,
     add_xlora,
+    apply_lora,
     load_adapter,
     merge_and_unload,
     merge_lora,
@@ -123,3 +125,20 @@ def test_olora_merged_export_holds_every_task_the_model_computes_with(tmp_path: 
     written = BuiltInInit()
     written.load_state_dict(load_file(tmp_path / "merged" / "model.safetensors"))
     assert_parity(written.model(probe_inputs()).detach(), computed)
+
+
+@pytest.mark.parametrize("feature", ["xlora", "amlora"])
+def test_helpers_that_add_a_child_refuse_an_nn_sequential_root_by_name(feature: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    for name in ("a", "b"):
+        apply_lora(model, LoraConfig(r=2, target_modules=["0", "2"]), adapter_name=name)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    children = list(model._modules)
+    with pytest.raises(ValueError, match=r"adds model\.\w+ as a child module, and an nn.Sequential runs every child"):
+        if feature == "xlora":
+            add_xlora(model, ["a", "b"], XLoraConfig(hidden_size=8))
+        else:
+            add_amlora(model, "b", ["a"])
+    assert list(model._modules) == children
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())

@@ -91,3 +91,32 @@ def test_no_modules_import_each_other_in_a_circle() -> None:
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_file_is_long(name: str) -> None:
     assert len(MODULES[name].read_text().splitlines()) <= MAX_LINES
+
+
+def test_generic_code_calls_only_what_the_kind_protocol_declares() -> None:
+    """Every ``<...>.kind.<member>`` (and ``kind_of(config).<member>``) outside ``kinds/`` is declared on
+    ``AdapterKind``; generic code never compares a kind's name with a literal."""
+    from lightning_lora.core.kinds.base import AdapterKind
+
+    undeclared, by_name = set(), []
+    for name, path in MODULES.items():
+        if name.startswith("lightning_lora.core.kinds"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and _is_kind(node.value) and not hasattr(AdapterKind, node.attr):
+                if node.attr not in AdapterKind.__annotations__:
+                    undeclared.add(f"{name}: kind.{node.attr}")
+            if isinstance(node, ast.Compare) and any(
+                isinstance(side, ast.Attribute) and side.attr == "name" and _is_kind(side.value)
+                for side in (node.left, *node.comparators)
+            ) and any(isinstance(side, ast.Constant) for side in (node.left, *node.comparators)):
+                by_name.append(f"{name}:{node.lineno}")
+    assert (sorted(undeclared), by_name) == ([], [])
+
+
+def _is_kind(node: ast.AST) -> bool:
+    if isinstance(node, ast.Attribute):
+        return node.attr == "kind"
+    if isinstance(node, ast.Name):
+        return node.id == "kind"
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "kind_of"

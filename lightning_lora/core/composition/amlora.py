@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.core.common.checks import is_finite_number
+from lightning_lora.core.common.modules import check_takes_child
 from lightning_lora.core.composition.amlora_selector import AttentionalSelector, LayerSelector
 from lightning_lora.core.inits.svd_init import has_init_factors
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
@@ -227,6 +228,7 @@ def _layer_tensors(layer: LoraLayer, adapter_name: str) -> list[tuple[str, torch
 
 
 def _check(model: nn.Module, adapters: list[str], gate: str, l1_weight: float) -> list[tuple[str, LoraLayer]]:
+    check_takes_child(model, SELECTOR_NAME, "AM-LoRA")
     known = adapter_names(model)
     if gate not in GATES:
         raise ValueError(f"AM-LoRA: gate must be one of {GATES}, got {gate!r}.")

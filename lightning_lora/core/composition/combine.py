@@ -58,7 +58,7 @@ def _random_prune(tensor: torch.Tensor, density: float, generator: Optional[torc
 
 
 def merge_task_tensors(
-    kind: str,
+    method: str,
     tensors: list[torch.Tensor],
     weights: torch.Tensor,
     density: Optional[float] = None,
@@ -68,7 +68,7 @@ def merge_task_tensors(
     """Merge same-shaped task tensors with one weight each.
 
     Args:
-        kind: ``"linear"`` (weighted sum), ``"magnitude_prune"`` (keep the ``density`` largest of each, then sum),
+        method: ``"linear"`` (weighted sum), ``"magnitude_prune"`` (keep the ``density`` largest of each, then sum),
             ``"ties"`` (prune, elect the majority sign per entry, average the agreeing weighted entries),
             ``"dare_linear"`` / ``"dare_ties"`` (random pruning rescaled by ``1 / density`` instead of magnitude).
         tensors: The task tensors.
@@ -77,13 +77,13 @@ def merge_task_tensors(
         majority_sign_method: ``"total"`` (sign of the sum) or ``"frequency"`` (sign of most entries).
         generator: Random source of DARE's pruning (default: torch's global generator, as PEFT).
     """
-    if kind in ("ties", "magnitude_prune") and density < 1:
+    if method in ("ties", "magnitude_prune") and density < 1:
         tensors = [_magnitude_prune(t, density) for t in tensors]
-    elif kind.startswith("dare") and density < 1:
+    elif method.startswith("dare") and density < 1:
         tensors = [_random_prune(t, density, generator) for t in tensors]
     stacked = torch.stack(tensors)
     weighted = stacked * weights.view(-1, *(1,) * (stacked.dim() - 1))
-    if not kind.endswith("ties"):
+    if not method.endswith("ties"):
         return weighted.sum(dim=0)
     sign_source = stacked.sum(dim=0) if majority_sign_method == "total" else stacked.sign().sum(dim=0)
     agrees = stacked.sign() == torch.where(sign_source >= 0, 1, -1)
@@ -274,7 +274,7 @@ def _scaled_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch
 def _factor_wise(
     layer: LoraLayer,
     present: list[tuple[str, float]],
-    kind: str,
+    method: str,
     density: Optional[float],
     majority_sign_method: str,
     generator: Optional[torch.Generator],
@@ -290,7 +290,7 @@ def _factor_wise(
         Bs.append(B)
     merged = [
         merge_task_tensors(
-            kind, tensors, torch.tensor(w).to(tensors[0].device), density, majority_sign_method, generator
+            method, tensors, torch.tensor(w).to(tensors[0].device), density, majority_sign_method, generator
         )
         for tensors, w in ((As, weights_A), (Bs, weights_B))
     ]
@@ -314,7 +314,7 @@ def _cat(layer: LoraLayer, present: list[tuple[str, float]], new_rank: int) -> t
 def _svd(
     layer: LoraLayer,
     present: list[tuple[str, float]],
-    kind: str,
+    method: str,
     new_rank: int,
     clamp: Optional[float],
     full_matrices: bool,
@@ -325,7 +325,7 @@ def _svd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     deltas = [layer.weight_out_in(layer.delta_weight(adapter)) for adapter, _ in present]
     weights = torch.tensor([w for _, w in present]).to(deltas[0].device)
-    delta = merge_task_tensors(_SVD_MERGE[kind], deltas, weights, density, majority_sign_method, generator)
+    delta = merge_task_tensors(_SVD_MERGE[method], deltas, weights, density, majority_sign_method, generator)
     U, S, Vh = torch.linalg.svd(delta.flatten(1), full_matrices=full_matrices, driver=driver)
     rank = min(new_rank, S.numel())  # a layer narrower than svd_rank keeps all it has
     B, A = U[:, :rank] @ torch.diag(S[:rank]), Vh[:rank, :]

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from lightning_lora.core.common.modules import check_takes_child
 from lightning_lora.core.composition.xlora_classifier import XLoraClassifier, XLoraConfig, top_k_weights
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names
@@ -221,6 +222,7 @@ def _hidden_state(
 def _check(model: nn.Module, experts: list[str], config: XLoraConfig, hidden_states: Optional[str]) -> list[LoraLayer]:
     if has_xlora(model):
         raise ValueError("X-LoRA is already on this model; call remove_xlora(model) first.")
+    check_takes_child(model, CLASSIFIER_NAME, "X-LoRA")
     known = adapter_names(model)
     if not experts:
         raise ValueError(f"X-LoRA needs at least one expert; the model has adapters {known}.")
