@@ -1,10 +1,5 @@
-r"""
-LoRA callback
-=============
-
-Adds LoRA adapters to the model of a ``Trainer`` run at the right moment, freezes the base model, keeps checkpoints
-down to the adapters, and can merge the adapters into the base weights when training ends.
-"""
+"""The LoRA callback: adds adapters to the model of a ``Trainer`` run at the right moment, freezes the base model,
+keeps checkpoints down to the adapters, and can merge the adapters into the base weights when training ends."""
 
 from __future__ import annotations
 
@@ -23,7 +18,7 @@ from lightning_lora.core.common.distributed import is_sharded, reshard_fsdp2
 from lightning_lora.core.kinds import CONFIG_CLASSES, AnyAdapterConfig, kind_of
 from lightning_lora.core.layers.adapted_layer import lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
-from lightning_lora.core.layers.adapter_tensors import register_zero3_external_parameters
+from lightning_lora.core.layers.adapter_tensors import adapter_parameters, register_zero3_external_parameters
 from lightning_lora.core.layers.forward_plan import MERGE, check_plans_allow
 from lightning_lora.core.layers.summary import trainable_parameters_summary
 from lightning_lora.core.quantization.quantized_weights import check_sharded_quantization, quantized_layers
@@ -214,6 +209,7 @@ class LoraCallback(DataInitHooks, Callback):
                     f"{type(existing).__name__} "
                     f"({existing}); give this callback another adapter_name or the same config."
                 )
+            self._train_existing(target)
             return False
         if is_sharded(target):
             raise ValueError(
@@ -233,6 +229,15 @@ class LoraCallback(DataInitHooks, Callback):
             register_zero3_external_parameters(target)
         remember_adapter_shapes(pl_module)
         return True
+
+    def _train_existing(self, target: nn.Module) -> None:
+        # An adapter made elsewhere (add_weighted_adapter, a frozen earlier task) trains with this callback.
+        trainable = list(adapter_parameters(target, self.adapter_name, include_frozen=False))
+        if not any(parameter.requires_grad for _, parameter in trainable):
+            for _, parameter in trainable:
+                parameter.requires_grad_(True)
+            if self.lora_fa:
+                freeze_lora_A(target, self.adapter_name)
 
     def _can_inject_now(self, pl_module: pl.LightningModule) -> bool:
         if not is_overridden("configure_model", pl_module):

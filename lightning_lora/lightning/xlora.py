@@ -32,6 +32,7 @@ from lightning_lora.lightning.module_hooks import (
     remove_module_hooks,
     run_after_module_hook,
 )
+from lightning_lora.lightning.resume import attach_exact_resume
 
 
 class XLoraCallback(Callback):
@@ -54,6 +55,9 @@ class XLoraCallback(Callback):
             your steps call (``self.model(...)``: ``"model"``).
         adapter_only_checkpoints: Keep checkpoints down to the experts and what trains. False: full checkpoints.
         check_optimizer: Raise at fit start when the optimizer misses trainable tensors or holds frozen ones.
+        exact_resume: Add an :class:`~lightning_lora.ExactResume` to the Trainer (unless it has one) when fitting,
+            as ``LoraCallback`` does: checkpoints resume exactly (data position and random states, the classifier's
+            dropout included). False: checkpoints resume as Lightning alone resumes them.
 
     Raises:
         TypeError: ``config`` is not an ``XLoraConfig``.
@@ -74,6 +78,7 @@ class XLoraCallback(Callback):
         submodule: Optional[str] = None,
         adapter_only_checkpoints: bool = True,
         check_optimizer: bool = True,
+        exact_resume: bool = True,
     ) -> None:
         config = XLoraConfig() if config is None else config
         if not isinstance(config, XLoraConfig):
@@ -89,6 +94,7 @@ class XLoraCallback(Callback):
         self.submodule = submodule
         self.adapter_only_checkpoints = adapter_only_checkpoints
         self.check_optimizer = check_optimizer
+        self.exact_resume = exact_resume
 
     def target(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
         """The model X-LoRA goes on (``submodule`` of ``pl_module``), or None while it does not exist."""
@@ -129,6 +135,8 @@ class XLoraCallback(Callback):
         else:
             run_after_module_hook(pl_module, "configure_model", self, self.apply)
         patch_strategy_checkpointing(trainer.strategy, _checkpointing_callbacks)
+        if self.exact_resume:
+            attach_exact_resume(trainer, pl_module, stage)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

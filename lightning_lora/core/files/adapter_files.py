@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -34,6 +35,7 @@ from lightning_lora.core.common.safe_files import (
     write_safetensors,
 )
 from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.config.quantization_config import QuantizationConfig
 from lightning_lora.core.files.load_plan import LoadPlan, apply_load_plan
 from lightning_lora.core.files.peft_export import peft_adapter_state
 from lightning_lora.core.files.peft_format import (
@@ -51,10 +53,12 @@ from lightning_lora.core.inits.svd_init import (
     svd_init_factors,
 )
 from lightning_lora.core.kinds import KINDS, kind_of
+from lightning_lora.core.kinds.nested_rank import active_rank, set_active_rank
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers.adapted_layer import AdapterSettings, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config
 from lightning_lora.core.layers.adapter_tensors import adapter_parameters
+from lightning_lora.core.quantization.quantized_weights import quantized_layers
 from lightning_lora.core.surgery.inject import apply_lora
 from lightning_lora.core.surgery.snapshot import AdapterSnapshot
 from lightning_lora.core.training.base_updates import check_base_untouched
@@ -65,6 +69,8 @@ CONFIG_NAME = PEFT_CONFIG_NAME
 WEIGHTS_NAME = PEFT_WEIGHTS_NAME
 NATIVE_FORMAT_KEY = "lightning_lora_format"
 NATIVE_FORMAT_VERSION = 1
+# Beside a PEFT file written from a quantised base: how that base was quantised (PEFT's config has no field for it).
+BASE_RECORD_NAME = "lightning_lora_base.json"
 
 
 def save_adapter(
@@ -84,6 +90,9 @@ def save_adapter(
         format: ``"peft"`` (Hugging Face PEFT), ``"vllm"`` (PEFT restricted to what vLLM serves) or
             ``"lightning_lora"`` (exact for every feature).
 
+    A PEFT or vLLM file of an adapter trained on a quantised base gets ``lightning_lora_base.json`` beside it (how
+    the base was quantised), which :func:`read_adapter_config` reads back; PEFT ignores it.
+
     Returns:
         The directory, as a ``Path``.
 
@@ -100,11 +109,15 @@ def save_adapter(
     else:
         config, tensors = peft_adapter_state(model, adapter_name, vllm=format == "vllm")
     directory = Path(directory)
+    quantization = get_lora_config(model, adapter_name).quantization if format != "lightning_lora" else None
     if is_writer():
         with staging_directory(directory) as staging:
             write_safetensors(staging / WEIGHTS_NAME, tensors)
+            if quantization is not None:
+                record = {"quantization": dataclasses.asdict(quantization)}
+                (staging / BASE_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            publish(staging, directory, entry_file=CONFIG_NAME)
+            publish(staging, directory, entry_file=CONFIG_NAME, stale=[] if quantization else [BASE_RECORD_NAME])
     return directory
 
 
@@ -132,6 +145,9 @@ def native_adapter_state(model: nn.Module, adapter_name: str = "default") -> tup
         "kind": adapter_config.kind,
         "lora_config": adapter_config.to_dict(),
     }
+    rank = active_rank(model, adapter_name) if kind_of(adapter_config).lora_factors else None
+    if rank is not None:
+        config["active_rank"] = rank  # DyLoRA: the model computes with its first ranks; the file keeps them all
     return config, tensors
 
 
@@ -232,16 +248,28 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
             "does not build. Build it first with apply_lora(model, read_adapter_config(directory, model), "
             "adapter_name), then call load_adapter."
         )
+    rank = values.get("active_rank") if native else None
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"{directory / CONFIG_NAME}: active_rank must be a positive integer, got {rank!r}.")
     undo = _inject(model, config, adapter_name) if injected else _check_existing(model, config, adapter_name)
     try:
         plan = LoadPlan.build(model, adapter_name, tensors, native, injected, config)
         apply_load_plan(model, config, adapter_name, plan, injected)
+        if rank is not None:
+            set_active_rank(model, rank, adapter_name)
     except ValueError as err:
         undo()
         raise ValueError(f"{directory}: {err}") from None
     except BaseException:
         undo()
         raise
+    if config.quantization is not None and not quantized_layers(model):
+        warnings.warn(
+            f"{directory} was trained on a {config.quantization.bits}-bit base, and this model is not quantised: "
+            "outputs differ from the trained model's by the quantisation error. To continue as trained, quantise "
+            "the base first: apply_lora(model, read_adapter_config(directory, model)), then load_adapter.",
+            stacklevel=2,
+        )
     return compiled
 
 
@@ -271,14 +299,27 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
         return config
     if "peft_type" in values:
         try:
-            return lora_config_from_peft(values, model)
+            config = lora_config_from_peft(values, model)
         except ValueError as err:
             raise ValueError(f"{directory / CONFIG_NAME}: {err}") from None
+        return _with_base_record(config, directory)
     raise ValueError(
         f"{directory / CONFIG_NAME} is neither a lightning_lora nor a PEFT adapter config (no "
         f"{NATIVE_FORMAT_KEY!r} or 'peft_type' field); point load_adapter at a folder written by save_adapter or "
         "PEFT's save_pretrained."
     )
+
+
+def _with_base_record(config: AdapterConfig, directory: Path) -> AdapterConfig:
+    """A PEFT file's config with the quantisation its base had, where ``save_adapter`` recorded it."""
+    path = directory / BASE_RECORD_NAME
+    if not path.is_file() or "quantization" not in {f.name for f in dataclasses.fields(config)}:
+        return config
+    try:
+        quantization = QuantizationConfig.from_dict(json.loads(path.read_text())["quantization"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid record of a quantised base ({err}); save the adapter again.") from None
+    return dataclasses.replace(config, quantization=quantization)
 
 
 def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:
