@@ -14,11 +14,20 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning_models import BuiltInInit, TinyNet, dataloader, lora_config, probe_inputs, trainer_arguments
+from lightning_models import (
+    BuiltInInit,
+    RegressionSteps,
+    TinyNet,
+    dataloader,
+    lora_config,
+    probe_inputs,
+    trainer_arguments,
+)
 from models import randomize_adapters
 from numerics import assert_parity
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import (
     AdaLoraConfig,
@@ -57,6 +66,58 @@ from lightning_lora.lightning.xlora import XLoraCallback
 STEPS = 3
 
 
+class TokenNet(nn.Module):
+    """An embedding, a hidden linear layer and a head: token ids in (for trainable token rows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.head = nn.Embedding(30, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc1(self.embed(ids))))
+
+    @staticmethod
+    def probe() -> torch.Tensor:
+        return torch.randint(0, 30, (5,), generator=torch.Generator().manual_seed(7))
+
+
+class Mixer(nn.Module):
+    """A layer that computes with its weight directly, no ``nn.Linear`` (for ``target_parameters``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 8) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.t()
+
+
+class ParameterNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = Mixer(), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(x)))
+
+
+def token_data() -> DataLoader:
+    generator = torch.Generator().manual_seed(123)
+    ids, y = torch.randint(0, 30, (16,), generator=generator), torch.randn(16, 4, generator=generator)
+    return DataLoader(TensorDataset(ids, y), batch_size=4)
+
+
+class NetModule(RegressionSteps, L.LightningModule):
+    """A LightningModule around a network built in ``__init__``."""
+
+    def __init__(self, network: Callable[[], nn.Module] = TinyNet) -> None:
+        super().__init__()
+        self.model = network()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(lora_param_groups(self, lr=1e-2))
+
+
 class TwoTasks(BuiltInInit):
     """TinyNet with a first adapter ("task1") already trained (random values stand in for it)."""
 
@@ -77,6 +138,7 @@ class Method:
         schedules: Further callbacks (schedules, X-LoRA's callback).
         lora_options: More LoraCallback arguments.
         finish: What the user does after fit to get the method's model (combining adapters).
+        network: The plain network (the base the module's model starts from), and ``data`` its training data.
         result: The adapter the model computes with after ``finish`` (default: ``adapter``), the one exported.
     """
 
@@ -87,6 +149,8 @@ class Method:
     lora_options: dict[str, Any] = field(default_factory=dict)
     finish: Optional[Callable[[nn.Module], None]] = None
     result: Optional[str] = None
+    network: Callable[[], nn.Module] = TinyNet
+    data: Callable[[], DataLoader] = dataloader
 
     @property
     def exported(self) -> str:
@@ -146,6 +210,10 @@ METHODS: dict[str, Method] = {
     "QLoRA 8-bit": Method(_low_rank(quantization=QuantizationConfig(bits=8))),
     "LoftQ 8-bit": Method(_low_rank(init="loftq", quantization=QuantizationConfig(bits=8))),
     "LoRA+": Method(_low_rank(), module=LoraPlusModule),
+    "trainable tokens": Method(_low_rank(target_modules=["fc1"], trainable_token_indices={"embed": [1, 3, 5]}),
+                               module=lambda: NetModule(TokenNet), network=TokenNet, data=token_data),
+    "target_parameters": Method(_low_rank(target_modules=[], target_parameters=["mix.weight"]),
+                                module=lambda: NetModule(ParameterNet), network=ParameterNet),
     "LoRA-FA": Method(_low_rank(), lora_options={"lora_fa": True}),
     "LoHa": Method(lambda: LoHaConfig(r=2, alpha=4, target_modules=_targets())),
     "LoKr": Method(lambda: LoKrConfig(r=2, alpha=4, target_modules=_targets())),
@@ -171,7 +239,7 @@ def fit(
     module = method.module()
     trainer = L.Trainer(**trainer_arguments(max_steps=STEPS, callbacks=method.callbacks(**lora_options),
                                             **(trainer_options or {})))  # fmt: skip
-    trainer.fit(module, dataloader())
+    trainer.fit(module, method.data())
     if finish and method.finish is not None:
         method.finish(module.model)
     module.eval()
@@ -182,13 +250,25 @@ def outputs(model: nn.Module) -> torch.Tensor:
     """The model's outputs on the probe inputs, in eval mode (bitsandbytes' 8-bit layers compute otherwise in
     training mode)."""
     with torch.no_grad():
-        return model.eval()(probe_inputs())
+        return model.eval()(_probe(model))
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    network = model.get_base_model() if hasattr(model, "get_base_model") else model
+    network = getattr(network, "_orig_mod", network)  # torch.compile's wrapper
+    return network.probe() if hasattr(type(network), "probe") else probe_inputs()
 
 
 def fresh_base(method: Method) -> nn.Module:
     """The base model as the user has it before any adapter (the row's first-task adapter included, if any)."""
     L.seed_everything(0, verbose=False)
     return method.module().model
+
+
+def plain(method: Method) -> nn.Module:
+    """The row's plain network, as the module's model starts (the same seed)."""
+    L.seed_everything(0, verbose=False)
+    return method.network()
 
 
 def plain_tinynet() -> nn.Module:
@@ -228,14 +308,14 @@ def peft_export(method: Method, module: L.LightningModule, tmp: Path) -> tuple[t
     import peft
 
     save_adapter(module.model, tmp / "adapter", method.exported)
-    reloaded = peft.PeftModel.from_pretrained(quantized_like(method, plain_tinynet()), tmp / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(quantized_like(method, plain(method)), tmp / "adapter")
     return outputs(reloaded), outputs(alone(module.model, method.exported))
 
 
 def native_export(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Our file, loaded back the documented way (a quantised base rebuilt first: docs/qlora.md)."""
     save_adapter(module.model, tmp / "adapter", method.exported, format="lightning_lora")
-    base = plain_tinynet()
+    base = plain(method)
     config = read_adapter_config(tmp / "adapter", base)
     if config.quantization is not None:
         apply_lora(base, config, method.exported)
@@ -260,14 +340,14 @@ def unmerge(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch
 
 def save_merged(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     save_merged_model(module.model, tmp / "merged")
-    base = plain_tinynet()
+    base = plain(method)
     base.load_state_dict(load_file(tmp / "merged" / "model.safetensors"))
     return outputs(base), outputs(module.model)
 
 
 def merge_on_fit_end(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     merged = fit(method, finish=False, merge_on_fit_end=True, merged_weights_dir=tmp / "merged")
-    base = plain_tinynet()
+    base = plain(method)
     base.load_state_dict(load_file(tmp / "merged" / "model.safetensors"))
     return outputs(base), outputs(merged.model)
 
@@ -275,7 +355,7 @@ def merge_on_fit_end(method: Method, module: L.LightningModule, tmp: Path) -> tu
 def mixed_batch(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch.Tensor, torch.Tensor]:
     names = [method.exported, "__base__", method.exported, "__base__", method.exported]
     with torch.no_grad(), mixed_adapter_batch(module.model, names):
-        mixed = module.model(probe_inputs())
+        mixed = module.model(_probe(module.model))
     expected = outputs(alone(module.model, method.exported))
     with disable_adapters(module.model):
         expected[1::2] = outputs(module.model)[1::2]
@@ -303,7 +383,7 @@ def second_fit(method: Method, module: L.LightningModule, tmp: Path) -> tuple[to
         config = get_lora_config(module.model, method.exported)
         callbacks = [LoraCallback(config, adapter_name=method.exported, submodule="model")]
     module.train()
-    L.Trainer(**trainer_arguments(max_steps=2, callbacks=callbacks)).fit(module, dataloader())
+    L.Trainer(**trainer_arguments(max_steps=2, callbacks=callbacks)).fit(module, method.data())
     after = outputs(module.eval().model)
     assert not torch.equal(after, before)  # it trained on
     return after, after
@@ -316,11 +396,11 @@ def resume(method: Method, module: L.LightningModule, tmp: Path) -> tuple[torch.
     L.seed_everything(0, verbose=False)
     checkpoint = ModelCheckpoint(tmp, "half", every_n_train_steps=STEPS - 1, save_top_k=-1)
     arguments = trainer_arguments(max_steps=STEPS - 1, callbacks=[*method.callbacks(), checkpoint])
-    L.Trainer(**{**arguments, "enable_checkpointing": True}).fit(method.module(), dataloader())
+    L.Trainer(**{**arguments, "enable_checkpointing": True}).fit(method.module(), method.data())
     L.seed_everything(0, verbose=False)
     resumed = method.module()
     trainer = L.Trainer(**trainer_arguments(max_steps=STEPS, callbacks=method.callbacks()))
-    trainer.fit(resumed, dataloader(), ckpt_path=tmp / "half.ckpt")
+    trainer.fit(resumed, method.data(), ckpt_path=tmp / "half.ckpt")
     if method.finish is not None:
         method.finish(resumed.model)
     return outputs(resumed.eval().model), outputs(module.model)

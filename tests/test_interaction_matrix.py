@@ -34,6 +34,7 @@ REFUSED: dict[tuple[str, str], str] = {
     **{("AM-LoRA", operation): "computes through AM-LoRA's selector, which decides per call how its adapters mix"
        for operation in ("merge_and_unload", "unmerge", "save_merged_model", "merge_on_fit_end")},
     ("AM-LoRA", "mixed batch"): "already computes through AM-LoRA's selector; a mixed-adapter batch cannot take over",
+    ("target_parameters", "mixed batch"): r"adapt parameters \(target_parameters\), whose update changes the weight",
 }  # fmt: skip
 
 # Cells that work approximately, saying so: (method, operation) -> the warning, and the bound on the difference
@@ -106,6 +107,8 @@ REASONS = {
     "X-LoRA's gate, which decides": "the gate mixes experts per token: no merged weight computes it",
     "AM-LoRA's selector, which decides": "the selector mixes tasks per token: no merged weight computes it",
     "a mixed-adapter batch cannot take over": "one plan per layer: take the gate off first",
+    "whose update changes the weight": "a parameter's update changes the weight for the whole batch: serve such "
+                                       "adapters one at a time",
 }  # fmt: skip
 
 
