@@ -213,12 +213,15 @@ def _relocate(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def run_variant(name: str, base: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
-    """Fit and test one variant: one row, or one per evaluated rank (DyLoRA, sharing one fit)."""
-    config = _relocate(copy.deepcopy(base), LOG_PREFIX, str(workdir / name))
-    config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir), name=name)
+def run_variant(name: str, base: dict[str, Any], workdir: Path, seed: int = 0) -> list[dict[str, Any]]:
+    """Fit and test one variant with one seed (``seed_everything``; the data split stays the quickstart's): one row,
+    or one per evaluated rank (DyLoRA, sharing one fit)."""
+    run = name if seed == 0 else f"{name}_seed{seed}"
+    config = _relocate(copy.deepcopy(base), LOG_PREFIX, str(workdir / run))
+    config["trainer"]["logger"]["init_args"].update(save_dir=str(workdir), name=run)
+    config["seed_everything"] = seed
     VARIANTS[name](config)
-    config_file = workdir / f"{name}.yaml"
+    config_file = workdir / f"{run}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.perf_counter()
     cli = LoraLightningCLI(args=["--config", str(config_file)], run=False)
@@ -235,6 +238,7 @@ def run_variant(name: str, base: dict[str, Any], workdir: Path) -> list[dict[str
         (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         rows.append({
             "variant": name if rank is None else f"{name}_r{rank}",
+            "seed": seed,
             "test_acc": results["test_acc"],
             "test_loss": results["test_loss"],
             "trainable_params": trainable,
@@ -258,17 +262,21 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("lightning_logs/quickstart_variants"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quickstart_variants.json"))
     parser.add_argument("--plot", type=Path, help="also draw accuracy against trainable parameters (matplotlib)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="seed_everything values, each variant once per seed (default: 0 only, one run each)")
     parser.add_argument("--plot-from", nargs="+", type=Path, default=[],
                         help="draw --plot from earlier result files instead of running (a variant in several: first)")
     args = parser.parse_args()
     if args.plot_from:
         stored = [row for path in args.plot_from for row in json.loads(path.read_text())["rows"]]
-        plot(list({row["variant"]: row for row in reversed(stored)}.values()), args.plot)
+        plot(list({(row["variant"], row.get("seed", 0)): row for row in reversed(stored)}.values()), args.plot)
         print(f"wrote {args.plot}")
         return
     base = yaml.safe_load(QUICKSTART.read_text())
     args.workdir.mkdir(parents=True, exist_ok=True)
-    rows = [row for name in args.variants for row in run_variant(name, base, args.workdir)]
+    start = time.perf_counter()
+    rows = [row for seed in args.seeds for name in args.variants for row in run_variant(name, base, args.workdir, seed)]
+    total_seconds = time.perf_counter() - start
 
     header = ("variant", "test acc", "trainable", "trainable %", "steps", "fit s", "total s")
     print("\n{:<15} {:>9} {:>12} {:>12} {:>6} {:>7} {:>8}".format(*header))
@@ -286,7 +294,14 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    report = {"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "rows": rows}
+    summary = summarize(rows, base["data"]["init_args"]["test_size"])
+    if len(args.seeds) > 1:
+        print(f"\n{'variant':<15} {'mean acc':>9} {'seed sd':>8} {'95% interval':>17}   (over seeds {args.seeds})")
+        for row in summary:
+            print(f"{row['variant']:<15} {100 * row['mean']:>8.1f}% {100 * row['seed_sd']:>7.1f} "
+                  f"{100 * row['low']:>8.1f}-{100 * row['high']:.1f}%")
+    report = {"config": str(QUICKSTART.relative_to(ROOT)), "machine": machine, "seeds": args.seeds,
+              "total_seconds": total_seconds, "rows": rows, "summary": summary}
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     if args.plot:
@@ -294,25 +309,50 @@ def main() -> None:
         print(f"wrote {args.plot}")
 
 
+# Two-sided 95% quantiles of Student's t for 1..9 degrees of freedom (seeds - 1); more seeds use the normal's 1.96.
+T_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def summarize(rows: list[dict[str, Any]], test_size: int) -> list[dict[str, Any]]:
+    """Per variant over its seeds: mean test accuracy, the seeds' standard deviation, and a 95% interval for the
+    accuracy the method reaches on this task. The half-width adds two sources of noise in quadrature: the seeds
+    (Student's t for k seeds times ``sd / sqrt(k)``) and the test set (1.96 times the binomial standard error
+    ``sqrt(p (1 - p) / n)`` for ``n`` test tweets, which every seed shares, so more seeds do not shrink it)."""
+    by_variant: dict[str, list[float]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row["test_acc"])
+    summary = []
+    for variant, accuracies in by_variant.items():
+        k, mean = len(accuracies), sum(accuracies) / len(accuracies)
+        seed_var = sum((a - mean) ** 2 for a in accuracies) / (k - 1) if k > 1 else 0.0
+        t = T_95[k - 2] if 1 < k <= len(T_95) + 1 else 1.96
+        half = ((t * (seed_var / k) ** 0.5) ** 2 + (1.96 * (mean * (1 - mean) / test_size) ** 0.5) ** 2) ** 0.5
+        summary.append({"variant": variant, "seeds": k, "accuracies": accuracies, "mean": mean,
+                        "seed_sd": seed_var**0.5, "low": mean - half, "high": mean + half})  # fmt: skip
+    return summary
+
+
 def plot(rows: list[dict[str, Any]], path: Path, test_size: int = 1000) -> None:
-    """Test accuracy per variant, best first, with one binomial standard error (``test_size`` tweets) as the error
-    bar, and the trainable parameters beside each bar."""
+    """Mean test accuracy per variant, best first, with its 95% interval (:func:`summarize`: the seeds and the test
+    set; one seed: the test set alone) as the error bar, and the trainable parameters beside each bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ordered = sorted(rows, key=lambda row: row["test_acc"])
-    accuracy = [100 * row["test_acc"] for row in ordered]
-    error = [100 * (row["test_acc"] * (1 - row["test_acc"]) / test_size) ** 0.5 for row in ordered]
-    figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.2))
+    trainable = {row["variant"]: row["trainable_params"] for row in rows}
+    ordered = sorted(summarize(rows, test_size), key=lambda row: row["mean"])
+    accuracy = [100 * row["mean"] for row in ordered]
+    error = [100 * (row["high"] - row["mean"]) for row in ordered]
+    seeds = sorted({row["seeds"] for row in ordered})
+    figure, axes = plt.subplots(figsize=(7.5, 0.45 * len(ordered) + 1.2))
     axes.barh([row["variant"] for row in ordered], accuracy, xerr=error, color="#4c72b0", capsize=3)
     for index, row in enumerate(ordered):
-        axes.text(accuracy[index] + error[index] + 0.15, index, f"{row['trainable_params']:,} trainable",
+        axes.text(accuracy[index] + error[index] + 0.15, index, f"{trainable[row['variant']]:,} trainable",
                   va="center", fontsize=8)
-    low = min(accuracy) - 4
-    axes.set_xlim(low, max(accuracy) + 5)
-    axes.set_xlabel("test accuracy (%) on 1,000 held-out tweets (bars: one standard error)")
+    axes.set_xlim(min(a - e for a, e in zip(accuracy, error)) - 1, max(accuracy) + max(error) + 5)
+    axes.set_xlabel(f"test accuracy (%) on {test_size:,} held-out tweets, mean of {'/'.join(map(str, seeds))} "
+                    "seed(s) (bars: 95% interval, seeds and test set)")
     axes.set_title("Quickstart task: MiniLM, 3-class tweet sentiment, 150 steps", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
