@@ -351,8 +351,8 @@ def plot(rows: list[dict[str, Any]], path: Path, test_size: int = 1000) -> None:
         axes.text(accuracy[index] + error[index] + 0.15, index, f"{trainable[row['variant']]:,} trainable",
                   va="center", fontsize=8)
     axes.set_xlim(min(a - e for a, e in zip(accuracy, error)) - 1, max(accuracy) + max(error) + 5)
-    axes.set_xlabel(f"test accuracy (%) on {test_size:,} held-out tweets, mean of {'/'.join(map(str, seeds))} "
-                    "seed(s) (bars: 95% interval, seeds and test set)")
+    axes.set_xlabel(f"test accuracy (%), {test_size:,} tweets, mean of {'/'.join(map(str, seeds))} seed(s); "
+                    "bars: 95% interval (seeds, test set)")
     axes.set_title("Quickstart task: MiniLM, 3-class tweet sentiment, 150 steps", fontsize=10)
     axes.grid(axis="x", alpha=0.3)
     figure.tight_layout()
