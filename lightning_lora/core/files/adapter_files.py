@@ -82,6 +82,9 @@ def save_adapter(
     save never leaves an adapter that loads half-written. Other files in ``directory`` are kept. In a distributed
     run only global rank 0 writes; under FSDP2 every rank must call (sharded tensors are gathered).
 
+    A PEFT or vLLM file of an adapter trained on a quantised base gets ``lightning_lora_base.json`` beside it (how
+    the base was quantised), which :func:`read_adapter_config` reads back; PEFT ignores it.
+
     Args:
         model: The model holding the adapter. For ``"peft"``/``"vllm"`` tensor names are relative to it: pass the
             module PEFT would wrap (``lit_module.model`` rather than the LightningModule).
@@ -89,9 +92,6 @@ def save_adapter(
         adapter_name: Which adapter.
         format: ``"peft"`` (Hugging Face PEFT), ``"vllm"`` (PEFT restricted to what vLLM serves) or
             ``"lightning_lora"`` (exact for every feature).
-
-    A PEFT or vLLM file of an adapter trained on a quantised base gets ``lightning_lora_base.json`` beside it (how
-    the base was quantised), which :func:`read_adapter_config` reads back; PEFT ignores it.
 
     Returns:
         The directory, as a ``Path``.
@@ -215,7 +215,8 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     A PEFT adapter whose config asks for an SVD init (``init_lora_weights="pissa"``) re-runs that init on the base
     weights before the trained values are loaded, as PEFT does. A lightning_lora file of an SVD-initialised adapter
     carries its initial factors, and the load turns the original base weights into the same residual, bit for bit,
-    without an SVD.
+    without an SVD. A lightning_lora file of a DyLoRA adapter keeps all its ranks and the one the model computed with,
+    which the load sets again. A file trained on a quantised base loads onto an unquantised model with a warning.
 
     Args:
         model: The base model (or a model that already has the adapter).
