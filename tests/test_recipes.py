@@ -51,3 +51,15 @@ def test_a_file_without_a_quantised_base_leaves_no_record_behind(qlora_model: to
     save_adapter(plain, tmp_path / "adapter")  # the same folder, now a full-precision adapter
     assert not (tmp_path / "adapter" / "lightning_lora_base.json").exists()
     assert read_adapter_config(tmp_path / "adapter", plain_tinynet()).quantization is None
+
+
+def test_a_base_record_beside_an_adapter_that_cannot_hold_it_is_refused(
+    qlora_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    save_adapter(qlora_model, tmp_path / "qlora")
+    save_adapter(fit(METHODS["LoHa"]).model, tmp_path / "loha")
+    record = (tmp_path / "qlora" / "lightning_lora_base.json").read_text()
+    (tmp_path / "loha" / "lightning_lora_base.json").write_text(record)  # a file that contradicts itself
+    with pytest.raises(ValueError, match=r"lightning_lora_base.json is not a valid record of a quantised base for this "
+                                         r"LoHaConfig"):
+        read_adapter_config(tmp_path / "loha", plain_tinynet())

@@ -314,13 +314,16 @@ def _lora_config(values: Mapping[str, Any], model: nn.Module, directory: Path) -
 def _with_base_record(config: AdapterConfig, directory: Path) -> AdapterConfig:
     """A PEFT file's config with the quantisation its base had, where ``save_adapter`` recorded it."""
     path = directory / BASE_RECORD_NAME
-    if not path.is_file() or "quantization" not in {f.name for f in dataclasses.fields(config)}:
+    if not path.is_file():
         return config
     try:
         quantization = QuantizationConfig.from_dict(json.loads(path.read_text())["quantization"])
+        return dataclasses.replace(config, quantization=quantization)  # TypeError: a kind without quantization
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid record of a quantised base ({err}); save the adapter again.") from None
-    return dataclasses.replace(config, quantization=quantization)
+        raise ValueError(
+            f"{path} is not a valid record of a quantised base for this {type(config).__name__} ({err}); save the "
+            "adapter again."
+        ) from None
 
 
 def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Callable[[], None]:

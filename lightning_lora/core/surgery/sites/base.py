@@ -68,6 +68,11 @@ class TargetPlanner(Protocol):
 def settings_for(name: str, module: nn.Module, config: AdapterConfig) -> AdapterSettings:
     """The adapter's settings on ``module`` (rank and alpha by ``name``), checked by its kind.
 
+    Args:
+        name: The name the config's rank and alpha patterns match (the layer's; the owner's for attention sites).
+        module: The layer (or parameter site) the adapter goes on.
+        config: The adapter's config.
+
     Raises:
         ValueError: The kind cannot adapt the module with these settings.
     """
@@ -89,7 +94,11 @@ def settings_for(name: str, module: nn.Module, config: AdapterConfig) -> Adapter
 
 
 def adapted(module: nn.Module) -> LoraLayer:
-    """``module`` as an adapted layer: its class swapped for the adapted one (once)."""
+    """``module`` as an adapted layer: its class swapped for the adapted one (once).
+
+    Args:
+        module: A module of a supported layer type, or one already adapted.
+    """
     if not isinstance(module, LoraLayer):
         module.__class__ = lora_class(layer_type_of(module), type(module))
         module._init_lora_state()
