@@ -2,7 +2,8 @@
 
 The model is a transformers Llama built from a config (768 hidden, 2048 intermediate, 6 layers, 12 heads,
 32000 vocab, fp32), batch 4 x 128 tokens, AdamW, adapters on all linear layers: LoRA and DoRA r=16 / alpha=32,
-LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks, VeRA r=256.
+LoHa r=8 / alpha=16 and LoKr r=16 / alpha=32 (PEFT's defaults otherwise), OFT with 32-wide blocks, VeRA r=256,
+BOFT with 32-wide blocks and 2 butterfly factors, VB-LoRA with PEFT's defaults (r=4, 256 vectors of 256, top-2).
 The floor is the same model with every weight frozen but input gradients flowing: the cost LoRA cannot avoid. Each
 measurement runs in its own process with fixed threads (every process imports the same libraries, so resident
 memory starts from the same baseline); rounds are interleaved. Reported: the best and the median CPU seconds per step
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, not an installed copy
 import harness  # noqa: E402
 
-KINDS = ["lora", "dora", "loha", "lokr", "oft", "vera"]
+KINDS = ["lora", "dora", "loha", "lokr", "oft", "vera", "boft", "vblora"]
 NAMES = ["floor", *(f"{side}-{kind}" for kind in KINDS for side in ("peft", "ours"))]
 # The same runs with Hugging Face activation checkpointing (non-reentrant): pick them with --only.
 CHECKPOINTED = ["floor-ckpt", "peft-lora-ckpt", "ours-lora-ckpt"]
@@ -76,10 +77,26 @@ def build_model(name: str) -> torch.nn.Module:
             "lokr": lambda: peft.LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
             "oft": lambda: peft.OFTConfig(oft_block_size=32, target_modules="all-linear"),
             "vera": lambda: peft.VeraConfig(r=256, target_modules="all-linear"),
+            "boft": lambda: peft.BOFTConfig(boft_block_size=32, boft_n_butterfly_factor=2, target_modules="all-linear"),
+            "vblora": lambda: peft.VBLoRAConfig(r=4, num_vectors=256, vector_length=256, target_modules="all-linear"),
         }
+        if kind == "boft":  # PEFT's butterfly factors need its CUDA extension: give it the same op in torch
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from peft_boft import use_torch_block_diag_in_peft
+
+            use_torch_block_diag_in_peft()
         model = peft.get_peft_model(model, peft_configs[kind]())
     else:
-        from lightning_lora import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig, apply_lora
+        from lightning_lora import (
+            BOFTConfig,
+            LoHaConfig,
+            LoKrConfig,
+            LoraConfig,
+            OFTConfig,
+            VBLoRAConfig,
+            VeraConfig,
+            apply_lora,
+        )
 
         our_configs = {
             "lora": lambda: LoraConfig(r=16, alpha=32, target_modules="all-linear"),
@@ -88,6 +105,8 @@ def build_model(name: str) -> torch.nn.Module:
             "lokr": lambda: LoKrConfig(r=16, alpha=32, target_modules="all-linear"),
             "oft": lambda: OFTConfig(oft_block_size=32, target_modules="all-linear"),
             "vera": lambda: VeraConfig(r=256, target_modules="all-linear"),
+            "boft": lambda: BOFTConfig(boft_block_size=32, boft_n_butterfly_factor=2, target_modules="all-linear"),
+            "vblora": lambda: VBLoRAConfig(r=4, num_vectors=256, vector_length=256, target_modules="all-linear"),
         }
         apply_lora(model, our_configs[kind]())
     return model.train()

@@ -25,6 +25,7 @@ from lightning_models import (
 )
 from models import randomize_adapters
 from numerics import assert_parity
+from peft_boft import use_torch_block_diag_in_peft
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,6 +34,7 @@ from lightning_lora import (
     AdaLoraConfig,
     AdaLoraSchedule,
     AmLoraSchedule,
+    BOFTConfig,
     DeltaLoraSchedule,
     DyLoraSchedule,
     EvaConfig,
@@ -43,6 +45,7 @@ from lightning_lora import (
     OLoraSchedule,
     QuantizationConfig,
     ReLoraSchedule,
+    VBLoRAConfig,
     VeraConfig,
     XLoraConfig,
     add_weighted_adapter,
@@ -63,6 +66,7 @@ from lightning_lora import (
 )
 from lightning_lora.lightning.xlora import XLoraCallback
 
+use_torch_block_diag_in_peft()  # PEFT's butterfly factors > 1 otherwise need its CUDA extension (peft_boft.py)
 STEPS = 3
 
 
@@ -218,7 +222,9 @@ METHODS: dict[str, Method] = {
     "LoHa": Method(lambda: LoHaConfig(r=2, alpha=4, target_modules=_targets())),
     "LoKr": Method(lambda: LoKrConfig(r=2, alpha=4, target_modules=_targets())),
     "OFT": Method(lambda: OFTConfig(oft_block_size=4, target_modules=_targets())),
+    "BOFT": Method(lambda: BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=_targets())),
     "VeRA": Method(lambda: VeraConfig(r=4, target_modules=_targets())),
+    "VB-LoRA": Method(lambda: VBLoRAConfig(r=2, num_vectors=8, vector_length=4, target_modules=_targets())),
     "AdaLoRA": Method(_adalora, schedules=lambda: [AdaLoraSchedule()]),
     "ReLoRA": Method(_low_rank(), schedules=lambda: [ReLoraSchedule(restart_every=2, restart_warmup_steps=1)]),
     "Delta-LoRA": Method(_low_rank(), schedules=lambda: [DeltaLoraSchedule(start_step=1)]),

@@ -11,9 +11,22 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from peft_boft import use_torch_block_diag_in_peft
 from torch import nn
 
-from lightning_lora import AdaLoraConfig, AdapterConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig
+from lightning_lora import (
+    AdaLoraConfig,
+    AdapterConfig,
+    BOFTConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    VBLoRAConfig,
+    VeraConfig,
+)
+
+use_torch_block_diag_in_peft()  # PEFT's butterfly factors > 1 otherwise need its CUDA extension (peft_boft.py)
 
 
 class MLP(nn.Module):
@@ -101,6 +114,8 @@ class KindCase:
     unsupported_layer: Optional[Callable[[], nn.Module]] = lambda: nn.Embedding(10, 8)
     # Containers whose gradient PEFT computes wrongly on layers with a CP core (see test_kinds for the proof).
     peft_wrong_cp_gradients: tuple[str, ...] = ()
+    # False for a kind whose method starts away from the identity (VB-LoRA mixes a random bank from the start).
+    starts_at_identity: bool = True
 
     def config(self, targets: list[str], **overrides: Any) -> AdapterConfig:
         return self.config_class(target_modules=targets, **{**self.fields, **overrides})
@@ -158,9 +173,25 @@ KIND_CASES: dict[str, KindCase] = {
     ),
     "adalora": KindCase(
         AdaLoraConfig, dict(init_r=4, target_r=2, alpha=6, total_step=10), "AdaLoraConfig",
-        dict(init_r=4, target_r=2, lora_alpha=6, total_step=10, init_lora_weights=False), models=("mlp", "hf-conv1d"),
+        dict(init_r=4, target_r=2, lora_alpha=6, total_step=10, init_lora_weights=False),
+        models=("mlp", "hf-conv1d", "conv2d"),
+    ),
+    "boft": KindCase(
+        BOFTConfig, dict(boft_block_size=4), "BOFTConfig", dict(boft_block_size=4, init_weights=False),
+        models=("mlp", "conv2d"),
+    ),
+    "boft-butterfly": KindCase(
+        BOFTConfig, dict(boft_block_size=2, boft_n_butterfly_factor=2),
+        "BOFTConfig", dict(boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False),
+        models=("mlp", "conv2d"), unsupported_layer=lambda: nn.Conv1d(8, 8, 1),
     ),
 }
+
+KIND_CASES["vblora"] = KindCase(  # vector_length 4 divides every adapted layer's features
+    VBLoRAConfig, dict(r=3, num_vectors=8, vector_length=4, topk=2, init_vector_bank_bound=0.5),
+    "VBLoRAConfig", dict(r=3, num_vectors=8, vector_length=4, topk=2, init_vector_bank_bound=0.5),
+    models=("mlp", "hf-conv1d"), starts_at_identity=False,
+)
 
 CASE_MODEL_PAIRS = [(case, model) for case, row in KIND_CASES.items() for model in row.models]
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
-from kind_cases import MLP
+from kind_cases import MLP, Conv2dNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning_models import BuiltInInit, dataloader, trainer_arguments
@@ -29,6 +29,7 @@ from lightning_lora import (
     apply_lora,
     load_adapter,
     lora_layers,
+    merge_and_unload,
     save_adapter,
 )
 from lightning_lora.core.training.rank_allocation import RankAllocator, orthogonality_penalty
@@ -39,24 +40,31 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=2, total_step=1
 PEFT_SCHEDULE = {**{k: v for k, v in SCHEDULE.items() if k != "delta_t"}, "deltaT": 2}
 
 
-class LossOutput(nn.Module):
-    """MLP whose forward returns an object with ``.loss``, so PEFT's AdaLoRA adds its orthogonality penalty."""
+# network: (builder, adapted layers, input shape, target shape); "conv2d" adapts a 3x3 and a 1x1 nn.Conv2d
+NETWORKS = {
+    "mlp": (MLP, ["lin0", "lin1"], (8, 12), (8, 2)),
+    "conv2d": (Conv2dNet, ["conv", "pointwise"], (8, 4, 6, 6), (8, 4)),
+}
 
-    def __init__(self) -> None:
+
+class LossOutput(nn.Module):
+    """A network whose forward returns an object with ``.loss``, so PEFT's AdaLoRA adds its orthogonality penalty."""
+
+    def __init__(self, network: str = "mlp") -> None:
         super().__init__()
-        self.net = MLP()
+        self.net = NETWORKS[network][0]()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(loss=nn.functional.mse_loss(self.net(x), y))
 
 
-def _pair(orth_reg_weight: float = 0.0) -> tuple[nn.Module, nn.Module]:
+def _pair(orth_reg_weight: float = 0.0, network: str = "mlp") -> tuple[nn.Module, nn.Module]:
     """PEFT's AdaLoRA model and ours with the same (random, non-zero) tensors."""
     torch.manual_seed(0)
-    base = LossOutput()
+    base, targets = LossOutput(network), NETWORKS[network][1]
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
-        target_modules=["lin0", "lin1"], init_lora_weights=False, orth_reg_weight=orth_reg_weight, **PEFT_SCHEDULE))
-    ours = apply_lora(base, AdaLoraConfig(target_modules=["lin0", "lin1"], orth_reg_weight=orth_reg_weight, **SCHEDULE))
+        target_modules=targets, init_lora_weights=False, orth_reg_weight=orth_reg_weight, **PEFT_SCHEDULE))
+    ours = apply_lora(base, AdaLoraConfig(target_modules=targets, orth_reg_weight=orth_reg_weight, **SCHEDULE))
     with torch.no_grad():
         for name, layer in lora_layers(ours):
             their_layer = theirs.base_model.model.get_submodule(name)
@@ -65,14 +73,16 @@ def _pair(orth_reg_weight: float = 0.0) -> tuple[nn.Module, nn.Module]:
     return theirs, ours
 
 
-def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(step: int, network: str = "mlp") -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(100 + step)
-    return torch.randn(8, 12, generator=generator), torch.randn(8, 2, generator=generator)
+    *_, x_shape, y_shape = NETWORKS[network]
+    return torch.randn(x_shape, generator=generator), torch.randn(y_shape, generator=generator)
 
 
-def test_rank_allocator_takes_peft_decisions_at_every_step_on_the_same_gradients() -> None:
-    theirs, ours = _pair()
-    allocator = RankAllocator(lora_layers(ours), "default", ours.net.lin0.lora_settings["default"].config, 14)
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_rank_allocator_takes_peft_decisions_at_every_step_on_the_same_gradients(network: str) -> None:
+    theirs, ours = _pair(network=network)
+    allocator = RankAllocator(lora_layers(ours), "default", lora_layers(ours)[0][1].lora_settings["default"].config, 14)
     their_params = {n: p for n, p in theirs.named_parameters() if p.requires_grad}
     our_params = {n.replace("base_model.model.", "").replace(".default", ""): p for n, p in their_params.items()}
     our_named = dict(ours.named_parameters())
@@ -80,7 +90,7 @@ def test_rank_allocator_takes_peft_decisions_at_every_step_on_the_same_gradients
     allocations = 0
     for step in range(14):
         optimizer.zero_grad()
-        theirs(*_data(step)).loss.backward()
+        theirs(*_data(step, network)).loss.backward()
         optimizer.step()
         with torch.no_grad():  # ours gets PEFT's stepped values and the same gradients
             for name, parameter in our_params.items():
@@ -108,26 +118,27 @@ def test_the_orthogonality_penalty_equals_peft_s() -> None:
     assert_parity(with_penalty - plain, 0.3 * orthogonality_penalty(lora_layers(ours), "default"))
 
 
-def _peft_trained_to_its_final_pattern(tmp_path: Path) -> tuple[nn.Module, Path]:
-    theirs, _ = _pair()
+def _peft_trained_to_its_final_pattern(tmp_path: Path, network: str = "mlp") -> tuple[nn.Module, Path]:
+    theirs, _ = _pair(network=network)
     optimizer = torch.optim.Adam([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
     for step in range(14):
         optimizer.zero_grad()
-        theirs(*_data(step)).loss.backward()
+        theirs(*_data(step, network)).loss.backward()
         optimizer.step()
         theirs.base_model.update_and_allocate(step)
     theirs.save_pretrained(tmp_path / "peft")
     return theirs, tmp_path / "peft"
 
 
-def test_a_peft_adalora_file_with_its_final_rank_pattern_loads_with_peft_outputs(tmp_path: Path) -> None:
-    theirs, directory = _peft_trained_to_its_final_pattern(tmp_path)
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_a_peft_adalora_file_with_its_final_rank_pattern_loads_with_peft_outputs(tmp_path: Path, network: str) -> None:
+    theirs, directory = _peft_trained_to_its_final_pattern(tmp_path, network)
     config = json.loads((directory / "adapter_config.json").read_text())
     assert sum(sum(kept) for kept in config["rank_pattern"].values()) == 4
     torch.manual_seed(0)
-    ours = load_adapter(LossOutput().double(), directory)  # compared in float64, to float64 rounding
+    ours = load_adapter(LossOutput(network).double(), directory)  # compared in float64, to float64 rounding
     theirs = theirs.double()
-    x, y = (t.double() for t in _data(99))
+    x, y = (t.double() for t in _data(99, network))
     expected = theirs(x, y).loss
     assert expected.dtype == torch.float64
     assert_parity(ours(x, y).loss, expected)
@@ -136,7 +147,7 @@ def test_a_peft_adalora_file_with_its_final_rank_pattern_loads_with_peft_outputs
     again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert again["rank_pattern"] == config["rank_pattern"]
     torch.manual_seed(0)
-    reloaded = peft.PeftModel.from_pretrained(LossOutput().double(), tmp_path / "again")
+    reloaded = peft.PeftModel.from_pretrained(LossOutput(network).double(), tmp_path / "again")
     assert_parity(reloaded(x, y).loss, expected)
 
 
@@ -247,3 +258,30 @@ def test_a_schedule_the_run_cannot_hold_fails_before_any_training_step(tmp_path:
     trainer = L.Trainer(**trainer_arguments(max_steps=4, callbacks=[AdaLoraSchedule("other")]))
     with pytest.raises(ValueError, match="acts on adapter 'other', but the model has no adapters"):
         trainer.fit(BuiltInInit(), dataloader())
+
+
+def test_a_rank_above_what_a_layer_holds_is_accepted_as_peft_does_and_said_once_per_layer() -> None:
+    """PEFT's default init_r=12 on its 10-wide test MLP: accepted, the unusable ranks named, numbers as PEFT's."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2)).double()
+    with pytest.warns(UserWarning) as caught:
+        ours = apply_lora(copy.deepcopy(base), AdaLoraConfig(init_r=12, target_modules=["0", "2"], total_step=10))
+    said = [str(w.message) for w in caught if "AdaLoRA rank" in str(w.message)]
+    assert said == [
+        "AdaLoRA rank init_r=12 on 0 can use at most 10 ranks; the other 2 add parameters and take rank budget but "
+        "nothing the update can express.",
+        "AdaLoRA rank init_r=12 on 2 can use at most 2 ranks; the other 10 add parameters and take rank budget but "
+        "nothing the update can express.",
+    ]
+    assert ours[0].lora_A["default"].shape == (12, 10)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(
+        target_modules=["0", "2"], init_r=12, init_lora_weights=False, total_step=10))
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            for factor in ("lora_A", "lora_E", "lora_B"):
+                getattr(layer, factor)["default"].copy_(getattr(theirs.base_model.model.get_submodule(name), factor)[
+                    "default"])
+    x = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_parity(ours(x), theirs(x))
+    merged = merge_and_unload(copy.deepcopy(ours))
+    assert_parity(merged(x), ours(x))

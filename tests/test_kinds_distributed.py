@@ -28,8 +28,9 @@ import kind_runs as runs  # noqa: E402
 RUNS = [(kind, strategy) for kind in runs.CONFIGS for strategy in runs.STRATEGIES.get(kind, ("ddp", "fsdp2"))]
 # A tensor each kind's adapter must hold (the runs really trained that kind).
 MARKERS = {"loha": "hada_w1_a", "vera": "vera_lambda_d", "lokr": "lokr_w1", "oft": "oft_R", "adalora": "lora_E",
-           "relora": "lora_A", "lora-checkpointed": "lora_A",
-           "dora": "lora_magnitude", "qlora": "lora_A", "dora-qlora": "lora_magnitude"}
+           "relora": "lora_A", "lora-checkpointed": "lora_A", "boft": "boft_R",
+           "dora": "lora_magnitude", "qlora": "lora_A", "dora-qlora": "lora_magnitude",
+           "vblora": "vblora_vector_bank"}
 QUANTIZED_RUNS = [(kind, strategy) for kind, strategy in RUNS if runs.CONFIGS[kind].quantization is not None]
 # Training compares two processes with one: each step's gradients are summed in another order (per rank, then across
 # ranks), and the optimizer steps carry that rounding forward (measured: up to 9e-6 of a tensor's largest value, on

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_lora.core.composition.mixed_batch import BASE_MODEL, mixed_adapter_batch
 from lightning_lora.core.config.lora_config import LoraConfig
-from lightning_lora.core.kinds import OFTConfig
+from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.layers.adapted_layer import lora_layers
 from lightning_lora.core.layers.adapter_set import set_active_adapters
 from lightning_lora.core.surgery.inject import apply_lora
@@ -27,11 +27,11 @@ NAMES = ["a", "b", "b", BASE_MODEL, "c", "a"]  # a contiguous group, a scattered
 
 
 def _three_adapter_model(case_name: str, model_name: str) -> nn.Module:
-    """Adapters a, b, c of the case's kind; a layer holds one rotation, so OFT cases add b and c as LoRA."""
+    """Adapters a, b, c of the case's kind; a layer holds one rotation, so OFT and BOFT cases add b and c as LoRA."""
     case = KIND_CASES[case_name]
     model = build(model_name)
     for name in ("a", "b", "c"):
-        one_per_layer = name != "a" and case.config_class is OFTConfig
+        one_per_layer = name != "a" and kind_of(case.config(targets(model_name))).action == "transform"
         apply_lora(model, (KIND_CASES["lora"] if one_per_layer else case).config(targets(model_name)), name)
     return randomized(model).eval()
 

@@ -132,7 +132,7 @@ def test_merging_a_grouped_convolution_adapter_is_refused_and_changes_nothing() 
     [
         (LoraConfig(r=6, target_modules=["conv2"]), r"rank divisible by 4 \(got r=6\).*rank_pattern=\{'conv2': 4\}"),
         (LoraConfig(r=4, target_modules=["conv2"], init="pissa"), r"init in \('kaiming', 'gaussian'\) \(got 'pissa'\)"),
-        (LoraConfig(r=4, target_modules=["conv2"], use_dora=True), r"plain LoRA only, not DoRA"),
+        (LoraConfig(r=6, target_modules=["conv2"], use_dora=True), r"rank divisible by 4 \(got r=6\)"),
     ],
 )
 def test_what_a_grouped_convolution_cannot_take_is_refused_by_name(config: LoraConfig, message: str) -> None:

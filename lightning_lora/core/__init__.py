@@ -28,9 +28,11 @@ from lightning_lora.core.kinds import (
     KINDS,
     AdaLoraConfig,
     AdapterKind,
+    BOFTConfig,
     LoHaConfig,
     LoKrConfig,
     OFTConfig,
+    VBLoRAConfig,
     VeraConfig,
 )
 from lightning_lora.core.kinds.nested_rank import active_rank, set_active_rank, truncate_adapter
@@ -57,6 +59,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
     "AdapterKind",
+    "BOFTConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "LoraLayer",
     "QuantizationConfig",
     "TrainableSummary",
+    "VBLoRAConfig",
     "VeraConfig",
     "XLoraConfig",
     "active_rank",

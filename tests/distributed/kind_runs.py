@@ -31,6 +31,7 @@ from lightning_lora import (
     AdaLoraConfig,
     AdaLoraSchedule,
     AdapterConfig,
+    BOFTConfig,
     LoHaConfig,
     LoKrConfig,
     LoraCallback,
@@ -38,6 +39,7 @@ from lightning_lora import (
     OFTConfig,
     QuantizationConfig,
     ReLoraSchedule,
+    VBLoRAConfig,
     VeraConfig,
     adapter_state_dict,
     save_merged_model,
@@ -51,7 +53,12 @@ CONFIGS: dict[str, AdapterConfig] = {
     "loha": LoHaConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
     "lokr": LoKrConfig(r=2, alpha=4, target_modules=["fc1", "fc2"], modules_to_save=["head"], init_weights="lycoris"),
     "oft": OFTConfig(oft_block_size=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),
+    "boft": BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["fc1", "fc2"],
+                       modules_to_save=["head"]),
     "vera": VeraConfig(r=4, target_modules=["fc1", "fc2"], modules_to_save=["head"]),  # projections shared by layers
+    # a trained vector bank shared by both layers (held by the model, FSDP2's root unit)
+    "vblora": VBLoRAConfig(r=2, num_vectors=8, vector_length=4, target_modules=["fc1", "fc2"],
+                           modules_to_save=["head"]),
     # total_step fixed: the stopped run (one epoch, standing in for a kill) must follow the 8-step schedule too
     "adalora": AdaLoraConfig(init_r=4, target_r=2, alpha=8, tinit=1, tfinal=2, delta_t=1, total_step=8,
                              target_modules=["fc1", "fc2"], modules_to_save=["head"]),

@@ -52,6 +52,8 @@ class LoadPlan:
         config: AdapterConfig,
     ) -> LoadPlan:
         """Read a file's ``tensors`` (native or PEFT names) into a plan and check all of it against the model."""
+        if not native:
+            tensors = kind_of(config).peft_load_tensors(config, dict(tensors))
         tensors, shared = take_shared_state(model, adapter_name, tensors, peft=not native)
         expected_shared = sorted(shared_adapter_tensors(model, adapter_name))
         if kind_of(config).saves_shared(config) and sorted(shared) != expected_shared:

@@ -31,8 +31,8 @@ from lightning_lora.core.common.safe_files import (
     staging_directory,
     write_safetensors,
 )
-from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
-from lightning_lora.core.layers.containers import AdapterDict
+from lightning_lora.core.layers.adapted_layer import LoraLayer
+from lightning_lora.core.layers.containers import AdapterDict, SharedTensors
 from lightning_lora.core.quantization.quantized_weights import dense_reference
 from lightning_lora.core.surgery.merge import _merge_plan, merged_bias
 
@@ -148,11 +148,11 @@ def _merged_sources(
     breaks (each as a list of keys, the adapted one first). ``quantised`` layers are written dequantised."""
     plan = _merge_plan(model, adapter_names)
     merged = {layer.weight_key(name): (name, layer, pending) for name, layer, pending in plan}
-    adapter_prefixes = tuple(
+    adapter_prefixes = tuple(  # the layers' adapter tensors and tensors held once per model (VB-LoRA's bank)
         f"{name}.{child}." if name else f"{child}."
-        for name, layer in lora_layers(model)
-        for child, module in layer.named_children()
-        if isinstance(module, AdapterDict)
+        for name, owner in model.named_modules()
+        for child, module in owner.named_children()
+        if isinstance(module, (AdapterDict, SharedTensors))
     )
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(adapter_prefixes)}
     sources = {

@@ -32,6 +32,7 @@ from lightning_lora.core.kinds import kind_of
 from lightning_lora.core.kinds.trainable_tokens import find_token_layers, token_layer
 from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names, get_lora_config, saved_module_state
+from lightning_lora.core.layers.adapter_tensors import shared_parameters
 from lightning_lora.core.layers.layer_types import TransposedLinearAdapters
 from lightning_lora.core.layers.parameter_adapters import (
     ParameterAdapters,
@@ -102,11 +103,11 @@ def peft_adapter_state(
         for container, value in entry.tensors.items():
             peft_key, peft_shape = key_map[join_name(entry.name, container, adapter_name)]
             tensors[peft_key] = value.reshape(peft_shape) if value.dim() != len(peft_shape) else value
-    for key, value in saved_module_state(model, adapter_name):
+    for key, value in [*saved_module_state(model, adapter_name), *shared_parameters(model, adapter_name)]:
         tensors[key_map[key][0]] = full_tensor(value.detach())
     tensors.update(shared_state_for_file(model, adapter_name, peft=True))
     _check_export(model, adapter_name, peft_config, exported, tensors)
-    return peft_config, tensors
+    return peft_config, kind.peft_save_tensors(config, tensors)
 
 
 def check_exportable(adapter_name: str, config: AdapterConfig, vllm: bool) -> None:

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from lightning_lora.core.config.adapter_config import AdapterConfig
+from lightning_lora.core.files.state import SHARED_PEFT_PREFIX
 from lightning_lora.core.kinds import KINDS
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import SAVED_WITH, WHOLE_MODULE, saved_module_state
+from lightning_lora.core.layers.adapter_tensors import shared_parameters
 from lightning_lora.core.targets.targeting import name_matches
 
 PEFT_PREFIX = "base_model.model."
@@ -76,6 +78,8 @@ def peft_key_map(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, tu
     lora_names = {name for name, _ in layers}
     for key, value in saved_module_state(model, adapter_name):
         mapping[key] = (peft_base_key(key, lora_names), tuple(value.shape))
+    for key, value in shared_parameters(model, adapter_name):  # beside base_model.model (VB-LoRA's vector bank)
+        mapping[key] = (SHARED_PEFT_PREFIX + key.rsplit(".", 2)[-2], tuple(value.shape))
     return mapping
 
 

@@ -143,7 +143,8 @@ def is_plain(tensor: torch.Tensor) -> bool:
     return not tensor.is_meta and not is_dtensor(tensor)
 
 
-SHARED_PEFT_PREFIX = "base_model."  # PEFT keeps model-level tensors (VeRA's vera_A / vera_B) beside base_model.model
+# PEFT keeps model-level tensors (VeRA's vera_A / vera_B, VB-LoRA's vblora_vector_bank) beside base_model.model
+SHARED_PEFT_PREFIX = "base_model."
 
 
 def shared_file_keys(model: nn.Module, adapter_name: str, peft: bool) -> dict[str, str]:

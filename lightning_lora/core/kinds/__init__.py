@@ -10,17 +10,20 @@ from typing import Union
 from lightning_lora.core.config.adapter_config import AdapterConfig
 from lightning_lora.core.kinds.adalora import AdaLoraConfig, AdaLoraKind
 from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
+from lightning_lora.core.kinds.boft import BOFTConfig, BOFTKind
 from lightning_lora.core.kinds.dora import DoraKind
 from lightning_lora.core.kinds.loha import LoHaConfig, LoHaKind
 from lightning_lora.core.kinds.lokr import LoKrConfig, LoKrKind
 from lightning_lora.core.kinds.lora import LoraKind
 from lightning_lora.core.kinds.oft import OFTConfig, OFTKind
 from lightning_lora.core.kinds.trainable_tokens import TRAINABLE_TOKENS
+from lightning_lora.core.kinds.vblora import VBLoRAConfig, VBLoRAKind
 from lightning_lora.core.kinds.vera import VeraConfig, VeraKind
 
 KINDS: dict[str, AdapterKind] = {
     kind.name: kind for kind in (
-        LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind(), VeraKind(), AdaLoraKind()
+        LoraKind(), DoraKind(), LoHaKind(), LoKrKind(), OFTKind(), VeraKind(), AdaLoraKind(), BOFTKind(),
+        VBLoRAKind(),
     )
 }
 
@@ -47,11 +50,13 @@ __all__ = [
     "AdapterKind",
     "AdapterTensor",
     "AnyAdapterConfig",
+    "BOFTConfig",
     "CONFIG_CLASSES",
     "KINDS",
     "LoHaConfig",
     "LoKrConfig",
     "OFTConfig",
+    "VBLoRAConfig",
     "VeraConfig",
     "kind_of",
 ]

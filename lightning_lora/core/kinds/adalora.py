@@ -1,16 +1,19 @@
 """AdaLoRA: LoRA in SVD form whose ranks are re-allocated during training (Zhang et al. 2023,
 https://arxiv.org/abs/2303.10512).
 
-``delta W = B diag(E) A * alpha / (init_r + 1e-5)`` with ``A: [init_r, in]`` (right singular vectors), ``E:
-[init_r, 1]`` (singular values) and ``B: [out, init_r]`` (left singular vectors). The layers always hold ``init_r``
-ranks; a rank is pruned by zeroing its singular value. Which ranks survive is decided during training by
-:class:`~lightning_lora.core.training.rank_allocation.RankAllocator` (the ``AdaLoraSchedule`` callback runs it), and the
-final allocation is kept in ``AdaLoraConfig.rank_pattern``. PEFT's ``ADALORA`` files hold only the surviving ranks with
-that pattern: they are written and read both ways. Same tensors and numbers as PEFT's AdaLoRA.
+``delta W = B diag(E) A * alpha / (init_r + 1e-5)`` with ``A: [init_r, in]`` (right singular vectors), ``E: [init_r,
+1]`` (singular values) and ``B: [out, init_r]`` (left singular vectors); on a convolution ``A`` is ``[init_r,
+in_channels * kernel]`` (PEFT's layout) and acts as a convolution with the base's kernel. The layers always hold
+``init_r`` ranks; a rank is pruned by zeroing its singular value. Which ranks survive is decided during training by
+:class:`~lightning_lora.core.training.rank_allocation.RankAllocator` (the ``AdaLoraSchedule`` callback runs it), and
+the final allocation is kept in ``AdaLoraConfig.rank_pattern``. PEFT's ``ADALORA`` files hold only the surviving ranks
+with that pattern: they are written and read both ways. Same tensors and numbers as PEFT's AdaLoRA.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
 
@@ -21,8 +24,8 @@ from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.common.distributed import full_tensor
 from lightning_lora.core.config.adapter_config import TARGETING_ARGS, AdapterConfig
 from lightning_lora.core.config.fields import check_dropout
-from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, rank_fits
-from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
+from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
+from lightning_lora.core.layers.layer_types import ConvAdapters, LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
     from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer
@@ -35,10 +38,12 @@ class AdaLoraConfig(AdapterConfig):
     __doc__ = (
         """Configuration of one AdaLoRA adapter (PEFT's ``AdaLoraConfig``).
 
-    Adapts ``nn.Linear`` and Hugging Face ``Conv1D``. The budget schedule runs when ``AdaLoraSchedule`` is among the
-    Trainer's callbacks: ``tinit`` warm-up steps at ``init_r`` per layer, then a cubic decrease of the total rank to
-    ``target_r`` per layer on average until ``total_step - tfinal``, re-allocated every ``delta_t`` steps, then
-    ``tfinal`` steps with the final allocation fixed.
+    Adapts ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv2d`` (as PEFT). A rank above what a layer can hold
+    (``min(in, out)``; ``in`` counts the kernel on a convolution) is accepted, as PEFT does, with a warning: the
+    extra ranks cost parameters and budget but add nothing the update can express. The budget schedule runs when
+    ``AdaLoraSchedule`` is among the Trainer's callbacks: ``tinit`` warm-up steps at ``init_r`` per layer, then a
+    cubic decrease of the total rank to ``target_r`` per layer on average until ``total_step - tfinal``,
+    re-allocated every ``delta_t`` steps, then ``tfinal`` steps with the final allocation fixed.
 
     Args:
         init_r: Rank every layer starts with.
@@ -177,23 +182,37 @@ class AdaLoraKind(AdapterKind):
     )
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
-        in_features, out_features, _ = layer.lora_dims()
+        in_features, out_features, kernel = layer.lora_dims()
         r = settings.r
         return [
-            AdapterTensor("lora_A", (r, in_features)),
+            AdapterTensor("lora_A", (r, in_features * math.prod(kernel))),
             AdapterTensor("lora_E", (r, 1)),
             AdapterTensor("lora_B", (out_features, r)),
         ]
 
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
         layer_type = layer_type_of(module)
-        if layer_type is None or not issubclass(layer_type, LinearAdapters):
+        is_conv2d = layer_type is ConvAdapters and isinstance(module, nn.Conv2d)
+        if layer_type is None or not (issubclass(layer_type, LinearAdapters) or is_conv2d):
             raise ValueError(
-                f"An AdaLoRA adapter cannot go on {layer_name} ({type(module).__name__}): lightning_lora's AdaLoRA "
-                "adapts nn.Linear and Hugging Face Conv1D. Leave it out with exclude_modules, or use LoraConfig for it."
+                f"An AdaLoRA adapter cannot go on {layer_name} ({type(module).__name__}): AdaLoRA adapts nn.Linear, "
+                "Hugging Face Conv1D and nn.Conv2d (as PEFT). Leave it out with exclude_modules, or use LoraConfig "
+                "for it."
             )
-        in_features, out_features, _ = layer_type.lora_dims(module)
-        rank_fits(layer_name, module, settings.r, min(in_features, out_features))
+        if is_conv2d and module.groups > 1:
+            raise ValueError(
+                f"An AdaLoRA adapter cannot go on {layer_name}, a grouped convolution (groups={module.groups}): its "
+                "SVD factors link every input channel to every output channel, which the grouped kernel cannot hold "
+                "(PEFT's AdaLoRA cannot build it either). Leave it out with exclude_modules, or use LoraConfig for it."
+            )
+        in_features, out_features, kernel = layer_type.lora_dims(module)
+        usable = min(in_features * math.prod(kernel), out_features)
+        if settings.r > usable:  # as PEFT: the product's rank is only capped
+            warnings.warn(
+                f"AdaLoRA rank init_r={settings.r} on {layer_name} can use at most {usable} ranks; the other "
+                f"{settings.r - usable} add parameters and take rank budget but nothing the update can express.",
+                stacklevel=2,
+            )
 
     def layer_dropout(self, config: AdaLoraConfig) -> float:
         return config.dropout
@@ -220,12 +239,15 @@ class AdaLoraKind(AdapterKind):
         settings = layer.lora_settings[adapter_name]
         A, E, B = (getattr(layer, name)[adapter_name] for name in self.containers)
         h = layer.adapter_input(x, settings.dropout, A.dtype)
-        update = layer.lora_output(h, A * E, B, settings.scaling)
+        shape_A, shape_B = layer.adapter_shapes(settings.r)
+        update = layer.lora_output(h, (A * E).view(shape_A), B.view(shape_B), settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:
         A, E, B = (getattr(layer, name)[adapter_name] for name in self.containers)
-        return layer.to_weight_layout((B @ (A * E)) * layer.scaling(adapter_name))
+        shape_A, shape_B = layer.adapter_shapes(layer.lora_settings[adapter_name].r)
+        product = layer.low_rank_product((A * E).view(shape_A), B.view(shape_B))
+        return layer.to_weight_layout(product * layer.scaling(adapter_name))
 
     # ----- PEFT -----
     def peft_export(self, layer: LoraLayer, adapter_name: str) -> tuple[dict[str, torch.Tensor], int, float]:
@@ -256,8 +278,8 @@ class AdaLoraKind(AdapterKind):
     ) -> dict[str, tuple[int, ...]]:
         kept = _peft_kept(peft_config, layer_name)
         r = settings.r if kept is None else sum(kept)
-        in_features, out_features, _ = layer.lora_dims()
-        return {"lora_A": (r, in_features), "lora_E": (r, 1), "lora_B": (out_features, r)}
+        in_features, out_features, kernel = layer.lora_dims()
+        return {"lora_A": (r, in_features * math.prod(kernel)), "lora_E": (r, 1), "lora_B": (out_features, r)}
 
     def peft_import_tensor(
         self, layer: LoraLayer, adapter_name: str, layer_name: str, container: str, value: torch.Tensor

@@ -61,6 +61,10 @@ class AdapterKind(LayerKind):
     vllm_servable: ClassVar[bool] = False
     #: Whether it can adapt a grouped convolution (``groups > 1``): a low-rank update grouped like the base.
     adapts_grouped_convolutions: ClassVar[bool] = False
+    #: Whether its :meth:`shared_tensors` train with the adapter (VB-LoRA's vector bank): each is then one
+    #: ``nn.Parameter`` held by the module containing all the adapter's layers, among the adapter's parameters (state
+    #: dicts, checkpoints, optimizers, files) once; otherwise they are frozen buffers outside state dicts (VeRA's).
+    trains_shared: ClassVar[bool] = False
 
     def __deepcopy__(self, memo: dict) -> AdapterKind:
         return self  # kinds hold no state: a copied model's layers share them
@@ -71,13 +75,15 @@ class AdapterKind(LayerKind):
         raise NotImplementedError
 
     def shared_tensors(self, config: AdapterConfig, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-        """Frozen tensors held once per model for all the adapter's layers (``{container: tensor}``, VeRA's
-        projections), built from the config and every targeted layer; raise a ValueError naming the fix when they
-        cannot be. Each layer sees them as ``layer.<container>[adapter]``."""
+        """Tensors held once per model for all the adapter's layers (``{container: tensor}``: VeRA's frozen
+        projections, VB-LoRA's trainable vector bank, see :attr:`trains_shared`), built (and initialised) from the
+        config and every targeted layer; raise a ValueError naming the fix when they cannot be. Each layer sees them
+        as ``layer.<container>[adapter]``."""
         return {}
 
     def saves_shared(self, config: AdapterConfig) -> bool:
-        """Whether adapter files hold the shared tensors (once), rather than rebuilding them from the config."""
+        """Whether adapter files hold the frozen shared tensors (once), rather than rebuilding them from the config
+        (trainable ones are always saved, as adapter parameters)."""
         return True
 
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
@@ -160,6 +166,9 @@ class AdapterKind(LayerKind):
         own (LoRA's ``lora_bias``)."""
         return None
 
+    def check_mergeable(self, layer: LoraLayer, layer_name: str, adapter_name: str) -> None:
+        """Raise a ValueError naming the fix when this adapter cannot fold into ``layer``'s base weight."""
+
     def merged_weight(
         self, layer: LoraLayer, adapter_name: str, weight: torch.Tensor, record: dict[str, torch.Tensor]
     ) -> torch.Tensor:
@@ -232,6 +241,16 @@ class AdapterKind(LayerKind):
         trainable = [t.name for t in self.tensors(layer, settings) if t.trainable]
         tensors = {name: full_tensor(getattr(layer, name)[adapter_name].detach()) for name in trainable}
         return tensors, settings.r, settings.alpha
+
+    def peft_save_tensors(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A PEFT file's tensors (PEFT keys) as the kind's PEFT files store them, after the export checks (VB-LoRA's
+        ``save_only_topk_weights``: the top-k weights and indices of its logits); the same by default."""
+        return tensors
+
+    def peft_load_tensors(self, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`peft_save_tensors`, for a PEFT file about to be read: its tensors under the keys of
+        :meth:`peft_tensor_leaf`."""
+        return tensors
 
     def check_peft_export(self, adapter_name: str, config: AdapterConfig, layers: list[tuple[str, LoraLayer]]) -> None:
         """Raise a ValueError naming the fix when PEFT's format cannot hold this adapter exactly."""

@@ -3,6 +3,11 @@
 The adapted weight is ``m * (W + s B A) / ||W + s B A||``, one norm and one trainable magnitude ``m`` per output
 unit. As in section 4.3 of the paper (and PEFT), the norm is treated as a constant: it gets no gradient. With the
 base output ``Wx = result - bias`` the layer output becomes ``(m / n) * (Wx + s B A x) + bias``.
+
+On a grouped convolution the LoRA update is not a grouped kernel (``A`` reads every input channel), so no single
+kernel holds ``W + s B A``. There PEFT takes the norm of ``W + s * reshape(B' A')`` with ``B'`` the grouped ``B``
+viewed as ``[out / groups, r]`` and the product reshaped to ``W``'s shape, and refuses to merge; the same norm is
+kept here, so PEFT's files give PEFT's outputs, and merging is refused by name as in PEFT.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class DoraKind(LoraKind):
     def plain_factors(self, settings: AdapterSettings) -> bool:
         return False
     vllm_servable = False
-    adapts_grouped_convolutions = False
+    adapts_grouped_convolutions = True
     containers: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude", *INIT_FACTOR_DICTS)
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
@@ -42,12 +47,13 @@ class DoraKind(LoraKind):
         """``||W + s B A||`` per output unit for a dense ``[out, in, *kernel]`` weight, in float32 or wider."""
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         dtype = torch.promote_types(weight_out_in.dtype, torch.float32)
-        combined = torch.addmm(
-            weight_out_in.flatten(1).to(dtype),
-            lora_B.flatten(1).to(dtype),
-            lora_A.flatten(1).to(dtype),
-            alpha=layer.scaling(adapter_name),
-        )
+        weight, r = weight_out_in.flatten(1).to(dtype), lora_A.shape[0]
+        if getattr(layer, "groups", 1) == 1:
+            combined = torch.addmm(weight, lora_B.flatten(1).to(dtype), lora_A.flatten(1).to(dtype),
+                                   alpha=layer.scaling(adapter_name))
+        else:  # PEFT's grouped layout (see the module docstring)
+            product = lora_B.reshape(-1, r).to(dtype) @ lora_A.reshape(r, -1).to(dtype)
+            combined = weight + layer.scaling(adapter_name) * product.reshape(weight.shape)
         return torch.linalg.vector_norm(combined, dim=1)
 
     def initialize(self, layer: LoraLayer, adapter_name: str) -> None:

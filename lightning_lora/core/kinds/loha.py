@@ -54,7 +54,7 @@ class LoHaKind(LycorisKind):
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
         r = settings.r
-        in_features, out_features, kernel = layer.lora_dims()
+        in_features, out_features, kernel = layer.weight_dims()
         if self.uses_cp(layer, settings.config):
             core = (r, r, *kernel) if len(kernel) == 2 else (r, r, kernel[0], 1)
             shapes = [(r, out_features), (r, in_features)] * 2 + [core, core]

@@ -90,7 +90,7 @@ class LoKrKind(LycorisKind):
 
     def tensors(self, layer: LoraLayer, settings: AdapterSettings) -> list[AdapterTensor]:
         config, r = settings.config, settings.r
-        in_features, out_features, kernel = layer.lora_dims()
+        in_features, out_features, kernel = layer.weight_dims()
         a, b = factorization(out_features, config.decompose_factor)
         c, d = factorization(in_features, config.decompose_factor)
         if config.decompose_both and r < max(a, c) / 2:

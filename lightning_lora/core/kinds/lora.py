@@ -80,6 +80,15 @@ class LoraKind(AdapterKind):
             tensors += [AdapterTensor(name, shape, trainable=False) for name, shape in frozen]
         return tensors
 
+    def check_mergeable(self, layer: LoraLayer, layer_name: str, adapter_name: str) -> None:
+        if getattr(layer, "groups", 1) > 1:
+            raise ValueError(
+                f"{layer_name} is a grouped convolution (groups={layer.groups}): the {self.display_name} update of "
+                f"{adapter_name!r} links every input channel to every output channel, which the grouped kernel cannot "
+                "hold, so it cannot be merged (PEFT refuses too). Keep the adapter unmerged (save_adapter), or leave "
+                "the layer out with exclude_modules."
+            )
+
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
         layer_type = layer_type_of(module)
         in_features, out_features, kernel = layer_type.lora_dims(module)

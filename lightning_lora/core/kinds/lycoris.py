@@ -47,11 +47,15 @@ class LycorisConfig(LowRankConfig):
 class LycorisKind(AdapterKind):
     """A kind whose update is a dense weight computed from its factors: ``base(x) + base_op(x, scaling * dW)``.
 
+    ``dW`` has the base kernel's shape (:meth:`~lightning_lora.core.layers.adapted_layer.LoraLayer.weight_dims`), a
+    grouped convolution's included, so it always merges.
+
     Subclasses give :meth:`dense_delta` (the unscaled update, ``[out, in * k]`` or ``[out, in, *kernel]``).
     """
 
     #: LoHa rescales the kept rows after rank dropout; LoKr only with ``rank_dropout_scale``.
     rescales_rank_dropout: ClassVar[bool] = False
+    adapts_grouped_convolutions = True
 
     def check_layer(self, layer_name: str, module: nn.Module, settings: AdapterSettings) -> None:
         layer_type = layer_type_of(module)
@@ -68,7 +72,7 @@ class LycorisKind(AdapterKind):
     @staticmethod
     def uses_cp(layer: LoraLayer, config: AdapterConfig) -> bool:
         """Whether the kernel gets a CP decomposition (``use_effective_conv2d`` on a kernel larger than 1)."""
-        kernel = layer.lora_dims()[2]
+        kernel = layer.weight_dims()[2]
         return bool(kernel) and config.use_effective_conv2d and any(k != 1 for k in kernel)
 
     def dense_delta(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -93,7 +97,7 @@ class LycorisKind(AdapterKind):
             delta = checkpoint(update, *factors, use_reentrant=False)
         else:
             delta = update(*factors)
-        in_features, out_features, kernel = layer.lora_dims()
+        in_features, out_features, kernel = layer.weight_dims()
         return delta.reshape(out_features, in_features, *kernel)
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:

@@ -146,12 +146,7 @@ class OFTKind(AdapterKind):
                 f"({type(module).__name__}); choose a divisor such as {closest}, or leave the layer out with "
                 "exclude_modules."
             )
-        active = [n for n, s in getattr(module, "lora_settings", {}).items() if s.kind.action == "transform"]
-        if active:
-            raise ValueError(
-                f"{layer_name} already has the OFT adapter {active[0]!r}; one rotation per layer is supported. "
-                "Delete it first (delete_adapter) or leave the layer out with exclude_modules."
-            )
+        check_one_rotation(layer_name, module)
 
     def scaling(self, settings: AdapterSettings) -> float:
         return 1.0  # a rotation has no scale
@@ -184,7 +179,7 @@ class OFTKind(AdapterKind):
         skew = upper - upper.transpose(-2, -1)
         blocks = _cayley(skew, config)
         if layer.training and config.module_dropout > 0 and blocks.shape[0] > 1:
-            blocks = _multiplicative_dropout(blocks, config.module_dropout)
+            blocks = multiplicative_dropout(blocks, config.module_dropout)
         return blocks.expand(count, size, size) if config.block_share else blocks
 
     @staticmethod
@@ -270,12 +265,29 @@ class OFTKind(AdapterKind):
 
 
 
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """The exact Cayley transform ``(I - Q)(I + Q)^-1`` of skew-symmetric blocks ``[count, bs, bs]``, in PEFT's
+    order of operations (a float32 identity: half-precision blocks are solved in float32)."""
+    identity = torch.eye(skew.shape[-1], device=skew.device).expand_as(skew)
+    return torch.linalg.solve(identity + skew, identity - skew, left=False).to(skew.dtype)
+
+
+
+def check_one_rotation(layer_name: str, module: nn.Module) -> None:
+    """Raise a ValueError naming the fix when ``module`` already holds a rotation (an adapter that transforms)."""
+    active = [(n, s.kind.display_name) for n, s in getattr(module, "lora_settings", {}).items()
+              if s.kind.action == "transform"]  # fmt: skip
+    if active:
+        raise ValueError(
+            f"{layer_name} already has the {active[0][1]} adapter {active[0][0]!r}; one rotation per layer is "
+            "supported. Delete it first (delete_adapter) or leave the layer out with exclude_modules."
+        )
+
 def _cayley(skew: torch.Tensor, config: OFTConfig) -> torch.Tensor:
     """PEFT's rotation from skew-symmetric blocks, in its order of operations."""
     size = skew.shape[-1]
     if not config.use_cayley_neumann:
-        identity = torch.eye(size, device=skew.device).expand_as(skew)
-        return torch.linalg.solve(identity + skew, identity - skew, left=False).to(skew.dtype)
+        return cayley(skew)
     terms = config.num_cayley_neumann_terms
     rotation = torch.eye(size, device=skew.device, dtype=skew.dtype).repeat(skew.shape[0], 1, 1)
     if terms > 1:
@@ -302,7 +314,7 @@ def _project_into_ball(generator: torch.Tensor, size: int, eps: float) -> torch.
     return projected[:, rows, cols]
 
 
-def _multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
+def multiplicative_dropout(blocks: torch.Tensor, p: float) -> torch.Tensor:
     """Replace ``int(p * count)`` randomly chosen blocks by the identity (PEFT's ``MultiplicativeDropoutLayer``)."""
     count, size, _ = blocks.shape
     dropped = int(p * count)

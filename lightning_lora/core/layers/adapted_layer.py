@@ -129,6 +129,11 @@ class LoraLayer(nn.Module):
         """``(in_features, out_features, kernel_size)`` as seen by the adapter."""
         raise NotImplementedError
 
+    def weight_dims(self) -> tuple[int, int, tuple[int, ...]]:
+        """``(in, out, kernel_size)`` of the dense weight the base computes with: :meth:`lora_dims`, except that a
+        grouped convolution's kernel reads ``in_channels / groups`` channels."""
+        return self.lora_dims()
+
     def lora_output(self, h: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         """``scaling * B(A(h))`` for factors of :meth:`adapter_shapes`, shaped like the base output. Layer types
         scale the rank-``r`` intermediate, which is ``out / r`` times smaller than the output."""
@@ -200,9 +205,6 @@ class LoraLayer(nn.Module):
             for c in self.lora_settings[adapter_name].kind.containers
             if isinstance(container := self._modules.get(c), AdapterDict) and adapter_name in container
         ]
-
-    def check_mergeable(self, layer_name: str) -> None:
-        """Raise a ValueError naming the fix when no adapter on this layer can fold into its base weight."""
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's dense update in the base weight's layout and dtype (see the kind's ``delta_weight``)."""

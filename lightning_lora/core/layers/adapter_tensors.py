@@ -12,28 +12,48 @@ from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.containers import SharedTensors
 
 
+def layer_shared_holders(layer: nn.Module) -> dict[str, SharedTensors]:
+    """``{container: holder}`` of the :class:`SharedTensors` a layer uses: children of the layer (frozen ones) and
+    those it refers to without owning them (trainable ones, held by a module containing the layer)."""
+    return {
+        container: holder
+        for container, holder in (*layer._modules.items(), *layer.__dict__.items())
+        if isinstance(holder, SharedTensors)
+    }
+
+
 def shared_holder(model: nn.Module, container: str) -> Optional[SharedTensors]:
     """The model's :class:`SharedTensors` for ``container`` (e.g. ``"vera_A"``), or None."""
-    return next(
-        (h for _, layer in lora_layers(model) if isinstance(h := layer._modules.get(container), SharedTensors)), None
-    )
+    return next((h for _, layer in lora_layers(model) if (h := layer_shared_holders(layer).get(container))), None)
 
 
 def shared_adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``{container: tensor}`` of the tensors ``adapter_name`` holds once for all its layers (VeRA's projections)."""
+    """``{container: tensor}`` of the frozen tensors ``adapter_name`` holds once for all its layers (VeRA's
+    projections; trainable ones are among :func:`adapter_parameters`)."""
     found: dict[str, torch.Tensor] = {}
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_settings:
-            for container, holder in layer._modules.items():
-                if isinstance(holder, SharedTensors) and adapter_name in holder:
+            for container, holder in layer_shared_holders(layer).items():
+                if not holder.trainable and adapter_name in holder:
                     found.setdefault(container, holder[adapter_name])
     return found
+
+
+def shared_parameters(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(state-dict key, parameter)`` of the trainable tensors ``adapter_name`` holds once for all its layers
+    (VB-LoRA's vector bank), keyed under the module that holds them (``vblora_vector_bank.<adapter>``)."""
+    for name, module in model.named_modules():
+        for container, holder in module._modules.items():
+            if isinstance(holder, SharedTensors) and holder.trainable and adapter_name in holder:
+                key = f"{container}.{adapter_name}"
+                yield f"{name}.{key}" if name else key, holder[adapter_name]
 
 
 def adapter_parameters(
     model: nn.Module, adapter_name: str, include_frozen: bool = True
 ) -> Iterator[tuple[str, nn.Parameter]]:
-    """``(state-dict key, parameter)`` of every tensor of one adapter in the adapted layers of ``model``.
+    """``(state-dict key, parameter)`` of every tensor of one adapter in the adapted layers of ``model``, then the
+    trainable tensors it holds once for all its layers (:func:`shared_parameters`).
 
     Args:
         model: A model with adapters.
@@ -49,6 +69,7 @@ def adapter_parameters(
             for container in layer.adapter_containers(adapter_name):
                 if include_frozen or container in trainable:
                     yield f"{prefix}{container}.{adapter_name}", getattr(layer, container)[adapter_name]
+    yield from shared_parameters(model, adapter_name)
 
 
 def adapter_tensors(model: nn.Module) -> Iterator[tuple[LoraLayer, nn.Parameter]]:

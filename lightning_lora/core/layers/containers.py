@@ -1,5 +1,5 @@
 """Where adapter tensors live on a layer: what one tensor is (declared by its kind), the per-layer dicts keyed by
-adapter name, and the frozen tensors a kind holds once per model."""
+adapter name, and the tensors a kind holds once per model (frozen or trainable)."""
 
 from __future__ import annotations
 
@@ -40,22 +40,46 @@ class AdapterDict(nn.ParameterDict):
 
 
 class SharedTensors(nn.Module):
-    """``{adapter name: tensor}`` for a frozen tensor that an adapter kind holds once per model (VeRA's random
-    projections): one instance is a child of every layer that uses it, so the tensor exists once in memory and moves
-    with ``.to()`` once. Its tensors are non-persistent buffers: state dicts and checkpoints leave them out (the kind
-    rebuilds them deterministically; adapter files hold them once)."""
+    """``{adapter name: tensor}`` for a tensor that an adapter kind holds once per model for all the adapter's layers,
+    so that it exists once in memory and moves with ``.to()`` once.
+
+    Frozen (``trainable=False``, VeRA's random projections): one instance is a child of every layer that uses it, and
+    its tensors are non-persistent buffers that state dicts and checkpoints leave out (the kind rebuilds them
+    deterministically; adapter files hold them once). Trainable (``trainable=True``, VB-LoRA's vector bank): one
+    instance is a child of one module that contains every layer of the adapter (the layers refer to it without owning
+    it), and its tensors are parameters: in ``parameters()``, state dicts, checkpoints and files once, under that
+    module's key (``vblora_vector_bank.<adapter>``).
+
+    Args:
+        trainable: Hold parameters rather than non-persistent buffers.
+    """
+
+    trainable: bool = False  # (the class default: holders pickled before trainable ones existed are frozen)
+
+    def __init__(self, trainable: bool = False) -> None:
+        super().__init__()
+        self.trainable = trainable
+
+    def _tensors(self) -> dict:
+        return self._parameters if self.trainable else self._buffers
 
     def __contains__(self, adapter_name: object) -> bool:
-        return adapter_name in self._buffers
+        return adapter_name in self._tensors()
 
     def __getitem__(self, adapter_name: str) -> torch.Tensor:
-        return self._buffers[adapter_name]
+        return self._tensors()[adapter_name]
 
     def __setitem__(self, adapter_name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(adapter_name, tensor, persistent=False)
+        if self.trainable:
+            self.register_parameter(adapter_name, nn.Parameter(tensor))
+        else:
+            self.register_buffer(adapter_name, tensor, persistent=False)
 
     def __delitem__(self, adapter_name: str) -> None:
-        del self._buffers[adapter_name]
+        del self._tensors()[adapter_name]
 
     def __len__(self) -> int:
-        return len(self._buffers)
+        return len(self._tensors())
+
+    def keys(self) -> list[str]:
+        return list(self._tensors())

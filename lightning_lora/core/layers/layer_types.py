@@ -81,15 +81,19 @@ class ConvAdapters(LoraLayer):
     """Adapters on ``nn.Conv1d/2d/3d``: ``A`` is a convolution with the base kernel, stride, padding and dilation;
     ``B`` a 1x1 convolution, so ``B @ A`` is a kernel of the base's shape and merging is exact.
 
-    On a grouped convolution (``groups > 1``, LoRA only) ``A`` sees every input channel and ``B`` is grouped like
-    the base (``[out, r / groups, 1, ...]``), as in PEFT. That update links every input channel to every output
-    channel, which no grouped kernel holds: such adapters compute and save but never merge.
+    On a grouped convolution (``groups > 1``) ``A`` sees every input channel and ``B`` is grouped like the base
+    (``[out, r / groups, 1, ...]``), as in PEFT. That update links every input channel to every output channel, which
+    no grouped kernel holds, so LoRA factors there never merge; kinds with a dense update (LoHa, LoKr) build it in the
+    grouped kernel's shape (:meth:`weight_dims`) and merge.
     """
 
     _CONV_FN = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
 
     def lora_dims(self) -> tuple[int, int, tuple[int, ...]]:
         return self.in_channels, self.out_channels, tuple(self.kernel_size)
+
+    def weight_dims(self) -> tuple[int, int, tuple[int, ...]]:
+        return self.in_channels // self.groups, self.out_channels, tuple(self.kernel_size)
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape_A, (out_channels, _, *ones) = super().adapter_shapes(r)
@@ -105,15 +109,6 @@ class ConvAdapters(LoraLayer):
         if self.padding_mode != "zeros":
             h, padding = F.pad(h, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         return self._CONV_FN[weight.dim()](h, weight, None, self.stride, padding, self.dilation)
-
-    def check_mergeable(self, layer_name: str) -> None:
-        if self.groups > 1:
-            raise ValueError(
-                f"{layer_name} is a grouped convolution (groups={self.groups}): its LoRA update links every input "
-                "channel to every output channel, which the grouped kernel cannot hold, so it cannot be merged "
-                "(PEFT refuses too). Keep the adapter unmerged (save_adapter), or leave the layer out with "
-                "exclude_modules."
-            )
 
     def dense_output(self, h: torch.Tensor, weight_out_in: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(h, weight_out_in, None)
@@ -142,7 +137,7 @@ def layer_type_of(module: nn.Module) -> Optional[type[LoraLayer]]:
     return None
 
 
-SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped: LoRA only)"
+SUPPORTED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Embedding, nn.Conv1d/2d/3d (grouped: LoRA, DoRA, LoHa, LoKr)"
 
 
 def check_weighs_per_position(method: str, layer_name: str, layer: LoraLayer, adapters: list[str]) -> None:

@@ -105,7 +105,7 @@ def apply_lora(
         for site in context.planned:
             layer = site.attach()
             _add_adapter(layer, adapter_name, site.settings(layer))
-        _attach_shared(model, adapter_name, shared, [m for _, m in layer_targets])
+        _attach_shared(model, adapter_name, shared, layer_targets, kind_of(config).trains_shared)
         if initialize and not initializer_needs_data(kind_of(config).init_name(config)):  # data: calibrate_adapters
             initialize_pending_adapters(model, adapter_name)
         for layer in quantization.run():
@@ -163,15 +163,43 @@ def _add_adapter(layer: LoraLayer, adapter_name: str, settings: AdapterSettings)
 
 
 def _attach_shared(
-    model: nn.Module, adapter_name: str, shared: dict[str, torch.Tensor], layers: list[LoraLayer]
+    model: nn.Module,
+    adapter_name: str,
+    shared: dict[str, torch.Tensor],
+    targets: list[tuple[str, LoraLayer]],
+    trainable: bool,
 ) -> None:
-    """Put the adapter's shared tensors in the model's one :class:`SharedTensors` per container (made on first
-    use) and make it a child of every layer of the adapter."""
+    """Put the adapter's shared tensors in the model's one :class:`SharedTensors` per container (made on first use).
+    A frozen holder becomes a child of every layer of the adapter; a trainable one a child of :func:`shared_owner`,
+    which every layer refers to without owning it (so its parameters have one state-dict key)."""
     for container, tensor in shared.items():
-        holder = shared_holder(model, container) or SharedTensors()
+        holder = shared_holder(model, container)
+        if holder is None:
+            holder = SharedTensors(trainable)
+            if trainable:
+                shared_owner(model, targets)._modules[container] = holder
         holder[adapter_name] = tensor
-        for layer in layers:
-            layer._modules[container] = holder
+        for _, layer in targets:
+            if not trainable:
+                layer._modules[container] = holder
+            elif layer._modules.get(container) is not holder:
+                layer.__dict__[container] = holder
+
+
+_CONTAINER_TYPES = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # their forward (or users) iterate every child
+
+
+def shared_owner(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> nn.Module:
+    """The module that holds an adapter's trainable shared tensors: the deepest one containing every targeted layer
+    that is neither adapted nor a container (whose forward or users would iterate the holder), so that FSDP2's unit
+    around it gathers them for all the layers; the first layer where the model has no such module."""
+    paths = [name.split(".") if name else [] for name, _ in targets]
+    common = paths[0][: next((i for i, part in enumerate(zip(*paths)) if len(set(part)) > 1), min(map(len, paths)))]
+    for depth in range(len(common), -1, -1):
+        module = model.get_submodule(".".join(common[:depth]))
+        if not isinstance(module, (LoraLayer, *_CONTAINER_TYPES)):
+            return module
+    return targets[0][1]
 
 
 def initialize_pending_adapters(

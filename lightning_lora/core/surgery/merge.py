@@ -40,7 +40,8 @@ def _merge_plan(model: nn.Module, adapter_names: Optional[list[str]]) -> list[tu
                 "name) and unmerge_lora(model) first."
             )
         if pending:
-            layer.check_mergeable(name)
+            for adapter_name in pending:
+                layer.lora_settings[adapter_name].kind.check_mergeable(layer, name, adapter_name)
             biased = [a for a in pending if layer.lora_settings[a].kind.bias_delta(layer, a) is not None]
             if biased and getattr(layer, "bias", None) is None:
                 raise ValueError(

@@ -7,6 +7,7 @@ from torch import nn
 from lightning_lora.core.kinds import ADAPTER_CONTAINERS
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import SAVED_WITH, check_known_adapters
+from lightning_lora.core.layers.containers import SharedTensors
 from lightning_lora.core.layers.parameter_adapters import ParameterAdapters, release_parameter
 
 
@@ -43,6 +44,7 @@ def restore_base_class(layer: LoraLayer) -> nn.Module:
         return layer
     for dict_name in ADAPTER_CONTAINERS:
         layer._modules.pop(dict_name, None)
+        layer.__dict__.pop(dict_name, None)  # a trainable shared holder it refers to
     for attribute in _LORA_ATTRIBUTES:
         layer.__dict__.pop(attribute, None)
     layer.__class__ = layer.base_class
@@ -73,7 +75,24 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
                 restore_base_class(layer)
     for module in model.modules():
         getattr(module, SAVED_WITH, {}).pop(adapter_name, None)
+    drop_unused_shared(model)
     return model
+
+
+def drop_unused_shared(model: nn.Module) -> None:
+    """Take the trainable shared tensors of adapters that no layer has any more off the modules holding them, and
+    holders left empty off the model and its layers."""
+    present = {name for _, layer in lora_layers(model) for name in layer.lora_settings}
+    for module in model.modules():
+        for container, holder in list(module._modules.items()):
+            if isinstance(holder, SharedTensors) and holder.trainable:
+                for name in [name for name in holder.keys() if name not in present]:
+                    del holder[name]
+                if not len(holder):
+                    del module._modules[container]
+    for _, layer in lora_layers(model):
+        for container in [c for c, h in layer.__dict__.items() if isinstance(h, SharedTensors) and not len(h)]:
+            del layer.__dict__[container]
 
 
 def remove_layer_adapter(layer: LoraLayer, adapter_name: str) -> nn.Module:
@@ -90,4 +109,5 @@ def strip_adapters(model: nn.Module) -> nn.Module:
         restore_base_class(layer)
     for module in model.modules():
         module.__dict__.pop(SAVED_WITH, None)
+    drop_unused_shared(model)
     return model

@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import SAVED_WITH
-from lightning_lora.core.surgery.removal import remove_adapter_tensors, restore_base_class
+from lightning_lora.core.surgery.removal import drop_unused_shared, remove_adapter_tensors, restore_base_class
 
 
 class AdapterSnapshot:
@@ -40,6 +40,7 @@ class AdapterSnapshot:
         for layer in new_layers:
             if not layer.lora_settings:
                 restore_base_class(layer)
+        drop_unused_shared(self.model)
         for module, marks in self.marks.items():
             if marks:
                 module.__dict__[SAVED_WITH] = marks

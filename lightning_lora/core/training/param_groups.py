@@ -16,6 +16,7 @@ from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.kinds import AdapterTensor
 from lightning_lora.core.layers.adapted_layer import LoraLayer, lora_layers
 from lightning_lora.core.layers.adapter_set import adapter_names
+from lightning_lora.core.layers.adapter_tensors import shared_parameters
 
 # The reference implementation's (and PEFT's) learning rate for embedding adapters under LoRA+.
 LORAPLUS_LR_EMBEDDING = 1e-6
@@ -158,11 +159,14 @@ def _declared_tensors(model: nn.Module) -> Iterator[tuple[str, LoraLayer, str, A
 
 
 def _adapter_roles(model: nn.Module) -> dict[int, str]:
-    """``id(parameter) -> group name`` for every adapter tensor of every adapted layer, from the kinds' roles."""
-    return {
+    """``id(parameter) -> group name`` for every adapter tensor of every adapted layer, from the kinds' roles, and
+    for the trainable tensors adapters share between their layers (VB-LoRA's vector bank: ``adapter``)."""
+    roles = {id(p): "adapter" for name in adapter_names(model) for _, p in shared_parameters(model, name)}
+    roles.update({
         id(getattr(layer, tensor.name)[adapter]): _GROUP_OF_ROLE.get(tensor.role, "adapter")
         for _, layer, adapter, tensor in _declared_tensors(model)
-    }
+    })
+    return roles
 
 
 def _check_positive(name: str, value: Any) -> None:

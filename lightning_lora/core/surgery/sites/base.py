@@ -10,7 +10,7 @@ from typing import Callable, Optional, Protocol
 from torch import nn
 
 from lightning_lora.core.config.adapter_config import AdapterConfig
-from lightning_lora.core.kinds import kind_of
+from lightning_lora.core.kinds import KINDS, kind_of
 from lightning_lora.core.layers.adapted_layer import AdapterSettings, LoraLayer, lora_class
 from lightning_lora.core.layers.layer_types import layer_type_of
 
@@ -85,9 +85,10 @@ def settings_for(name: str, module: nn.Module, config: AdapterConfig) -> Adapter
         config=config,
     )
     if getattr(module, "groups", 1) > 1 and not kind.adapts_grouped_convolutions:
+        able = [k.display_name for k in KINDS.values() if k.adapts_grouped_convolutions]
         raise ValueError(
-            f"{name} is a grouped convolution (groups={module.groups}); lightning_lora adapts those with plain LoRA "
-            f"only, not {kind.display_name}. Leave it out with exclude_modules, or use LoraConfig without use_dora."
+            f"{name} is a grouped convolution (groups={module.groups}), which {kind.display_name} cannot adapt (as "
+            f"PEFT); {', '.join(able)} can. Leave it out with exclude_modules, or use one of those kinds for it."
         )
     kind.check_layer(name, module, settings)
     return settings
