@@ -17,13 +17,13 @@ Each variant is ``configs/quickstart.yaml`` with one change, run through the ``l
     python benchmarks/quickstart_variants.py --plot-from benchmarks/results/family_leaderboard.json \
         benchmarks/results/family_leaderboard_data_inits.json --plot benchmarks/results/family_leaderboard.png
 
-Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32
-with decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024
-1,408; AdaLoRA trains 12 ranks (9,228) and keeps 8 per layer on average (6,152); ReLoRA, Delta-LoRA and DyLoRA
-train LoRA r=8's 6,144 (DyLoRA's rank-b adapter is b/8 of that); BOFT with 16-wide blocks and 2 butterfly factors
-6,144 (2 x 24 blocks x 120, plus 384 scales); VB-LoRA r=4, 64-long pieces from 128 shared vectors, 6,144 logits per
-layer plus the bank's 8,192 once. Adapters train at lr 1e-3 (scale alpha/r = 2 where a kind has one), full
-fine-tuning at 5e-5.
+Budgets per adapted layer (query/value, 384 x 384, 12 layers): LoRA r=8 6,144 numbers; LoHa r=4 6,144; LoKr r=32 with
+decompose_factor=4 (W1 4x4, W2 96x96 as a rank-32 product) 6,160; OFT 32-wide blocks 5,952; VeRA r=1024 1,408; AdaLoRA
+trains 12 ranks (9,228) and keeps 8 per layer on average (6,152); ReLoRA, Delta-LoRA and DyLoRA train LoRA r=8's 6,144
+(DyLoRA's rank-b adapter is b/8 of that); BOFT with 8-wide blocks and 2 butterfly factors 6,528 (2 x 48 blocks of 8 x
+8, as PEFT stores them, of which the skew parts are 2,688, plus 384 scales); VB-LoRA r=4, 64-long pieces from 128
+shared vectors, 6,144 logits per layer plus the bank's 8,192 once. Adapters train at lr 1e-3 (scale alpha/r = 2 where
+a kind has one), full fine-tuning at 5e-5.
 """
 
 from __future__ import annotations
@@ -136,8 +136,8 @@ def vera(config: dict[str, Any]) -> None:
 
 
 def boft(config: dict[str, Any]) -> None:
-    """BOFT with 16-wide blocks and 2 butterfly factors: the same trainable count as LoRA r=8 on 384-wide layers."""
-    _choose_kind(config, "lightning_lora.BOFTConfig", boft_block_size=16, boft_n_butterfly_factor=2)
+    """BOFT with 8-wide blocks and 2 butterfly factors (PEFT stores whole blocks: 6,528 numbers per 384-wide layer)."""
+    _choose_kind(config, "lightning_lora.BOFTConfig", boft_block_size=8, boft_n_butterfly_factor=2)
 
 
 def vblora(config: dict[str, Any]) -> None:
