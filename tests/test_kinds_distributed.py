@@ -1,8 +1,8 @@
-"""LoHa, LoKr, OFT, VeRA, AdaLoRA and DoRA adapters, ReLoRA, activation checkpointing and a 4-bit base (QLoRA,
-FSDP-QLoRA) with two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2
+"""LoHa, LoKr, OFT, BOFT, VeRA, VB-LoRA, AdaLoRA and DoRA adapters, ReLoRA, activation checkpointing and a 4-bit base
+(QLoRA, FSDP-QLoRA) with two processes, for real (one launch of tests/distributed/kind_runs.py): DDP and FSDP2
 (ModelParallelStrategy) on CPU/gloo. Every rank holds the same adapter (AdaLoRA: the same ranks; ReLoRA: the same
-folded base), training equals one process on the same batches, resuming from an adapter-only checkpoint is exact,
-and the merged export of a 4-bit base gathered from shards equals one process's."""
+folded base), training equals one process on the same batches, resuming from an adapter-only checkpoint is exact, and
+the merged export of a 4-bit base gathered from shards equals one process's."""
 
 from __future__ import annotations
 

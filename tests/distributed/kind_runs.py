@@ -1,6 +1,6 @@
-"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoHa, LoKr, OFT, VeRA, AdaLoRA and DoRA adapters,
-LoRA under ReLoRA, LoRA with activation checkpointing, and LoRA and DoRA on a 4-bit base (QLoRA; FSDP2 shards the
-packed 4-bit weights: FSDP-QLoRA), with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning
+"""Two-process Lightning runs for tests/test_kinds_distributed.py: LoHa, LoKr, OFT, BOFT, VeRA, VB-LoRA, AdaLoRA and
+DoRA adapters, LoRA under ReLoRA, LoRA with activation checkpointing, and LoRA and DoRA on a 4-bit base (QLoRA; FSDP2
+shards the packed 4-bit weights: FSDP-QLoRA), with DDP and FSDP2 (ModelParallelStrategy) on CPU with gloo. Lightning
 re-launches this script for rank 1.
 
     python kind_runs.py OUT_DIR
