@@ -174,6 +174,6 @@ def test_config_values_that_cannot_work_are_refused_by_name(overrides, message) 
 def test_the_meta_device_is_refused_by_name_and_the_model_untouched() -> None:
     with torch.device("meta"):
         model = build("mlp")
-    with pytest.raises(ValueError, match="VB-LoRA draws its shared vector bank .* meta device"):
+    with pytest.raises(ValueError, match="VB-LoRA builds its shared vector bank .* meta device"):
         apply_lora(model, vblora())
     assert not lora_layers(model) and not hasattr(model, "vblora_vector_bank")

@@ -279,6 +279,17 @@ class AdapterKind(LayerKind):
         raise NotImplementedError(f"vLLM does not serve {self.name} adapters.")
 
 
+def refuse_meta_targets(kind: AdapterKind, shared: str, targets: list[tuple[str, nn.Module]]) -> None:
+    """Raise the standard error when a kind that builds ``shared`` tensors from real weights meets meta ones."""
+    meta = [name for name, module in targets if module.weight.is_meta]
+    if meta:
+        raise ValueError(
+            f"{kind.display_name} builds its {shared} when it is added, but {meta[0]} is on the meta device. Add "
+            f"{kind.display_name} after the real weights are in place (build the model in __init__, or load the "
+            "weights before apply_lora)."
+        )
+
+
 def rank_fits(layer_name: str, module: nn.Module, r: int, max_rank: int) -> None:
     """Raise the standard error for a rank larger than a layer allows."""
     if r > max_rank:

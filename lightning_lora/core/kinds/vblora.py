@@ -28,7 +28,7 @@ from lightning_lora.core.common.checks import is_finite_number, is_integer
 from lightning_lora.core.common.distributed import is_dtensor
 from lightning_lora.core.config.adapter_config import TARGETING_ARGS, AdapterConfig
 from lightning_lora.core.config.fields import check_dropout
-from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
+from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, refuse_meta_targets
 from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
@@ -135,13 +135,7 @@ class VBLoRAKind(AdapterKind):
         ]
 
     def shared_tensors(self, config: VBLoRAConfig, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-        meta = [name for name, module in targets if module.weight.is_meta]
-        if meta:
-            raise ValueError(
-                f"VB-LoRA draws its shared vector bank when it is added, but {meta[0]} is on the meta device. Add "
-                "VB-LoRA after the real weights are in place (build the model in __init__, or load the weights before "
-                "apply_lora)."
-            )
+        refuse_meta_targets(self, "shared vector bank", targets)
         weight = targets[0][1].weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         bank = torch.empty(config.num_vectors, config.vector_length, device=weight.device, dtype=dtype)

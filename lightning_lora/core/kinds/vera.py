@@ -21,7 +21,7 @@ from torch import nn
 from lightning_lora.core.common.checks import is_finite_number
 from lightning_lora.core.config.adapter_config import TARGETING_ARGS, AdapterConfig
 from lightning_lora.core.config.fields import check_dropout
-from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor
+from lightning_lora.core.kinds.base import AdapterKind, AdapterTensor, refuse_meta_targets
 from lightning_lora.core.layers.layer_types import LinearAdapters, layer_type_of
 
 if TYPE_CHECKING:
@@ -108,13 +108,7 @@ class VeraKind(AdapterKind):
         return [AdapterTensor("vera_lambda_b", (out_features,)), AdapterTensor("vera_lambda_d", (settings.r,))]
 
     def shared_tensors(self, config: VeraConfig, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-        meta = [name for name, module in targets if module.weight.is_meta]
-        if meta:
-            raise ValueError(
-                f"VeRA builds its shared projections when it is added, but {meta[0]} is on the meta device. Add VeRA "
-                "after the real weights are in place (build the model in __init__, or load the weights before "
-                "apply_lora)."
-            )
+        refuse_meta_targets(self, "shared projections", targets)
         sizes = [layer_type_of(module).lora_dims(module) for _, module in targets]
         A, B = vera_projections(config, max(s[0] for s in sizes), max(s[1] for s in sizes))
         weight = targets[0][1].weight
