@@ -124,3 +124,14 @@ def test_the_merged_export_equals_the_trained_model(launched: Path, stage: int) 
     merged.load_state_dict(load_file(launched / f"zero{stage}-pissa-merged" / "model.safetensors"))
     with torch.no_grad():
         assert_parity(merged.model(probe_inputs()), reference.model(probe_inputs()))
+
+
+def test_a_vblora_bank_shared_by_partitioned_layers_trains_alike_on_every_rank(launched: Path) -> None:
+    """ZeRO-3 partitions the bank, held once by the module containing both adapted layers, with everything else."""
+    rank0, rank1 = (_load(launched, "zero3-vblora", rank) for rank in (0, 1))
+    banks = [key for key in rank0["adapter"] if "vblora_vector_bank" in key]
+    assert banks == ["model.vblora_vector_bank.default"]
+    assert rank0["adapter"].keys() == rank1["adapter"].keys()
+    assert all(torch.equal(rank1["adapter"][key], value) for key, value in rank0["adapter"].items())
+    moved = [key for key, value in rank0["adapter"].items() if not torch.equal(value, rank0["initial"][key])]
+    assert moved == list(rank0["adapter"])  # the bank and every layer's logits trained

@@ -28,7 +28,7 @@ from lightning_models import (  # noqa
 )
 from svd_init_runs import snapshot  # noqa: E402
 
-from lightning_lora import LoraCallback, save_merged_model, trainable_parameters_summary  # noqa: E402
+from lightning_lora import LoraCallback, VBLoRAConfig, save_merged_model, trainable_parameters_summary  # noqa: E402
 from lightning_lora.core.common.distributed import gathered_parameters  # noqa: E402
 
 EPOCHS = 2
@@ -45,6 +45,13 @@ TRAINED = [
     ("zero2-olora", 2, "olora", BuiltInInit),
 ]
 RESUMED = [("zero3-pissa", 3, "pissa"), ("zero2-pissa", 2, "pissa")]
+
+
+class InitialAdapter(L.Callback):
+    """Keeps a gathered copy of the adapter as training starts."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.adapter = snapshot(pl_module)["adapter"]
 
 
 def fit(module: L.LightningModule, stage: int, init: str, epochs: int, callbacks: Optional[list] = None,
@@ -89,6 +96,16 @@ def main() -> None:
     fit(module, 3, "pissa", EPOCHS)
     with gathered_parameters(module):
         save_merged_model(module, out / "zero3-pissa-merged")
+    # VB-LoRA: one trained vector bank on the root module, shared by both adapted layers, partitioned by ZeRO-3.
+    L.seed_everything(0)
+    module = BuiltInInit()
+    bank = LoraCallback(VBLoRAConfig(r=2, num_vectors=8, vector_length=4, target_modules=["fc1", "fc2"]))
+    initial = InitialAdapter()
+    trainer = L.Trainer(**trainer_arguments(
+        accelerator="cpu", devices=2, strategy=CpuDeepSpeedStrategy(stage=3), max_epochs=EPOCHS,
+        callbacks=[bank, initial], enable_checkpointing=False))
+    trainer.fit(module, dataloader())
+    torch.save({**snapshot(module), "initial": initial.adapter}, out / f"zero3-vblora-rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
