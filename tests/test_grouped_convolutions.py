@@ -23,6 +23,7 @@ from lightning_lora import (
     LoKrConfig,
     LoraConfig,
     OFTConfig,
+    add_weighted_adapter,
     apply_lora,
     load_adapter,
     merge_lora,
@@ -178,3 +179,17 @@ def test_kinds_without_a_grouped_layout_refuse_grouped_convolutions_by_name(conf
     with pytest.raises(ValueError, match=message):
         apply_lora(model, config)
     assert type(model.conv2) is nn.Conv2d
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "cat", "linear"])
+def test_combining_adapters_on_a_grouped_convolution_is_refused_by_name_and_changes_nothing(combination_type) -> None:
+    model = small_convnet(groups=4)
+    for name in ("a", "b"):
+        apply_lora(model, LoHaConfig(r=2, alpha=4, target_modules=["conv2"], init_weights=False), name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"conv2 is a grouped convolution \(groups=4\): the combined adapter's LoRA"):
+        add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "both", combination_type=combination_type)
+    assert set(model.conv2.lora_settings) == {"a", "b"}
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)

@@ -238,8 +238,9 @@ def _check(
     for name, layer in layers:
         if getattr(layer, "groups", 1) > 1:
             raise ValueError(
-                f"{name} is a grouped convolution (groups={layer.groups}): its LoRA factors are grouped and no "
-                "combination type has an exact rule for them. Combine adapters that leave it out (exclude_modules)."
+                f"{name} is a grouped convolution (groups={layer.groups}): the combined adapter's LoRA factors would "
+                "be grouped, and no combination type has an exact rule for them. Combine adapters that leave it out "
+                "(exclude_modules)."
             )
         for adapter in (a for a in adapters if a in layer.lora_settings):
             settings = layer.lora_settings[adapter]
