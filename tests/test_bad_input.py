@@ -348,6 +348,8 @@ def _bump(case: str) -> Callable[[dict], None]:
         fields = values.get("lora_config", values)
         if case == "oft":
             fields["oft_block_size"] = 2
+        elif case == "boft":
+            fields["boft_block_size"] = 2
         elif case == "adalora":
             fields["init_r"] = fields["target_r"] = 3
         else:
@@ -357,7 +359,7 @@ def _bump(case: str) -> Callable[[dict], None]:
 
 
 @pytest.mark.parametrize("format", ["peft", "lightning_lora"])
-@pytest.mark.parametrize("case", ["lora", "dora", "loha", "lokr", "oft", "vera", "adalora"])
+@pytest.mark.parametrize("case", ["lora", "dora", "loha", "lokr", "oft", "boft", "vera", "vblora", "adalora"])
 def test_a_file_whose_config_does_not_describe_its_tensors_is_refused_for_every_kind(
     case: str, format: str, tmp_path
 ) -> None:

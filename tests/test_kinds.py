@@ -153,7 +153,7 @@ def test_a_block_size_that_does_not_fit_the_layer_is_refused_with_divisors_and_t
     assert not lora_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("case", ["loha", "oft", "vera"])
+@pytest.mark.parametrize("case", ["loha", "oft", "boft", "vera", "vblora", "adalora"])
 def test_a_peft_file_with_an_option_we_lack_is_refused_by_name(case: str, tmp_path) -> None:
     import json
 
