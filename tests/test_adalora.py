@@ -285,3 +285,31 @@ def test_a_rank_above_what_a_layer_holds_is_accepted_as_peft_does_and_said_once_
     assert_parity(ours(x), theirs(x))
     merged = merge_and_unload(copy.deepcopy(ours))
     assert_parity(merged(x), ours(x))
+
+
+class ConvRegression(BuiltInInit):
+    """A 2x2 convolution over the 8 features seen as a 2-channel 2x2 image, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Unflatten(1, (2, 2, 2)), nn.Conv2d(2, 4, 2), nn.Flatten(), nn.Linear(4, 4))
+
+
+def test_the_schedule_prunes_a_convolution_and_its_peft_export_loads_in_peft(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    module = ConvRegression()
+    fresh = copy.deepcopy(module.model)
+    config = AdaLoraConfig(init_r=4, target_r=2, alpha=8, target_modules=["1", "3"], tinit=1, tfinal=2, delta_t=1)
+    trainer = L.Trainer(**trainer_arguments(default_root_dir=tmp_path, max_epochs=2,
+                                            callbacks=[LoraCallback(config), AdaLoraSchedule()]))
+    trainer.fit(module, dataloader(samples=16, batch_size=4))
+    ranks = {name: int((layer.lora_E["default"] != 0).sum()) for name, layer in lora_layers(module)}
+    assert set(ranks) == {"model.1", "model.3"} and sum(ranks.values()) == 4
+    assert module.model[1].lora_A["default"].shape == (4, 2 * 2 * 2)  # [init_r, in_channels * kernel]
+    save_adapter(module.model, tmp_path / "peft", format="peft")
+    pattern = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["rank_pattern"]
+    kept = {key: sum(kept) for key, kept in pattern.items()}
+    assert kept == {"1.lora_E": ranks["model.1"], "3.lora_E": ranks["model.3"]}
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_parity(peft.PeftModel.from_pretrained(fresh, tmp_path / "peft")(x), module.model.eval()(x))
