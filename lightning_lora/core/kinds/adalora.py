@@ -239,8 +239,11 @@ class AdaLoraKind(AdapterKind):
         settings = layer.lora_settings[adapter_name]
         A, E, B = (getattr(layer, name)[adapter_name] for name in self.containers)
         h = layer.adapter_input(x, settings.dropout, A.dtype)
-        shape_A, shape_B = layer.adapter_shapes(settings.r)
-        update = layer.lora_output(h, (A * E).view(shape_A), B.view(shape_B), settings.scaling)
+        weighted = A * E
+        if isinstance(layer, ConvAdapters):  # PEFT's flat [r, in * kernel] as a kernel; linear layers need no view
+            shape_A, shape_B = layer.adapter_shapes(settings.r)
+            weighted, B = weighted.view(shape_A), B.view(shape_B)
+        update = layer.lora_output(h, weighted, B, settings.scaling)
         return result + (update if update.dtype == result.dtype else update.to(result.dtype))
 
     def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor:

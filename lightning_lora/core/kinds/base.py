@@ -280,7 +280,13 @@ class AdapterKind(LayerKind):
 
 
 def refuse_meta_targets(kind: AdapterKind, shared: str, targets: list[tuple[str, nn.Module]]) -> None:
-    """Raise the standard error when a kind that builds ``shared`` tensors from real weights meets meta ones."""
+    """Raise the standard error when a kind that builds ``shared`` tensors from real weights meets meta ones.
+
+    Args:
+        kind: The kind building them (its ``display_name`` is in the message).
+        shared: What it builds, as the message names it (``"shared projections"``).
+        targets: ``(name, module)`` of every targeted layer.
+    """
     meta = [name for name, module in targets if module.weight.is_meta]
     if meta:
         raise ValueError(

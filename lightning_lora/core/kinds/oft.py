@@ -274,7 +274,12 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
 
 
 def check_one_rotation(layer_name: str, module: nn.Module) -> None:
-    """Raise a ValueError naming the fix when ``module`` already holds a rotation (an adapter that transforms)."""
+    """Raise a ValueError naming the fix when ``module`` already holds a rotation (an adapter that transforms).
+
+    Args:
+        layer_name: The layer's name, for the message.
+        module: The layer, adapted or not yet.
+    """
     active = [(n, s.kind.display_name) for n, s in getattr(module, "lora_settings", {}).items()
               if s.kind.action == "transform"]  # fmt: skip
     if active:
